@@ -1,0 +1,176 @@
+"""The `dermkd` command: run, train, distill, evaluate, report.
+
+Errors in user input (DermkdError) print one line and exit with code 2; argparse does the same
+for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import DermkdError, __version__
+from .config import QUICK, load_config, parse_override
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (see configs/default.yaml)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<timestamp>)")
+    parser.add_argument("--data-root", help="folder with dermamnist.npz (default: $DERMKD_DATA_ROOT, else ~/.medmnist)")
+    parser.add_argument("--size", type=int, help="image size: 28 (default) or 64, 128, 224")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--quick", action="store_true", help="2 epochs per model on a subset: a smoke run of about a minute")
+    parser.add_argument("--accelerator", help="Lightning accelerator: auto (default), cpu, gpu")
+    parser.add_argument("--devices", help="Lightning devices: auto (default), a count, or a list")
+    parser.add_argument("--strategy", help="Lightning strategy: auto (default), ddp, ...")
+    parser.add_argument("--num-nodes", type=int, help="number of machines (Lightning num_nodes)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set kd.temperature=2"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermkd", description="Knowledge distillation on DermaMNIST.")
+    parser.add_argument("--version", action="version", version=f"dermkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train teacher, student and distilled student, then evaluate and report")
+    _common(p)
+
+    p = sub.add_parser("train", help="train the teacher or the student alone on labels")
+    p.add_argument("role", choices=["teacher", "student"])
+    p.add_argument("--weights", type=Path, help="local safetensors state dict to start from")
+    _common(p)
+
+    p = sub.add_parser("distill", help="distill the student from a trained teacher")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher weights (.safetensors written by dermkd)")
+    p.add_argument("--weights", type=Path, help="local safetensors state dict to start the student from")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="evaluate saved weights on val and test")
+    p.add_argument("weights", type=Path, help="a .safetensors file written by dermkd")
+    p.add_argument("--data-root", help="folder with dermamnist.npz")
+    p.add_argument("--split", choices=["val", "test", "both"], default="both")
+
+    p = sub.add_parser("report", help="regenerate report.md of a run folder from its results.json")
+    p.add_argument("run_dir", type=Path)
+    return parser
+
+
+def resolve_config(args):
+    overrides = []
+    if args.quick:
+        overrides.append(QUICK)
+    flags = {
+        ("data", "root"): args.data_root,
+        ("data", "size"): args.size,
+        ("seed",): args.seed,
+        ("trainer", "accelerator"): args.accelerator,
+        ("trainer", "devices"): _devices(args.devices),
+        ("trainer", "strategy"): args.strategy,
+        ("trainer", "num_nodes"): args.num_nodes,
+        ("trainer", "progress"): False if args.no_progress else None,
+    }
+    if getattr(args, "weights", None):
+        role = "teacher_model" if getattr(args, "role", "student") == "teacher" else "student_model"
+        flags[(role, "weights")] = str(args.weights)
+    for keys, value in flags.items():
+        if value is not None:
+            update = value
+            for key in reversed(keys):
+                update = {key: update}
+            overrides.append(update)
+    overrides += [parse_override(text) for text in args.set]
+    return load_config(args.config, overrides)
+
+
+def _devices(text):
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def _open_study(args):
+    from .pipeline import Study
+
+    cfg = resolve_config(args)
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    return Study.open(cfg, out)
+
+
+def _summary(results_path: Path) -> str:
+    results = json.loads(results_path.read_text())
+    lines = [f"results: {results_path}"]
+    for name, entry in results.get("models", {}).items():
+        lines.append(f"  {name:10s} test acc {entry['test']['acc']:.4f}  auc {entry['test']['auc'] or float('nan'):.4f}")
+    return "\n".join(lines)
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to progress bars and results: drop Lightning's tips and known-harmless warnings."""
+    import logging
+    import warnings
+
+    import lightning  # noqa: F401  (sets its own log level on import; override it afterwards)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.run_dir))
+        elif args.command == "evaluate":
+            print(json.dumps(evaluate_weights(args), indent=2))
+        else:
+            from . import pipeline
+
+            study = _open_study(args)
+            if args.command == "run":
+                pipeline.run(study)
+            elif args.command == "train":
+                pipeline.train_stage(study, args.role)
+            else:
+                from .models import load_model
+
+                pipeline.distill_stage(study, load_model(args.teacher))
+            print(_summary(study.out / "results.json"))
+    except DermkdError as exc:
+        print(f"dermkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dermkd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def evaluate_weights(args) -> dict:
+    """Headline metrics of saved weights; the data size comes from the weights' metadata."""
+    from .data import load_dermamnist
+    from .metrics import classification_metrics
+    from .models import load_model, read_metadata
+    from .pipeline import predict_probs
+
+    meta = read_metadata(args.weights)
+    model = load_model(args.weights)
+    splits = load_dermamnist(args.data_root, meta.get("data_size", 28))
+    out = {"weights": str(args.weights), "arch": meta["arch"]}
+    for split in ("val", "test") if args.split == "both" else (args.split,):
+        images, labels = splits[split]
+        metrics = classification_metrics(predict_probs(model, images), labels.numpy())
+        out[split] = {key: value for key, value in metrics.items() if key != "per_class"}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Configuration as plain dataclasses, read from YAML and `--set key=value` overrides.
+
+Unknown keys and out-of-range values are errors (DermkdError), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+from . import DermkdError
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "cosine", "none")
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # None: $DERMKD_DATA_ROOT, else medmnist's default root
+    size: int = 28
+    train_subset: int | None = None  # use a random subset of train/val (for --quick)
+    val_subset: int | None = None
+    download: bool = True
+
+
+@dataclass
+class StageConfig:
+    """How one model is trained (teacher, student or distilled)."""
+
+    epochs: int = 30
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    batch_size: int = 128
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None  # EMA of weights (Lightning's EMAWeightAveraging); None: off
+
+
+@dataclass
+class ModelConfig:
+    arch: str = ""  # teacher, student or any torchvision classifier name
+    input_size: int | None = None  # upsample inside the model (e.g. 28 px shown at 64 px)
+    weights: str | None = None  # local safetensors state dict to start from
+
+
+@dataclass
+class KDConfig:
+    method: str = "hinton"
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig("teacher"))
+    student_model: ModelConfig = field(default_factory=lambda: ModelConfig("student"))
+    teacher: StageConfig = field(default_factory=StageConfig)
+    student: StageConfig = field(default_factory=StageConfig)
+    distill: StageConfig = field(default_factory=StageConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> "Config":
+        from .losses import KD_LOSSES
+        from .models import resolve_arch
+
+        def check(ok: bool, key: str, message: str):
+            if not ok:
+                raise DermkdError(f"config: {key} {message}")
+
+        for name in ("teacher", "student", "distill"):
+            stage: StageConfig = getattr(self, name)
+            check(stage.epochs >= 1, f"{name}.epochs", f"must be >= 1 (got {stage.epochs})")
+            check(stage.lr > 0, f"{name}.lr", f"must be > 0 (got {stage.lr})")
+            check(stage.weight_decay >= 0, f"{name}.weight_decay", "must be >= 0")
+            check(stage.batch_size >= 1, f"{name}.batch_size", f"must be >= 1 (got {stage.batch_size})")
+            check(stage.optimizer in OPTIMIZERS, f"{name}.optimizer", f"must be one of {OPTIMIZERS}")
+            check(stage.schedule in SCHEDULES, f"{name}.schedule", f"must be one of {SCHEDULES}")
+            check(0 <= stage.label_smoothing < 1, f"{name}.label_smoothing", "must be in [0, 1)")
+            check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
+        check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
+        check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")
+        check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
+        for name in ("teacher_model", "student_model"):
+            model: ModelConfig = getattr(self, name)
+            resolve_arch(model.arch)
+            check(model.input_size is None or model.input_size >= 16, f"{name}.input_size", "must be >= 16 or null")
+        for key in ("train_subset", "val_subset"):
+            value = getattr(self.data, key)
+            check(value is None or value >= 1, f"data.{key}", "must be >= 1 or null")
+        return self
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise DermkdError(f"config: {prefix or 'top level'} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DermkdError(f"config: unknown key {prefix}{unknown[0]}; known keys: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DermkdError(f"config: {prefix}{name} must be a number (got {value!r})")
+            kwargs[name] = value
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'distill.kd.temperature=2' -> nested dict; the value is parsed as YAML (numbers, null, true)."""
+    if "=" not in text:
+        raise DermkdError(f"--set {text!r}: expected key=value, e.g. --set teacher.epochs=5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+# --quick: a few epochs on a subset, so a first run finishes in about a minute on 2 CPU cores.
+QUICK = {
+    "data": {"train_subset": 1024, "val_subset": 512},
+    "teacher": {"epochs": 2},
+    "student": {"epochs": 2},
+    "distill": {"epochs": 2},
+}
+
+
+def load_config(path=None, overrides: list[dict] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, validated."""
+    values = Config().to_dict()
+    if path:
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise DermkdError(f"config file {path} not found") from None
+        except yaml.YAMLError as exc:
+            raise DermkdError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise DermkdError(f"config file {path} must hold a mapping of settings")
+        _build(Config, loaded, "")  # reject unknown keys before merging
+        values = merge(values, loaded)
+    for update in overrides or []:
+        _build(Config, update, "")
+        values = merge(values, update)
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict) -> Config:
+    try:
+        return _build(Config, values, "").validate()
+    except TypeError as exc:  # e.g. a string where a number belongs
+        raise DermkdError(f"config: a setting has the wrong type ({exc})") from None

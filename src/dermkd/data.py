@@ -1,0 +1,177 @@
+"""DermaMNIST: loading, validation, in-memory batching and batched augmentation.
+
+Dataset facts (classes, split sizes, file names) come from medmnist's INFO, the single source of
+truth. The whole dataset lives in memory as uint8 tensors; a batch is one tensor index, and
+augmentation (the 8 flips/rotations of the square) is applied to the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from medmnist import INFO as MEDMNIST_INFO
+from medmnist.info import DEFAULT_ROOT
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from . import DermkdError
+
+FLAG = "dermamnist"
+INFO = MEDMNIST_INFO[FLAG]
+CLASS_NAMES = [INFO["label"][str(i)] for i in range(len(INFO["label"]))]
+NUM_CLASSES = len(CLASS_NAMES)
+SPLITS = ("train", "val", "test")
+SPLIT_SIZES = {split: INFO["n_samples"][split] for split in SPLITS}
+SIZES = (28, 64, 128, 224)  # the resolutions medmnist publishes
+
+
+def npz_name(size: int) -> str:
+    """medmnist's file name: dermamnist.npz at 28 px, dermamnist_{size}.npz otherwise."""
+    return f"{FLAG}.npz" if size == 28 else f"{FLAG}_{size}.npz"
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """--data-root, else $DERMKD_DATA_ROOT, else medmnist's default root."""
+    return Path(root or os.environ.get("DERMKD_DATA_ROOT") or DEFAULT_ROOT).expanduser()
+
+
+def _download(root: Path, size: int) -> None:
+    """Fetch the file through medmnist; raises DermkdError when that is not possible (offline)."""
+    path = root / npz_name(size)
+    hint = f"put {npz_name(size)} in {root} or point --data-root / $DERMKD_DATA_ROOT at a folder that has it"
+    if os.environ.get("DERMKD_NO_DOWNLOAD"):
+        raise DermkdError(f"data file {path} not found (downloads disabled); {hint}")
+    try:
+        from medmnist import DermaMNIST
+
+        root.mkdir(parents=True, exist_ok=True)
+        DermaMNIST(split="train", root=str(root), download=True, size=size)
+    except Exception as exc:  # medmnist/torchvision raise many kinds of network errors
+        raise DermkdError(f"data file {path} not found and download failed ({type(exc).__name__}); {hint}") from None
+    if not path.exists():
+        raise DermkdError(f"data file {path} not found after download; {hint}")
+
+
+def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read and validate a medmnist npz; returns split -> (uint8 images NCHW, int64 labels)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {key: archive[key] for key in archive.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise DermkdError(f"{path} is not a readable npz file ({exc}); re-download it or fix --data-root") from None
+    splits = {}
+    for split in SPLITS:
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None or labels is None:
+            raise DermkdError(f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise DermkdError(
+                f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 (N, {size}, {size}, 3); "
+                "check --size matches the file"
+            )
+        if labels.dtype.kind not in "iu" or labels.reshape(len(labels), -1).shape[1] != 1:
+            raise DermkdError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, expected integers (N, 1)")
+        labels = labels.reshape(-1).astype(np.int64)
+        if len(images) != SPLIT_SIZES[split] or len(labels) != SPLIT_SIZES[split]:
+            raise DermkdError(
+                f"{path}: {split} has {len(images)} images / {len(labels)} labels, "
+                f"medmnist's DermaMNIST has {SPLIT_SIZES[split]}; use the official file"
+            )
+        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise DermkdError(f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}")
+        # NHWC -> NCHW view: the memory stays NHWC, i.e. already channels_last.
+        splits[split] = (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels))
+    return splits
+
+
+def load_dermamnist(root=None, size: int = 28, download: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Find (or download) and load DermaMNIST at `size` px from the data root."""
+    if size not in SIZES:
+        raise DermkdError(f"size {size} is not a DermaMNIST resolution; choose one of {SIZES}")
+    root = resolve_root(root)
+    path = root / npz_name(size)
+    if not path.exists():
+        if not download:
+            raise DermkdError(f"data file {path} not found; put {npz_name(size)} there or set --data-root")
+        _download(root, size)
+    return load_npz(path, size)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units of uint8 NCHW images (computed on the train split)."""
+    x = images.to(torch.float64) / 255.0
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 in [0, 1], channels_last. Normalisation lives in the model."""
+    return images.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
+    """View 0..7 of the square's symmetry group: rotate by 90*(view % 4) degrees, then mirror if view >= 4."""
+    out = torch.rot90(images, view % 4, dims=(2, 3))
+    return out.flip(3) if view >= 4 else out
+
+
+def random_dihedral(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image of the batch gets a random one of the 8 views; returns the batch and the view ids."""
+    views = torch.randint(0, 8, (len(images),), device=images.device)
+    out = torch.empty_like(images)
+    for view in range(8):
+        mask = views == view
+        if mask.any():
+            out[mask] = dihedral(images[mask], view)
+    return out, views
+
+
+class IndexedBatches(Dataset):
+    """A dataset indexed by a whole list of indices: one tensor gather per batch, no per-sample work."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices):
+        indices = torch.as_tensor(indices)
+        return self.images[indices], self.labels[indices], indices
+
+
+def batch_loader(images, labels, batch_size: int, shuffle: bool) -> DataLoader:
+    dataset = IndexedBatches(images, labels)
+    base = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    sampler = BatchSampler(base, batch_size=batch_size, drop_last=False)
+    # batch_size=None: the sampler already yields whole batches.
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
+
+
+def subset(splits, train: int | None, val: int | None, seed: int):
+    """A seeded random subset of train/val (for --quick); test stays whole."""
+    out = dict(splits)
+    generator = torch.Generator().manual_seed(seed)
+    for split, n in (("train", train), ("val", val)):
+        images, labels = splits[split]
+        if n and n < len(labels):
+            keep = torch.randperm(len(labels), generator=generator)[:n].sort().values
+            out[split] = (images[keep], labels[keep])
+    return out
+
+
+class DermaDataModule(L.LightningDataModule):
+    """Serves in-memory splits to a Lightning Trainer. Batches are (uint8 images, labels, indices)."""
+
+    def __init__(self, splits, batch_size: int, eval_batch_size: int = 1024):
+        super().__init__()
+        self.splits, self.batch_size, self.eval_batch_size = splits, batch_size, eval_batch_size
+
+    def train_dataloader(self):
+        return batch_loader(*self.splits["train"], self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return batch_loader(*self.splits["val"], self.eval_batch_size, shuffle=False)

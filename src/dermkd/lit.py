@@ -1,0 +1,91 @@
+"""Lightning modules: supervised training and distillation from a frozen teacher.
+
+Batches arrive as uint8 images; `on_after_batch_transfer` augments them on the device (a random
+one of the 8 flips/rotations per image, for the whole batch at once) and converts to float.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from .config import KDConfig, StageConfig
+from .data import NUM_CLASSES, random_dihedral, to_float
+from .losses import distillation_loss
+
+
+class SupervisedModule(L.LightningModule):
+    """Cross-entropy training of one classifier; logs per-epoch train/val loss and accuracy."""
+
+    def __init__(self, model: torch.nn.Module, stage: StageConfig):
+        super().__init__()
+        self.model, self.stage = model, stage
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels, indices = batch
+        views = torch.zeros_like(labels)
+        if self.trainer.training:
+            images, views = random_dihedral(images)
+        return to_float(images), labels, indices, views
+
+    def training_loss(self, logits, batch) -> torch.Tensor:
+        return F.cross_entropy(logits, batch[1], label_smoothing=self.stage.label_smoothing)
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        loss = self.training_loss(logits, batch)
+        self.train_acc(logits, batch[1])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.val_acc(logits, batch[1])
+        loss = F.cross_entropy(logits, batch[1])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stage = self.stage
+        if stage.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.9, nesterov=True, weight_decay=stage.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        if stage.schedule == "none":
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        if stage.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=stage.lr, total_steps=total, pct_start=0.15)
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DistillModule(SupervisedModule):
+    """Trains `student` on alpha * KD(student, teacher) + (1 - alpha) * CE; the teacher stays frozen in eval mode."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, stage: StageConfig, kd: KDConfig):
+        super().__init__(student, stage)
+        self.teacher, self.kd = teacher.eval().requires_grad_(False), kd
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm/dropout of the teacher never switch to training behaviour
+        return self
+
+    def teacher_logits(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher(batch[0])
+
+    def training_loss(self, logits, batch) -> torch.Tensor:
+        kd = self.kd
+        return distillation_loss(logits, self.teacher_logits(batch), batch[1], kd.method, kd.temperature, kd.alpha)

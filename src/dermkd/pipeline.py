@@ -1,0 +1,219 @@
+"""The stages of a study: train teacher, train student, distill, evaluate; and `run`, all of them.
+
+A run folder holds everything a stage produced:
+    config.yaml, run_info.json          resolved config; seed, versions, git commit
+    <model>/metrics.csv                 per-epoch train/val loss and accuracy (Lightning CSVLogger)
+    <model>/checkpoints/                best-on-val and last Lightning checkpoints
+    <model>.safetensors                 the kept (best-on-val) weights, with metadata
+    predictions/<model>.npz             val and test probabilities of the kept weights
+    results.json, report.md             the comparison
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from . import __version__
+from .config import Config, StageConfig
+from .data import DermaDataModule, channel_stats, load_dermamnist, subset, to_float
+from .lit import DistillModule, SupervisedModule
+from .metrics import classification_metrics, majority_baseline
+from .models import DermClassifier, count_params, create_model, load_state, save_weights
+
+MODELS = ("teacher", "student", "distilled")
+
+
+@dataclass
+class Study:
+    """What every stage needs: the config, the run folder and the data (loaded once)."""
+
+    cfg: Config
+    out: Path
+    splits: dict
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def open(cls, cfg: Config, out: Path) -> "Study":
+        full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
+        mean, std = channel_stats(full["train"][0])  # normalisation comes from the whole train split
+        splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        study = cls(cfg, out, splits, mean, std)
+        study.write_run_info()
+        return study
+
+    def write_run_info(self) -> None:
+        atomic_write(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        packages = ["torch", "torchvision", "lightning", "torchmetrics", "medmnist", "numpy", "scikit-learn"]
+        info = {
+            "seed": self.cfg.seed,
+            "dermkd": __version__,
+            "git_commit": git_commit(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "packages": {name: version(name) for name in packages},
+        }
+        atomic_write(self.out / "run_info.json", json.dumps(info, indent=2))
+
+    def new_model(self, role: str) -> DermClassifier:
+        spec = self.cfg.teacher_model if role == "teacher" else self.cfg.student_model
+        model = create_model(spec.arch, self.mean, self.std, spec.input_size)
+        if spec.weights:
+            load_state(model, Path(spec.weights))
+        return model
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -> DermClassifier:
+    """Train with Lightning; keep the checkpoint that is best on val accuracy; return its model."""
+    cfg = study.cfg.trainer
+    L.seed_everything(study.cfg.seed, workers=True, verbose=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=study.out / name / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
+    )
+    callbacks = [checkpoint]
+    if stage.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=stage.ema_decay))
+    if cfg.progress:
+        callbacks.append(RichProgressBar())
+    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
+    trainer = L.Trainer(
+        max_epochs=stage.epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        logger=CSVLogger(study.out, name=name, version=""),
+        callbacks=callbacks,
+        deterministic=True if on_cpu else "warn",  # some CUDA kernels have no deterministic version
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=DermaDataModule(study.splits, stage.batch_size))
+    train_time = time.perf_counter() - start
+    # weights_only: a checkpoint is never unpickled into arbitrary objects.
+    state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    model = module.model.cpu()
+    model.load_state_dict({key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")})
+    model.train_time_s = train_time
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities for uint8 NCHW images, in large batches."""
+    device = next(model.parameters()).device
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = to_float(images[start : start + batch_size].to(device))
+        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+    return torch.cat(chunks).numpy()
+
+
+def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
+    """Evaluate kept weights once on val and test, save predictions, record them in results.json."""
+    device = "cuda" if torch.cuda.is_available() and study.cfg.trainer.accelerator != "cpu" else "cpu"
+    model = model.to(device)
+    entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
+    if hasattr(model, "train_time_s"):
+        entry["train_time_s"] = round(model.train_time_s, 1)
+    arrays = {}
+    for split in ("val", "test"):
+        images, labels = study.splits[split]
+        probs = predict_probs(model, images)
+        arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), labels.numpy()
+        entry[split] = classification_metrics(probs, labels.numpy())
+    (study.out / "predictions").mkdir(exist_ok=True)
+    tmp = study.out / "predictions" / f"{name}.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(study.out / "predictions" / f"{name}.npz")
+    record_result(study, name, entry)
+    model.cpu()
+    return entry
+
+
+def record_result(study: Study, name: str, entry: dict) -> None:
+    path = study.out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    train_labels = study.splits["train"][1].numpy()
+    results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
+    results["baselines"] = {
+        "majority": {split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in ("val", "test")}
+    }
+    results.setdefault("models", {})[name] = entry
+    results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}
+    atomic_write(path, json.dumps(results, indent=2))
+
+
+def _model_order(name: str) -> tuple:
+    return (MODELS.index(name) if name in MODELS else len(MODELS), name)
+
+
+def train_stage(study: Study, role: str) -> DermClassifier:
+    """Train the teacher or the student on labels alone; save and evaluate its best-on-val weights."""
+    stage = study.cfg.teacher if role == "teacher" else study.cfg.student
+    model = fit(study, role, SupervisedModule(study.new_model(role), stage), stage)
+    save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
+    evaluate(study, role, model)
+    return model
+
+
+def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
+    """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
+    module = DistillModule(study.new_model("student"), teacher, study.cfg.distill, study.cfg.kd)
+    model = fit(study, "distilled", module, study.cfg.distill)
+    save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__, "teacher": teacher.arch})
+    evaluate(study, "distilled", model)
+    return model
+
+
+def run(study: Study) -> dict:
+    """The whole study: teacher, student, distilled student, then the report."""
+    from .report import write_report
+
+    start = time.perf_counter()
+    teacher = train_stage(study, "teacher")
+    train_stage(study, "student")
+    distill_stage(study, teacher)
+    path = study.out / "results.json"
+    results = json.loads(path.read_text())
+    results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    atomic_write(path, json.dumps(results, indent=2))
+    write_report(study.out)
+    return results
