@@ -122,6 +122,11 @@ def _build(cls, values: dict, prefix: str):
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DermkdError(f"config: {prefix}{name} must be a number (got {value!r})")
             kwargs[name] = value

@@ -164,7 +164,11 @@ def subset(splits, train: int | None, val: int | None, seed: int):
 
 
 class DermaDataModule(L.LightningDataModule):
-    """Serves in-memory splits to a Lightning Trainer. Batches are (uint8 images, labels, indices)."""
+    """Serves in-memory splits to a Lightning Trainer.
+
+    Loaders yield (uint8 images, labels, indices); once on the device, training batches get a random
+    dihedral view per image, and every batch becomes (float images, labels, indices, view ids).
+    """
 
     def __init__(self, splits, batch_size: int, eval_batch_size: int = 1024):
         super().__init__()
@@ -175,3 +179,10 @@ class DermaDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return batch_loader(*self.splits["val"], self.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels, indices = batch
+        views = torch.zeros_like(labels)
+        if self.trainer.training:
+            images, views = random_dihedral(images)
+        return to_float(images), labels, indices, views

@@ -1,7 +1,7 @@
 """Lightning modules: supervised training and distillation from a frozen teacher.
 
-Batches arrive as uint8 images; `on_after_batch_transfer` augments them on the device (a random
-one of the 8 flips/rotations per image, for the whole batch at once) and converts to float.
+Batches arrive as (float images in [0, 1], labels, dataset indices, dihedral view ids), already
+augmented on the device by `DermaDataModule`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import KDConfig, StageConfig
-from .data import NUM_CLASSES, random_dihedral, to_float
+from .data import NUM_CLASSES
 from .losses import distillation_loss
 
 
@@ -27,13 +27,6 @@ class SupervisedModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels, indices = batch
-        views = torch.zeros_like(labels)
-        if self.trainer.training:
-            images, views = random_dihedral(images)
-        return to_float(images), labels, indices, views
 
     def training_loss(self, logits, batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch[1], label_smoothing=self.stage.label_smoothing)

@@ -72,6 +72,10 @@ class Study:
         }
         atomic_write(self.out / "run_info.json", json.dumps(info, indent=2))
 
+    def seed(self) -> None:
+        """Every stage starts from the same seed, so a stage run alone equals the same stage inside `run`."""
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+
     def new_model(self, role: str) -> DermClassifier:
         spec = self.cfg.teacher_model if role == "teacher" else self.cfg.student_model
         model = create_model(spec.arch, self.mean, self.std, spec.input_size)
@@ -98,7 +102,6 @@ def atomic_write(path: Path, text: str) -> None:
 def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -> DermClassifier:
     """Train with Lightning; keep the checkpoint that is best on val accuracy; return its model."""
     cfg = study.cfg.trainer
-    L.seed_everything(study.cfg.seed, workers=True, verbose=False)
     checkpoint = ModelCheckpoint(
         dirpath=study.out / name / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
     )
@@ -188,6 +191,7 @@ def _model_order(name: str) -> tuple:
 def train_stage(study: Study, role: str) -> DermClassifier:
     """Train the teacher or the student on labels alone; save and evaluate its best-on-val weights."""
     stage = study.cfg.teacher if role == "teacher" else study.cfg.student
+    study.seed()
     model = fit(study, role, SupervisedModule(study.new_model(role), stage), stage)
     save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
     evaluate(study, role, model)
@@ -196,6 +200,7 @@ def train_stage(study: Study, role: str) -> DermClassifier:
 
 def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
+    study.seed()
     module = DistillModule(study.new_model("student"), teacher, study.cfg.distill, study.cfg.kd)
     model = fit(study, "distilled", module, study.cfg.distill)
     save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__, "teacher": teacher.arch})

@@ -1,0 +1,51 @@
+"""Shared fixtures: a synthetic DermaMNIST file (official split sizes, random pixels) and the real data root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermkd.data import SPLIT_SIZES
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_ROOT = Path(os.environ.get("DERMKD_DATA_ROOT") or REPO.parent / "shared" / "data")
+
+
+def synthetic_arrays(size: int = 28, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random images whose mean colour depends on the label, so a model can learn something."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in SPLIT_SIZES.items():
+        labels = rng.integers(0, 7, size=(n, 1), dtype=np.uint8)
+        images = rng.integers(0, 128, size=(n, size, size, 3), dtype=np.uint8)
+        images[..., 0] += (labels[:, 0] * 18).astype(np.uint8)[:, None, None]
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def base_arrays():
+    return synthetic_arrays()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory, base_arrays) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    np.savez(root / "dermamnist.npz", **base_arrays)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    if not (REAL_ROOT / "dermamnist.npz").exists():
+        pytest.skip(f"real DermaMNIST not found in {REAL_ROOT}; set DERMKD_DATA_ROOT")
+    return REAL_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch):
+    # Tests never reach the network: a missing file fails at once with dermkd's message.
+    monkeypatch.setenv("DERMKD_NO_DOWNLOAD", "1")

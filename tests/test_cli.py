@@ -1,0 +1,107 @@
+"""The dermkd command end to end: help, bad arguments, and full quick runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dermkd.cli import main
+
+
+def dermkd(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dermkd.cli", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_help_lists_commands():
+    result = dermkd("--help")
+    assert result.returncode == 0
+    for command in ("run", "train", "distill", "evaluate", "report"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["fly"], ["train", "professor"], ["run", "--seed", "x"], ["distill"]],
+    ids=["unknown-command", "unknown-role", "bad-seed", "missing-teacher"],
+)
+def test_bad_arguments_exit_2(args):
+    assert dermkd(*args).returncode == 2
+
+
+def test_missing_data_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["run", "--quick", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "dermamnist.npz not found" in err and "--data-root" in err
+
+
+def test_bad_config_value_exit_2(tmp_path, synthetic_root, capsys):
+    args = ["run", "--data-root", str(synthetic_root), "--out", str(tmp_path / "r"), "--set", "kd.temperature=-1"]
+    assert main(args) == 2
+    assert "kd.temperature must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written for a rejected config
+
+
+def check_run_folder(out):
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "dermamnist" and results["size"] == 28 and results["seed"] == 0
+    assert list(results["models"]) == ["teacher", "student", "distilled"]
+    for name, entry in results["models"].items():
+        assert entry["arch"] == ("efficientnet_b0" if name == "teacher" else "squeezenet1_1")
+        for split in ("val", "test"):
+            for key in ("loss", "acc", "auc", "balanced_acc", "macro_f1"):
+                assert entry[split][key] is not None
+        assert (out / name / "metrics.csv").read_text().startswith("epoch,step")
+        assert (out / f"{name}.safetensors").exists()
+    assert results["models"]["distilled"]["test"]["n"] == 2005
+    report = (out / "report.md").read_text()
+    assert "| Model | Arch | Params | Loss | Accuracy | AUC" in report and "Majority class" in report
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["seed"] == 0 and "torch" in info["packages"]
+    assert (out / "config.yaml").exists()
+    return results
+
+
+def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
+    out = tmp_path / "run"
+    assert main(["run", "--quick", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) == 0
+    check_run_folder(out)
+
+    # Each stage also runs alone from saved weights.
+    again = tmp_path / "distill-only"
+    code = main(["distill", "--teacher", str(out / "teacher.safetensors"), "--quick", "--data-root", str(synthetic_root),
+                 "--out", str(again), "--no-progress"])
+    assert code == 0
+    first = json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]["acc"]
+    second = json.loads((again / "results.json").read_text())["models"]["distilled"]["test"]["acc"]
+    assert first == second  # same seed, same teacher: deterministic on CPU
+
+    result = dermkd("evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "test")
+    assert result.returncode == 0, result.stderr
+    student = json.loads((out / "results.json").read_text())["models"]["student"]["test"]
+    assert json.loads(result.stdout)["test"]["acc"] == pytest.approx(student["acc"])
+
+
+def test_quick_run_on_real_data(tmp_path, real_root):
+    out = tmp_path / "run"
+    assert main(["run", "--quick", "--data-root", str(real_root), "--out", str(out), "--no-progress"]) == 0
+    results = check_run_folder(out)
+    assert results["baselines"]["majority"]["test"]["acc"] == pytest.approx(0.6688, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["three-classes", "garbage"])
+def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
+    from dermkd.models import DermClassifier, save_weights
+
+    path = tmp_path / "teacher.safetensors"
+    if kind == "three-classes":
+        save_weights(DermClassifier("resnet18", [0.5] * 3, [0.2] * 3, num_classes=3), path)
+    else:
+        path.write_bytes(b"\x00" * 64)
+    args = ["distill", "--teacher", str(path), "--quick", "--data-root", str(synthetic_root), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "teacher.safetensors" in err and err.count("\n") == 1
+    if kind == "three-classes":
+        assert "has 3 classes" in err

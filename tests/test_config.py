@@ -1,0 +1,54 @@
+"""Config: defaults, YAML, overrides and validation."""
+
+import pytest
+
+from dermkd import DermkdError
+from dermkd.config import load_config, parse_override
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert cfg.teacher_model.arch == "teacher" and cfg.student_model.arch == "student"
+    assert cfg.kd.method == "hinton"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\nkd:\n  temperature: 2.5\nteacher:\n  epochs: 7\n")
+    cfg = load_config(path, [parse_override("kd.alpha=0.5"), parse_override("teacher.lr=1e-3")])
+    assert (cfg.seed, cfg.kd.temperature, cfg.kd.alpha, cfg.teacher.epochs, cfg.teacher.lr) == (3, 2.5, 0.5, 7, 1e-3)
+    assert cfg.student.epochs == load_config().student.epochs
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("kd.temperature=0", "kd.temperature must be > 0"),
+        ("kd.alpha=1.5", r"kd.alpha must be in \[0, 1\]"),
+        ("teacher.epochs=-1", "teacher.epochs must be >= 1"),
+        ("kd.method=magic", "kd.method 'magic' is unknown"),
+        ("student_model.arch=resnet9000", "unknown model 'resnet9000'"),
+        ("teacher.lrate=1", "unknown key teacher.lrate"),
+        ("distill.lr=fast", "distill.lr must be a number"),
+        ("teacher.optimizer=lion", "teacher.optimizer must be one of"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(DermkdError, match=message):
+        load_config(None, [parse_override(override)])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher:\n  epoch: 3\n")
+    with pytest.raises(DermkdError, match="unknown key teacher.epoch"):
+        load_config(path)
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: [unclosed\n")
+    with pytest.raises(DermkdError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(DermkdError, match="not found"):
+        load_config(tmp_path / "missing.yaml")

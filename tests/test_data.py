@@ -1,0 +1,106 @@
+"""Loading, validation and batched augmentation of DermaMNIST."""
+
+import numpy as np
+import pytest
+import torch
+
+from dermkd import DermkdError
+from dermkd.data import (
+    DermaDataModule,
+    channel_stats,
+    dihedral,
+    load_dermamnist,
+    load_npz,
+    random_dihedral,
+    resolve_root,
+)
+
+
+def write(tmp_path, arrays, name="dermamnist.npz"):
+    np.savez(tmp_path / name, **arrays)
+    return tmp_path
+
+
+def test_loads_synthetic_file(synthetic_root):
+    splits = load_dermamnist(synthetic_root)
+    images, labels = splits["train"]
+    assert images.shape == (7007, 3, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (7007,) and labels.dtype == torch.int64
+    assert [len(splits[s][1]) for s in ("train", "val", "test")] == [7007, 1003, 2005]
+
+
+def test_real_data_matches_medmnist_facts(real_root):
+    splits = load_dermamnist(real_root)
+    counts = torch.bincount(splits["test"][1], minlength=7).tolist()
+    assert counts == [66, 103, 220, 23, 223, 1341, 29]
+    mean, _ = channel_stats(splits["train"][0])
+    assert mean == pytest.approx([0.7631, 0.5380, 0.5615], abs=1e-3)
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("DERMKD_DATA_ROOT", str(tmp_path / "env"))
+    assert resolve_root(tmp_path / "flag") == tmp_path / "flag"
+    assert resolve_root(None) == tmp_path / "env"
+    monkeypatch.delenv("DERMKD_DATA_ROOT")
+    assert resolve_root(None).name == ".medmnist"
+
+
+def test_missing_file_names_path_and_fix(tmp_path):
+    with pytest.raises(DermkdError, match=r"dermamnist\.npz not found.*--data-root"):
+        load_dermamnist(tmp_path)
+
+
+def test_unsupported_size():
+    with pytest.raises(DermkdError, match="size 30"):
+        load_dermamnist(None, size=30)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("val_labels"), "lacks val_images/val_labels"),
+        (lambda a: a.update(train_images=a["train_images"][:, :20]), r"expected uint8 \(N, 28, 28, 3\)"),
+        (lambda a: a.update(test_images=a["test_images"].astype(np.float32)), "float32"),
+        (lambda a: a.update(val_labels=a["val_labels"] + 7), r"labels range 7\.\.13"),
+        (lambda a: a.update(test_labels=a["test_labels"].astype(np.float32)), "expected integers"),
+        (lambda a: a.update(train_images=a["train_images"][:100], train_labels=a["train_labels"][:100]), "has 7007"),
+    ],
+    ids=["missing-key", "shape", "dtype", "label-range", "label-dtype", "split-size"],
+)
+def test_validation_errors(tmp_path, base_arrays, change, message):
+    arrays = dict(base_arrays)
+    change(arrays)
+    with pytest.raises(DermkdError, match=message):
+        load_npz(write(tmp_path, arrays) / "dermamnist.npz", 28)
+
+
+def test_not_a_zip(tmp_path):
+    (tmp_path / "dermamnist.npz").write_bytes(b"this is not an npz")
+    with pytest.raises(DermkdError, match="not a readable npz"):
+        load_dermamnist(tmp_path)
+
+
+def test_dihedral_views_are_the_eight_symmetries():
+    image = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
+    views = [dihedral(image, v) for v in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    torch.testing.assert_close(dihedral(image, 1), torch.rot90(image, 1, (2, 3)))
+    torch.testing.assert_close(dihedral(image, 4), image.flip(3))
+
+
+def test_random_dihedral_applies_the_reported_view():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out, views = random_dihedral(images)
+    assert set(views.tolist()) == set(range(8))
+    for i in range(64):
+        torch.testing.assert_close(out[i : i + 1], dihedral(images[i : i + 1], int(views[i])))
+
+
+def test_loader_yields_whole_batches(synthetic_root):
+    splits = load_dermamnist(synthetic_root)
+    module = DermaDataModule(splits, batch_size=100)
+    images, labels, indices = next(iter(module.train_dataloader()))
+    assert images.shape == (100, 3, 28, 28) and labels.shape == (100,)
+    torch.testing.assert_close(images, splits["train"][0][indices])
+    assert sum(len(b[1]) for b in module.val_dataloader()) == 1003

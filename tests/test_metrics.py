@@ -1,0 +1,40 @@
+"""Metrics agree with scikit-learn / medmnist on fixed inputs."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from dermkd.metrics import classification_metrics, majority_baseline
+
+
+@pytest.fixture
+def fixed():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), 20)
+    logits = rng.normal(size=(140, 7)) + 2 * np.eye(7)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, labels
+
+
+def test_headline_metrics_match_sklearn(fixed):
+    probs, labels = fixed
+    m = classification_metrics(probs, labels)
+    assert m["acc"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro"))
+    ovr = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in range(7)])
+    assert m["auc"] == pytest.approx(ovr)
+    assert m["loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(140), labels])))
+    assert m["balanced_acc"] == pytest.approx(m["acc"])  # balanced classes
+    assert 0 <= m["ece"] <= 1
+    assert set(m["per_class"]) == {
+        "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
+        "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions",
+    }
+
+
+def test_majority_baseline_on_real_test_split(real_root):
+    from dermkd.data import load_dermamnist
+
+    splits = load_dermamnist(real_root)
+    m = majority_baseline(splits["train"][1].numpy(), splits["test"][1].numpy())
+    assert m["acc"] == pytest.approx(0.6688, abs=1e-4) and m["auc"] == pytest.approx(0.5)

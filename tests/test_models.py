@@ -1,0 +1,81 @@
+"""Model factory, safetensors weights and refusal of pickles."""
+
+import pickle
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from dermkd import DermkdError
+from dermkd.models import ROLES, count_params, create_model, load_model, read_metadata, save_weights
+
+ARCHS = sorted(ROLES) + ["resnet18", "mobilenet_v3_small"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("input_size", [None, 64])
+def test_factory_gives_seven_logits(name, input_size):
+    model = create_model(name, input_size=input_size).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, 28, 28))
+    assert logits.shape == (2, 7)
+
+
+def test_roles_are_the_documented_architectures():
+    assert create_model("teacher").arch == "efficientnet_b0"
+    student = create_model("student")
+    assert student.arch == "squeezenet1_1" and 0.7e6 < count_params(student) < 0.75e6
+
+
+def test_unknown_model():
+    with pytest.raises(DermkdError, match="unknown model 'resnet9000'"):
+        create_model("resnet9000")
+
+
+def test_weights_round_trip_with_metadata(tmp_path):
+    model = create_model("student", mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6], input_size=32)
+    path = tmp_path / "student.safetensors"
+    save_weights(model, path, {"data_size": 28})
+    meta = read_metadata(path)
+    assert meta["arch"] == "squeezenet1_1" and meta["input_size"] == 32 and meta["data_size"] == 28
+    assert len(meta["classes"]) == 7
+    loaded = load_model(path)
+    x = torch.rand(3, 3, 28, 28)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_plain_torchvision_state_dict_loads_into_backbone(tmp_path):
+    # e.g. converted ImageNet weights: 1000-class head is left out, the rest is loaded.
+    source = torchvision.models.squeezenet1_1(weights=None, num_classes=1000)
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    from dermkd.models import load_state
+
+    model = create_model("student")
+    load_state(model, path)
+    torch.testing.assert_close(model.backbone.features[0].weight, source.features[0].weight)
+
+
+def test_mismatched_weights_are_named(tmp_path):
+    path = tmp_path / "teacher.safetensors"
+    save_weights(create_model("teacher"), path)
+    with pytest.raises(DermkdError, match="holds a efficientnet_b0, expected squeezenet1_1"):
+        load_model(path, expect_arch="student")
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/dermkd-pwned",))
+
+
+def test_pickle_is_refused_and_never_run(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+    marker = __import__("pathlib").Path("/tmp/dermkd-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(DermkdError, match="not a dermkd safetensors"):
+        load_model(path)
+    assert not marker.exists()
