@@ -71,11 +71,13 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     # Each stage also runs alone from saved weights.
     again = tmp_path / "distill-only"
     code = main(["distill", "--teacher", str(out / "teacher.safetensors"), "--quick", "--data-root", str(synthetic_root),
-                 "--out", str(again), "--no-progress"])
+                 "--out", str(again), "--no-progress", "--teacher-mode", "online"])
     assert code == 0
-    first = json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]["acc"]
-    second = json.loads((again / "results.json").read_text())["models"]["distilled"]["test"]["acc"]
-    assert first == second  # same seed, same teacher: deterministic on CPU
+    first = json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]
+    second = json.loads((again / "results.json").read_text())["models"]["distilled"]["test"]
+    # Same seed and teacher; the online teacher gives the cached logits up to float rounding.
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-4)
+    assert list((out / "cache").glob("teacher_logits-*.safetensors")) and not (again / "cache").exists()
 
     result = dermkd("evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "test")
     assert result.returncode == 0, result.stderr

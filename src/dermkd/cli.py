@@ -27,6 +27,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", help="Lightning devices: auto (default), a count, or a list")
     parser.add_argument("--strategy", help="Lightning strategy: auto (default), ddp, ...")
     parser.add_argument("--num-nodes", type=int, help="number of machines (Lightning num_nodes)")
+    parser.add_argument("--teacher-mode", choices=["cached", "online"], help="distillation: cached teacher outputs (default) or online teacher")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set kd.temperature=2"
@@ -74,6 +75,7 @@ def resolve_config(args):
         ("trainer", "strategy"): args.strategy,
         ("trainer", "num_nodes"): args.num_nodes,
         ("trainer", "progress"): False if args.no_progress else None,
+        ("kd", "teacher_mode"): args.teacher_mode,
     }
     if getattr(args, "weights", None):
         role = "teacher_model" if getattr(args, "role", "student") == "teacher" else "student_model"

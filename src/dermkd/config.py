@@ -51,6 +51,7 @@ class KDConfig:
     method: str = "hinton"
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
+    teacher_mode: str = "cached"  # cached: teacher logits computed once per view; online: every step
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Config:
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
         check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")
+        check(self.kd.teacher_mode in ("cached", "online"), "kd.teacher_mode", "must be cached or online")
         check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
         for name in ("teacher_model", "student_model"):
             model: ModelConfig = getattr(self, name)

@@ -64,20 +64,35 @@ class SupervisedModule(L.LightningModule):
 
 
 class DistillModule(SupervisedModule):
-    """Trains `student` on alpha * KD(student, teacher) + (1 - alpha) * CE; the teacher stays frozen in eval mode."""
+    """Trains `student` on alpha * KD(student, teacher) + (1 - alpha) * CE.
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, stage: StageConfig, kd: KDConfig):
+    The teacher's logits come either from `teacher_logits_cache` (N, 8 views, C), looked up by the
+    dataset index and dihedral view of each image, or from running the frozen `teacher` (kept in
+    eval mode) on the batch: both give the same numbers.
+    """
+
+    def __init__(self, student, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None):
         super().__init__(student, stage)
-        self.teacher, self.kd = teacher.eval().requires_grad_(False), kd
+        if (teacher is None) == (teacher_logits_cache is None):
+            raise ValueError("give exactly one of teacher and teacher_logits_cache")
+        self.kd, self.teacher = kd, teacher
+        if teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+        # Not persistent: the cache is rebuilt or reloaded from its own file, never from checkpoints.
+        self.register_buffer("teacher_logits_cache", teacher_logits_cache, persistent=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # BatchNorm/dropout of the teacher never switch to training behaviour
+        if self.teacher is not None:
+            self.teacher.eval()  # BatchNorm/dropout of the teacher never switch to training behaviour
         return self
 
     def teacher_logits(self, batch) -> torch.Tensor:
+        images, _, indices, views = batch
+        if self.teacher_logits_cache is not None:
+            return self.teacher_logits_cache[indices, views]
         with torch.no_grad():
-            return self.teacher(batch[0])
+            return self.teacher(images)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
         kd = self.kd

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, Ric
 from lightning.pytorch.loggers import CSVLogger
 
 from . import __version__
+from .cache import teacher_cache
 from .config import Config, StageConfig
 from .data import DermaDataModule, channel_stats, load_dermamnist, subset, to_float
 from .lit import DistillModule, SupervisedModule
@@ -71,6 +72,11 @@ class Study:
             "packages": {name: version(name) for name in packages},
         }
         atomic_write(self.out / "run_info.json", json.dumps(info, indent=2))
+
+    @property
+    def device(self) -> str:
+        """Where dermkd's own inference (evaluation, teacher cache) runs."""
+        return "cuda" if torch.cuda.is_available() and self.cfg.trainer.accelerator != "cpu" else "cpu"
 
     def seed(self) -> None:
         """Every stage starts from the same seed, so a stage run alone equals the same stage inside `run`."""
@@ -151,8 +157,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
     """Evaluate kept weights once on val and test, save predictions, record them in results.json."""
-    device = "cuda" if torch.cuda.is_available() and study.cfg.trainer.accelerator != "cpu" else "cpu"
-    model = model.to(device)
+    model = model.to(study.device)
     entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
     if hasattr(model, "train_time_s"):
         entry["train_time_s"] = round(model.train_time_s, 1)
@@ -200,8 +205,16 @@ def train_stage(study: Study, role: str) -> DermClassifier:
 
 def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
-    study.seed()
-    module = DistillModule(study.new_model("student"), teacher, study.cfg.distill, study.cfg.kd)
+    kd = study.cfg.kd
+    if kd.teacher_mode == "cached":
+        images, labels = study.splits["train"]
+        logits = teacher_cache(teacher.to(study.device), images, labels, study.out / "cache")
+        teacher.cpu()
+        study.seed()
+        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher_logits_cache=logits)
+    else:
+        study.seed()
+        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher=teacher)
     model = fit(study, "distilled", module, study.cfg.distill)
     save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__, "teacher": teacher.arch})
     evaluate(study, "distilled", model)

@@ -1,0 +1,63 @@
+"""The teacher-output cache is exact and follows the teacher."""
+
+import torch
+
+from dermkd.cache import compute_teacher_logits, teacher_cache
+from dermkd.config import KDConfig, StageConfig
+from dermkd.data import random_dihedral, to_float
+from dermkd.lit import DistillModule
+from dermkd.models import create_model
+
+
+def small_data(n=24):
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 7, (n,))
+
+
+def test_cached_and_online_distillation_give_the_same_loss():
+    images, labels = small_data()
+    teacher = create_model("resnet18").eval()
+    cache = compute_teacher_logits(teacher, images, batch_size=10)
+    kd = KDConfig(temperature=3.0, alpha=0.8)
+    student = create_model("student")
+    online = DistillModule(student, StageConfig(), kd, teacher=teacher).train()
+    cached = DistillModule(student, StageConfig(), kd, teacher_logits_cache=cache).train()
+    assert not cached.teacher_logits_cache.requires_grad and online.teacher.training is False
+
+    indices = torch.tensor([3, 0, 17, 9, 22, 5, 11, 1])
+    augmented, views = random_dihedral(images[indices])
+    batch = (to_float(augmented), labels[indices], indices, views)
+    torch.testing.assert_close(cached.teacher_logits(batch), online.teacher_logits(batch), atol=1e-4, rtol=1e-4)
+    student.eval()  # same student forward for both (no dropout randomness)
+    logits = student(batch[0])
+    torch.testing.assert_close(cached.training_loss(logits, batch), online.training_loss(logits, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_reused_and_rebuilt_when_the_teacher_changes(tmp_path):
+    images, labels = small_data(8)
+    teacher = create_model("student").eval()
+    first = teacher_cache(teacher, images, labels, tmp_path)
+    assert len(list(tmp_path.glob("teacher_logits-*.safetensors"))) == 1
+    torch.testing.assert_close(teacher_cache(teacher, images, labels, tmp_path), first)
+    assert len(list(tmp_path.glob("teacher_logits-*.safetensors"))) == 1  # reused, not recomputed
+
+    with torch.no_grad():
+        teacher.backbone.classifier[1].weight.mul_(2.0)  # the teacher changes
+    second = teacher_cache(teacher, images, labels, tmp_path)
+    assert len(list(tmp_path.glob("teacher_logits-*.safetensors"))) == 2
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, compute_teacher_logits(teacher, images))
+
+    changed = images.clone()
+    changed[0] ^= 1  # the data changes
+    teacher_cache(teacher, changed, labels, tmp_path)
+    assert len(list(tmp_path.glob("teacher_logits-*.safetensors"))) == 3
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path):
+    images, labels = small_data(4)
+    teacher = create_model("student").eval()
+    expected = teacher_cache(teacher, images, labels, tmp_path)
+    (path,) = tmp_path.glob("teacher_logits-*.safetensors")
+    path.write_bytes(b"truncated")
+    torch.testing.assert_close(teacher_cache(teacher, images, labels, tmp_path), expected)
