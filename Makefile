@@ -1,4 +1,5 @@
-# `make setup` builds .venv; `make test` runs the test suite. The README and .ci/run call exactly these.
+# `make setup` builds .venv (and installs Debian's chromium for the browser tests where apt is usable);
+# `make test` runs the test suite. The README and .ci/run call exactly these two.
 PY ?= python3.11
 VENV = .venv
 BIN = $(VENV)/bin
@@ -9,6 +10,8 @@ setup:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q chromium >/dev/null 2>&1; } || echo "note: chromium not installed; browser tests will skip"
 
 test:
 	$(BIN)/python -m pytest -q

@@ -57,6 +57,7 @@ def check_run_folder(out):
     assert results["models"]["distilled"]["test"]["n"] == 2005
     report = (out / "report.md").read_text()
     assert "| Model | Arch | Params | Loss | Accuracy | AUC" in report and "Majority class" in report
+    assert (out / "report.html").exists() and (out / "MODEL_CARD.md").exists()
     info = json.loads((out / "run_info.json").read_text())
     assert info["seed"] == 0 and "torch" in info["packages"]
     assert (out / "config.yaml").exists()

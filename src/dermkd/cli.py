@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train teacher, student and distilled student, then evaluate and report")
+    p.add_argument("--seeds", type=int, nargs="+", help="run once per seed into OUT/seed<N>/ and report mean ± std")
     _common(p)
 
     p = sub.add_parser("train", help="train the teacher or the student alone on labels")
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
         else:
             from . import pipeline
 
+            if args.command == "run" and args.seeds:
+                return run_seeds(args)
             study = _open_study(args)
             if args.command == "run":
                 pipeline.run(study)
@@ -153,6 +156,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dermkd: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def run_seeds(args) -> int:
+    """One full run per seed, then a report over all of them."""
+    from dataclasses import replace
+
+    from .pipeline import Study, run
+    from .report import write_report
+
+    cfg = resolve_config(args)
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    for seed in args.seeds:
+        run(Study.open(replace(cfg, seed=seed), out / f"seed{seed}"))
+    print(write_report(out))
     return 0
 
 

@@ -56,7 +56,18 @@ class Study:
         out.mkdir(parents=True, exist_ok=True)
         study = cls(cfg, out, splits, mean, std)
         study.write_run_info()
+        study.save_test_samples()
         return study
+
+    def save_test_samples(self, count: int = 25) -> None:
+        """A fixed random set of test images for the report's qualitative grids (same for every model)."""
+        images = self.splits["test"][0]
+        indices = np.sort(np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False))
+        folder = self.out / "predictions"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / "test_samples.tmp.npz"
+        np.savez(tmp, indices=indices, images=images[indices].permute(0, 2, 3, 1).numpy())
+        tmp.replace(folder / "test_samples.npz")
 
     def write_run_info(self) -> None:
         atomic_write(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -167,7 +178,6 @@ def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
         probs = predict_probs(model, images)
         arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), labels.numpy()
         entry[split] = classification_metrics(probs, labels.numpy())
-    (study.out / "predictions").mkdir(exist_ok=True)
     tmp = study.out / "predictions" / f"{name}.tmp.npz"
     np.savez(tmp, **arrays)
     tmp.replace(study.out / "predictions" / f"{name}.npz")

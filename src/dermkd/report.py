@@ -1,67 +1,230 @@
-"""report.md from a run folder's results.json (no retraining)."""
+"""The report of a run folder: report.md, report.html (figures beside it) and MODEL_CARD.md.
+
+Everything is rebuilt from what runs saved (results.json, metrics.csv, predictions/*.npz), never by
+retraining. A multi-seed folder (seed0/, seed1/, ...) is reported as mean ± std over its seeds.
+"""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
+import numpy as np
+
 from . import DermkdError
+from . import plots
+from .data import CLASS_NAMES
+from .plots import LABELS
 
-LABELS = {"teacher": "Teacher", "student": "Student (alone)", "distilled": "Student (distilled)"}
+MELANOMA = CLASS_NAMES.index("melanoma")
+# Published numbers on the official DermaMNIST file (Yang et al., MedMNIST v2, Sci. Data 2023, Table 3).
+PUBLISHED = [("ResNet-18 (28), MedMNIST v2 [published]", 0.735, 0.917), ("Google AutoML Vision, MedMNIST v2 [published]", 0.768, 0.914)]
+COLUMNS = [("loss", "Loss", False), ("acc", "Accuracy", True), ("auc", "AUC", False), ("balanced_acc", "Balanced acc", True),
+           ("macro_f1", "Macro F1", False), ("ece", "ECE", False), ("mel_recall", "Melanoma recall", True)]
 
 
-def _fmt(value, pct: bool = False) -> str:
-    if value is None:
+def seed_runs(run_dir: Path) -> list[Path]:
+    """The single-seed run folders inside `run_dir` (itself, or its seed*/ subfolders)."""
+    if (run_dir / "results.json").exists() and not list(run_dir.glob("seed*/results.json")):
+        return [run_dir]
+    # A multi-seed folder: its own results.json is the aggregate, rebuilt from the seeds.
+    runs = sorted(run_dir.glob("seed*/results.json"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+    if not runs:
+        raise DermkdError(f"no results.json in {run_dir}; pass a run folder written by `dermkd run`")
+    return [p.parent for p in runs]
+
+
+def headline(metrics: dict) -> dict:
+    out = {key: metrics.get(key) for key, _, _ in COLUMNS if key != "mel_recall"}
+    out["mel_recall"] = metrics["per_class"]["melanoma"]["recall"]
+    return out
+
+
+def aggregate(results: list[dict]) -> dict:
+    """{model: {split: {metric: (mean, std, [values])}}} over seeds, plus params/arch."""
+    out = {}
+    names = [n for n in results[0]["models"] if all(n in r["models"] for r in results)]
+    for name in names + ["majority"]:
+        entry = {}
+        for split in ("val", "test"):
+            rows = [headline(r["baselines"]["majority"][split] if name == "majority" else r["models"][name][split]) for r in results]
+            entry[split] = {}
+            for key in rows[0]:
+                values = [row[key] for row in rows if row[key] is not None]
+                entry[split][key] = (float(np.mean(values)), float(np.std(values)), values) if values else (None, None, [])
+        if name != "majority":
+            entry.update(arch=results[0]["models"][name]["arch"], params=results[0]["models"][name]["params"])
+        out[name] = entry
+    return out
+
+
+def _cell(stat, pct: bool) -> str:
+    mean, std, values = stat
+    if mean is None:
         return "n/a"
-    return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
+    scale, unit = (100, "%") if pct else (1, "")
+    digits = 2 if pct else 4
+    text = f"{mean * scale:.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {std * scale:.{digits}f}"
+    return text + unit
 
 
-def results_table(results: dict, split: str = "test") -> str:
-    rows = [
-        "| Model | Arch | Params | Loss | Accuracy | AUC | Balanced acc | Macro F1 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for name, entry in results.get("models", {}).items():
-        m = entry[split]
-        rows.append(
-            f"| {LABELS.get(name, name)} | {entry['arch']} | {entry['params'] / 1e6:.2f}M | {_fmt(m['loss'])} "
-            f"| {_fmt(m['acc'], True)} | {_fmt(m['auc'])} | {_fmt(m['balanced_acc'], True)} | {_fmt(m['macro_f1'])} |"
-        )
-    majority = results.get("baselines", {}).get("majority", {}).get(split)
-    if majority:
-        rows.append(
-            f"| Majority class (always nevus) | - | - | {_fmt(majority['loss'])} | {_fmt(majority['acc'], True)} "
-            f"| {_fmt(majority['auc'])} | {_fmt(majority['balanced_acc'], True)} | {_fmt(majority['macro_f1'])} |"
-        )
-    return "\n".join(rows)
+def main_table(summary: dict, split: str) -> tuple[list[str], list[list[str]]]:
+    header = ["Model", "Arch", "Params"] + [label for _, label, _ in COLUMNS]
+    rows = []
+    for name, entry in summary.items():
+        label = "Majority class (always nevus)" if name == "majority" else LABELS.get(name, name)
+        arch, params = ("-", "-") if name == "majority" else (entry["arch"], f"{entry['params'] / 1e6:.2f}M")
+        rows.append([label, arch, params] + [_cell(entry[split][key], pct) for key, _, pct in COLUMNS])
+    if split == "test":
+        for label, acc, auc in PUBLISHED:
+            rows.append([label, "-", "-", "-", f"{100 * acc:.2f}%", f"{auc:.4f}", "-", "-", "-", "-"])
+    return header, rows
+
+
+def per_seed_table(results: list[dict], runs: list[Path]) -> tuple[list[str], list[list[str]]]:
+    header = ["Seed", "Model", "Test ACC", "Test AUC", "Balanced ACC", "Macro F1", "ECE"]
+    rows = []
+    for run, result in zip(runs, results):
+        for name, entry in result["models"].items():
+            m = entry["test"]
+            rows.append([str(result["seed"]), LABELS.get(name, name), f"{100 * m['acc']:.2f}%", f"{m['auc']:.4f}" if m["auc"] else "n/a",
+                         f"{100 * m['balanced_acc']:.2f}%", f"{m['macro_f1']:.4f}", f"{m['ece']:.4f}"])
+    return header, rows
+
+
+def per_class_table(result: dict, name: str) -> tuple[list[str], list[list[str]]]:
+    header = ["Class", "Support", "Precision", "Recall", "F1", "AUC (one-vs-rest)"]
+    rows = []
+    for cls, m in result["models"][name]["test"]["per_class"].items():
+        rows.append([cls, str(m["support"]), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
+                     f"{m['auc']:.3f}" if m["auc"] is not None else "n/a"])
+    return header, rows
+
+
+def make_figures(run: Path, result: dict, figures: Path) -> list[tuple[str, str]]:
+    """Draw every figure that the saved logs and predictions allow; returns (file, caption) pairs."""
+    figures.mkdir(exist_ok=True)
+    names = list(result["models"])
+    drawn = []
+    histories = {n: plots.read_history(run / n / "metrics.csv") for n in names if (run / n / "metrics.csv").exists()}
+    for name, history in histories.items():
+        for path in plots.curves(history, name, figures):
+            drawn.append((path, f"{LABELS.get(name, name)}: train/val {path.stem.split('_')[-1]} per epoch"))
+    for path in plots.comparison(histories, figures):
+        drawn.append((path, f"All models: val {path.stem.split('_')[-1]} per epoch"))
+    predictions = {}
+    for name in names:
+        path = run / "predictions" / f"{name}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as saved:
+                predictions[name] = (saved["test_labels"], saved["test_probs"])
+    samples = run / "predictions" / "test_samples.npz"
+    if samples.exists():
+        with np.load(samples, allow_pickle=False) as saved:
+            indices, images = saved["indices"], saved["images"]
+        for name, (labels, probs) in predictions.items():
+            path = plots.prediction_grid(images, labels[indices], probs[indices], name, figures)
+            drawn.append((path, f"{LABELS.get(name, name)}: the same {len(indices)} random test images for every model"))
+    for name, (labels, probs) in predictions.items():
+        drawn.append((plots.confusion(labels, probs, name, figures), f"{LABELS.get(name, name)}: confusion matrix on test"))
+    if predictions:
+        eces = {name: result["models"][name]["test"]["ece"] for name in predictions}
+        drawn.append((plots.reliability(predictions, eces, figures), "Reliability diagram on test, ECE in the legend"))
+    return [(str(path.relative_to(figures.parent)), caption) for path, caption in drawn]
+
+
+# --- rendering: one list of blocks, written as Markdown and as HTML -------------------------------
+
+def render_markdown(blocks) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind == "h1":
+            out.append(f"# {rest[0]}\n")
+        elif kind == "h2":
+            out.append(f"## {rest[0]}\n")
+        elif kind == "p":
+            out.append(f"{rest[0]}\n")
+        elif kind == "table":
+            header, rows = rest
+            out.append("| " + " | ".join(header) + " |")
+            out.append("| " + " | ".join("---" for _ in header) + " |")
+            out += ["| " + " | ".join(row) + " |" for row in rows]
+            out.append("")
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0]})\n")
+    return "\n".join(out)
+
+
+def render_html(blocks, title: str) -> str:
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind == "table":
+            header, rows = rest
+            cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            lines = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table>")
+        elif kind == "img":
+            body.append(f'<figure><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}"><figcaption>{html.escape(rest[1])}</figcaption></figure>')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+             "figure{display:inline-block;margin:0.5em}img{max-width:520px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    if not path.exists():
-        raise DermkdError(f"{path} not found; pass a run folder written by `dermkd run`")
-    results = json.loads(path.read_text())
-    lines = [
-        f"# dermkd results: DermaMNIST {results['size']} px, seed {results['seed']}",
-        "",
-        "Checkpoints chosen on val accuracy; test evaluated once on the chosen checkpoint.",
-        "Loss is the test negative log-likelihood; AUC is medmnist's mean one-vs-rest AUC.",
-        "The majority row predicts the train class frequencies (argmax: nevus).",
-        "",
-        "## Test",
-        "",
-        results_table(results, "test"),
-        "",
-        "## Val",
-        "",
-        results_table(results, "val"),
-        "",
+    runs = seed_runs(run_dir)
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    summary = aggregate(results)
+    first = results[0]
+    seeds = [r["seed"] for r in results]
+    title = f"dermkd: DermaMNIST {first['size']} px, " + (f"seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
+    blocks = [
+        ("h1", title),
+        ("p", "Checkpoints are chosen on val accuracy; test is evaluated once per final model. Loss is the test "
+              "negative log-likelihood, AUC medmnist's mean one-vs-rest AUC, ECE the expected calibration error "
+              "with 15 bins. The majority row predicts the train class frequencies (argmax: nevus)."
+              + (f" Cells are mean ± std over {len(seeds)} seeds; differences under one point are noise, not gains." if len(seeds) > 1
+                 else " Single seed: differences under one point are noise, not gains.")),
+        ("h2", "Test"),
+        ("table", *main_table(summary, "test")),
+        ("p", "Published rows are the MedMNIST v2 benchmark on the official 28 px file (Yang et al., Sci. Data 2023); "
+              "dermkd reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical."),
+        ("h2", "Val"),
+        ("table", *main_table({k: v for k, v in summary.items()}, "val")),
     ]
-    if "wall_time_s" in results:
-        lines.append(f"Wall time of the whole run: {results['wall_time_s'] / 60:.1f} min.\n")
-    out = run_dir / "report.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
-    return out
+    if "wall_time_s" in first:
+        blocks.append(("p", "Wall time of `dermkd run`: " + ", ".join(f"{r['wall_time_s'] / 60:.1f} min" for r in results if "wall_time_s" in r) + "."))
+    if "distilled" in first["models"]:
+        blocks += [("h2", f"Per class: distilled student, test (seed {first['seed']})"), ("table", *per_class_table(first, "distilled"))]
+    figures = make_figures(runs[0], first, run_dir / "figures")
+    if figures:
+        blocks.append(("h2", f"Figures (seed {first['seed']})"))
+        blocks += [("img", path, caption) for path, caption in figures]
+    if len(runs) > 1:
+        blocks += [("h2", "Appendix: per-seed test results"), ("table", *per_seed_table(results, runs))]
+    if len(runs) > 1:  # the multi-seed record: every headline metric as mean, std and per-seed values
+        record = {"dataset": first["dataset"], "size": first["size"], "seeds": seeds, "runs": [r.name for r in runs],
+                  "models": {name: {key: ({m: dict(zip(("mean", "std", "values"), stat)) for m, stat in value.items()}
+                                          if key in ("val", "test") else value) for key, value in entry.items()}
+                             for name, entry in summary.items()}}
+        _write(run_dir / "results.json", json.dumps(record, indent=2))
+    _write(run_dir / "report.md", render_markdown(blocks))
+    _write(run_dir / "report.html", render_html(blocks, title))
+    if "distilled" in summary:
+        from .card import model_card
+
+        _write(run_dir / "MODEL_CARD.md", model_card(summary, first, len(seeds)))
+    return run_dir / "report.md"

@@ -1,0 +1,71 @@
+"""MODEL_CARD.md for the distilled student of a run (Mitchell et al., "Model Cards for Model Reporting", 2019)."""
+
+from __future__ import annotations
+
+
+def _pm(stat, pct=True) -> str:
+    mean, std, values = stat
+    if mean is None:
+        return "n/a"
+    scale = 100 if pct else 1
+    unit = "%" if pct else ""
+    spread = f" ± {std * scale:.2f}{unit} (std over {len(values)} seeds)" if len(values) > 1 else " (one seed)"
+    return f"{mean * scale:.2f}{unit}{spread}"
+
+
+def model_card(summary: dict, first: dict, n_seeds: int) -> str:
+    distilled, student, teacher = summary["distilled"], summary.get("student"), summary.get("teacher")
+    test = distilled["test"]
+    per_class = first["models"]["distilled"]["test"]["per_class"]
+    weakest = sorted(per_class.items(), key=lambda kv: kv[1]["recall"])[:3]
+    weak_lines = "\n".join(f"- {name}: recall {m['recall']:.2f}, precision {m['precision']:.2f} ({m['support']} test images)"
+                           for name, m in weakest)
+    compare = []
+    for label, entry in (("teacher", teacher), ("student trained alone", student)):
+        if entry:
+            compare.append(f"- {label} ({entry['arch']}, {entry['params'] / 1e6:.2f}M params): test accuracy {_pm(entry['test']['acc'])}")
+    compare = "\n".join(compare)
+    return f"""# Model card: dermkd distilled student ({distilled['arch']})
+
+## Intended use
+Research and teaching on knowledge distillation for skin-lesion classification. **Not a medical
+device**: it must not be used to diagnose, triage or reassure patients. Outputs are probabilities
+over 7 HAM10000 classes for a dermoscopic image, not a clinical finding.
+
+## Model
+- Architecture: torchvision `{distilled['arch']}`, {distilled['params'] / 1e6:.2f}M parameters, 7 outputs.
+- Trained by distillation from an EfficientNet-B0 teacher (see `config.yaml` for the method, T and alpha).
+- Input: RGB images centre-cropped to a square and resized to {first['size']} px, normalised with
+  train-split statistics stored in the weights file (`distilled.safetensors`, with metadata).
+
+## Data and licence
+DermaMNIST (MedMNIST v2), built from HAM10000: train 7007 / val 1003 / test 2005 images, 7 classes.
+HAM10000 is CC BY-NC-SA 4.0 and DermaMNIST CC BY-NC 4.0: non-commercial use with attribution
+(Tschandl et al., Sci. Data 2018; Codella et al. 2019; Yang et al., Sci. Data 2023). The weights
+inherit the non-commercial terms.
+
+## Metrics (test split, checkpoint chosen on val)
+- Accuracy: {_pm(test['acc'])}
+- AUC (mean one-vs-rest): {_pm(test['auc'], pct=False)}
+- Balanced accuracy: {_pm(test['balanced_acc'])}
+- Macro F1: {_pm(test['macro_f1'], pct=False)}
+- Melanoma recall: {_pm(test['mel_recall'])}
+- Always answering "nevus" scores {100 * summary['majority']['test']['acc'][0]:.2f}% accuracy.
+{compare}
+
+## Per-class weaknesses (seed {first['seed']})
+{weak_lines}
+
+## Calibration
+Expected calibration error (15 bins) on test: {_pm(test['ece'], pct=False)}. See `figures/reliability.png`.
+Probabilities are not calibrated for clinical decision thresholds.
+
+## Known limits
+- 28 px (or 64 px) images discard most dermoscopic detail; real clinical images are far larger.
+- Dataset bias: about 67% of images are melanocytic nevi; rare classes (dermatofibroma, vascular
+  lesions) have few examples and the least reliable metrics.
+- HAM10000 comes from two centres and mostly fair-skinned patients; performance on other
+  populations, devices or non-dermoscopic photos is unknown.
+- Multiple images of the same lesion can occur in HAM10000; the official split may not separate them.
+- {n_seeds} seed(s) evaluated; single-seed differences under one point are noise.
+"""
