@@ -108,3 +108,13 @@ def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
     assert "teacher.safetensors" in err and err.count("\n") == 1
     if kind == "three-classes":
         assert "has 3 classes" in err
+
+
+def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
+    args = ["bench", "--quick", "--steps", "2", "--data-root", str(synthetic_root), "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "distill, cached" in printed and "ratio" in printed
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["throughput"]["data_path_img_s"] > 0 and bench["epochs"]["distill_cached_over_student"] > 0
+    assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024

@@ -52,3 +52,15 @@ def test_bad_yaml_file(tmp_path):
         load_config(path)
     with pytest.raises(DermkdError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_default_yaml_lists_the_defaults():
+    """configs/default.yaml documents every key; it must agree with the dataclass defaults."""
+    import yaml
+    from pathlib import Path
+
+    from dermkd.config import Config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert yaml.safe_load(path.read_text()) == Config().to_dict()
+    assert load_config(path) == Config()

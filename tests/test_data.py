@@ -104,3 +104,21 @@ def test_loader_yields_whole_batches(synthetic_root):
     assert images.shape == (100, 3, 28, 28) and labels.shape == (100,)
     torch.testing.assert_close(images, splits["train"][0][indices])
     assert sum(len(b[1]) for b in module.val_dataloader()) == 1003
+
+
+def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
+    from dermkd.data import EpochBatchSampler
+
+    sampler = EpochBatchSampler(10, 3, seed=1)
+    sampler.set_epoch(2)
+    first = [b.tolist() for b in sampler]
+    again = EpochBatchSampler(10, 3, seed=1)
+    again.set_epoch(2)
+    assert [b.tolist() for b in again] == first and len(first) == len(sampler) == 4
+    assert sorted(sum(first, [])) == list(range(10))
+    sampler.set_epoch(3)
+    assert [b.tolist() for b in sampler] != first
+    shards = [EpochBatchSampler(10, 3, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    batches = [[b.tolist() for b in s] for s in shards]
+    assert len(batches[0]) == len(batches[1]) == len(shards[0]) == 2
+    assert not set(sum(batches[0], [])) & set(sum(batches[1], []))

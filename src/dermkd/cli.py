@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train teacher, student and distilled student, then evaluate and report")
     p.add_argument("--seeds", type=int, nargs="+", help="run once per seed into OUT/seed<N>/ and report mean ± std")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its finished stages and last checkpoints")
     _common(p)
 
     p = sub.add_parser("train", help="train the teacher or the student alone on labels")
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", type=Path, help="a .safetensors file written by dermkd")
     p.add_argument("--data-root", help="folder with dermamnist.npz")
     p.add_argument("--split", choices=["val", "test", "both"], default="both")
+
+    p = sub.add_parser("bench", help="speed figures: data path, cached vs online distillation, latency, FLOPs")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per throughput figure")
+    p.add_argument("--results", type=Path, default=Path("results/results.json"), help="results.json whose run wall time to report")
+    _common(p)
 
     p = sub.add_parser("report", help="regenerate report.md of a run folder from its results.json")
     p.add_argument("run_dir", type=Path)
@@ -98,8 +104,18 @@ def _devices(text):
 
 
 def _open_study(args):
+    from .config import config_from_dict
     from .pipeline import Study
 
+    if getattr(args, "resume", None):
+        saved = args.resume / "config.yaml"
+        if not saved.exists():
+            raise DermkdError(f"{saved} not found; --resume needs a run folder written by `dermkd run`")
+        if args.config or args.set or args.quick or args.seeds:
+            raise DermkdError("--resume continues a run with its saved config; drop --config/--set/--quick/--seeds")
+        import yaml
+
+        return Study.open(config_from_dict(yaml.safe_load(saved.read_text())), args.resume, resume=True)
     cfg = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return Study.open(cfg, out)
@@ -133,6 +149,12 @@ def main(argv=None) -> int:
             from .report import write_report
 
             print(write_report(args.run_dir))
+        elif args.command == "bench":
+            from .bench import format_bench, run_bench
+
+            out = args.out or Path("runs") / ("bench-" + time.strftime("%Y%m%d-%H%M%S"))
+            print(format_bench(run_bench(resolve_config(args), out, args.steps, args.results)))
+            print(f"written: {out / 'bench.json'}")
         elif args.command == "evaluate":
             print(json.dumps(evaluate_weights(args), indent=2))
         else:

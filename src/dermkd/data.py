@@ -7,6 +7,7 @@ augmentation (the 8 flips/rotations of the square) is applied to the whole batch
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from medmnist import INFO as MEDMNIST_INFO
 from medmnist.info import DEFAULT_ROOT
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from . import DermkdError
 
@@ -143,10 +144,34 @@ class IndexedBatches(Dataset):
         return self.images[indices], self.labels[indices], indices
 
 
-def batch_loader(images, labels, batch_size: int, shuffle: bool) -> DataLoader:
+class EpochBatchSampler(Sampler):
+    """Shuffled batches of indices whose order depends only on (seed, epoch), so a resumed run sees
+    the same batches as an uninterrupted one. With several processes, process `rank` of `world_size`
+    takes every world_size-th batch (all take the same number)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning before every training epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        batches = list(order.split(self.batch_size))
+        usable = len(batches) - len(batches) % self.world_size
+        return iter(batches[self.rank : usable : self.world_size])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size) // self.world_size
+
+
+def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     dataset = IndexedBatches(images, labels)
-    base = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-    sampler = BatchSampler(base, batch_size=batch_size, drop_last=False)
+    if shuffle:
+        sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    else:
+        sampler = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
     # batch_size=None: the sampler already yields whole batches.
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
 
@@ -170,12 +195,14 @@ class DermaDataModule(L.LightningDataModule):
     dihedral view per image, and every batch becomes (float images, labels, indices, view ids).
     """
 
-    def __init__(self, splits, batch_size: int, eval_batch_size: int = 1024):
+    def __init__(self, splits, batch_size: int, seed: int = 0, eval_batch_size: int = 1024):
         super().__init__()
-        self.splits, self.batch_size, self.eval_batch_size = splits, batch_size, eval_batch_size
+        self.splits, self.batch_size, self.seed, self.eval_batch_size = splits, batch_size, seed, eval_batch_size
 
     def train_dataloader(self):
-        return batch_loader(*self.splits["train"], self.batch_size, shuffle=True)
+        # Sharded by dermkd's own sampler (the Trainer runs with use_distributed_sampler=False).
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return batch_loader(*self.splits["train"], self.batch_size, shuffle=True, seed=self.seed, rank=rank, world_size=world)
 
     def val_dataloader(self):
         return batch_loader(*self.splits["val"], self.eval_batch_size, shuffle=False)

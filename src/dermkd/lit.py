@@ -19,14 +19,19 @@ from .losses import distillation_loss
 class SupervisedModule(L.LightningModule):
     """Cross-entropy training of one classifier; logs per-epoch train/val loss and accuracy."""
 
-    def __init__(self, model: torch.nn.Module, stage: StageConfig):
+    def __init__(self, model: torch.nn.Module, stage: StageConfig, seed: int = 0):
         super().__init__()
-        self.model, self.stage = model, stage
+        self.model, self.stage, self.seed = model, stage, seed
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def on_train_epoch_start(self):
+        # Augmentation and dropout draw from the global RNG: reseeding per epoch makes every epoch
+        # depend only on (seed, epoch) and the weights, so a resumed run matches an uninterrupted one.
+        torch.manual_seed(self.seed * 100_003 + self.current_epoch + self.global_rank * 7919)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch[1], label_smoothing=self.stage.label_smoothing)
@@ -71,8 +76,8 @@ class DistillModule(SupervisedModule):
     eval mode) on the batch: both give the same numbers.
     """
 
-    def __init__(self, student, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None):
-        super().__init__(student, stage)
+    def __init__(self, student, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None, seed: int = 0):
+        super().__init__(student, stage, seed)
         if (teacher is None) == (teacher_logits_cache is None):
             raise ValueError("give exactly one of teacher and teacher_logits_cache")
         self.kd, self.teacher = kd, teacher

@@ -26,14 +26,15 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from . import __version__
+from . import DermkdError, __version__
 from .cache import teacher_cache
 from .config import Config, StageConfig
 from .data import DermaDataModule, channel_stats, load_dermamnist, subset, to_float
 from .lit import DistillModule, SupervisedModule
 from .metrics import classification_metrics, majority_baseline
-from .models import DermClassifier, count_params, create_model, load_state, save_weights
+from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
 
 MODELS = ("teacher", "student", "distilled")
 
@@ -47,17 +48,30 @@ class Study:
     splits: dict
     mean: list[float]
     std: list[float]
+    resume: bool = False
 
     @classmethod
-    def open(cls, cfg: Config, out: Path) -> "Study":
+    def open(cls, cfg: Config, out: Path, resume: bool = False) -> "Study":
         full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
         mean, std = channel_stats(full["train"][0])  # normalisation comes from the whole train split
         splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         out.mkdir(parents=True, exist_ok=True)
-        study = cls(cfg, out, splits, mean, std)
-        study.write_run_info()
-        study.save_test_samples()
+        study = cls(cfg, out, splits, mean, std, resume)
+        if not (out / "config.yaml").exists():  # the first command into a folder describes the run
+            study.write_run_info()
+        if not (out / "predictions" / "test_samples.npz").exists():
+            study.save_test_samples()
         return study
+
+    def finished(self, name: str) -> bool:
+        """A stage is done when its weights and its results entry are both written."""
+        results = self.out / "results.json"
+        return (self.out / f"{name}.safetensors").exists() and results.exists() and name in json.loads(results.read_text()).get("models", {})
+
+    def claim(self, name: str) -> None:
+        """Refuse to overwrite a finished stage unless resuming (where it is skipped instead)."""
+        if (self.out / f"{name}.safetensors").exists() and not self.resume:
+            raise DermkdError(f"{self.out} already holds {name}.safetensors; choose another --out, or --resume {self.out} to continue that run")
 
     def save_test_samples(self, count: int = 25) -> None:
         """A fixed random set of test images for the report's qualitative grids (same for every model)."""
@@ -116,6 +130,16 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes checkpoints to a temp file and renames it: a kill never leaves a half-written .ckpt."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
 def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -> DermClassifier:
     """Train with Lightning; keep the checkpoint that is best on val accuracy; return its model."""
     cfg = study.cfg.trainer
@@ -137,14 +161,21 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
         precision=cfg.precision,
         logger=CSVLogger(study.out, name=name, version=""),
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         deterministic=True if on_cpu else "warn",  # some CUDA kernels have no deterministic version
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # EpochBatchSampler shards batches itself
         log_every_n_steps=1,
     )
+    last = study.out / name / "checkpoints" / "last.ckpt"
+    resume_from = last if study.resume and last.exists() else None
+    (study.out / name).mkdir(parents=True, exist_ok=True)
+    atomic_write(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=DermaDataModule(study.splits, stage.batch_size))
+    # weights_only: resuming never unpickles arbitrary objects from a checkpoint.
+    trainer.fit(module, datamodule=DermaDataModule(study.splits, stage.batch_size, study.cfg.seed), ckpt_path=resume_from, weights_only=True)
     train_time = time.perf_counter() - start
     # weights_only: a checkpoint is never unpickled into arbitrary objects.
     state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -206,8 +237,9 @@ def _model_order(name: str) -> tuple:
 def train_stage(study: Study, role: str) -> DermClassifier:
     """Train the teacher or the student on labels alone; save and evaluate its best-on-val weights."""
     stage = study.cfg.teacher if role == "teacher" else study.cfg.student
+    study.claim(role)
     study.seed()
-    model = fit(study, role, SupervisedModule(study.new_model(role), stage), stage)
+    model = fit(study, role, SupervisedModule(study.new_model(role), stage, study.cfg.seed), stage)
     save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
     evaluate(study, role, model)
     return model
@@ -216,15 +248,16 @@ def train_stage(study: Study, role: str) -> DermClassifier:
 def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
     kd = study.cfg.kd
+    study.claim("distilled")
     if kd.teacher_mode == "cached":
         images, labels = study.splits["train"]
         logits = teacher_cache(teacher.to(study.device), images, labels, study.out / "cache")
         teacher.cpu()
         study.seed()
-        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher_logits_cache=logits)
+        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher_logits_cache=logits, seed=study.cfg.seed)
     else:
         study.seed()
-        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher=teacher)
+        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher=teacher, seed=study.cfg.seed)
     model = fit(study, "distilled", module, study.cfg.distill)
     save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__, "teacher": teacher.arch})
     evaluate(study, "distilled", model)
@@ -236,9 +269,16 @@ def run(study: Study) -> dict:
     from .report import write_report
 
     start = time.perf_counter()
-    teacher = train_stage(study, "teacher")
-    train_stage(study, "student")
-    distill_stage(study, teacher)
+    for name in MODELS:
+        study.claim(name)  # a fresh run refuses a used folder before doing any work
+    if study.finished("teacher"):  # only when resuming
+        teacher = load_model(study.out / "teacher.safetensors")
+    else:
+        teacher = train_stage(study, "teacher")
+    if not study.finished("student"):
+        train_stage(study, "student")
+    if not study.finished("distilled"):
+        distill_stage(study, teacher)
     path = study.out / "results.json"
     results = json.loads(path.read_text())
     results["wall_time_s"] = round(time.perf_counter() - start, 1)

@@ -1,0 +1,52 @@
+"""A run killed with SIGKILL resumes from its finished stages and last checkpoints, and ends with the
+same results.json as an uninterrupted run (CPU runs are deterministic)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def strip_times(results):
+    results.pop("wall_time_s", None)
+    for entry in results["models"].values():
+        entry.pop("train_time_s", None)
+    return results
+
+
+def dermkd(*args):
+    return [sys.executable, "-m", "dermkd.cli", *map(str, args)]
+
+
+def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, synthetic_root):
+    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--set", "student.epochs=4"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(dermkd("run", *common, "--out", whole), capture_output=True).returncode == 0
+
+    process = subprocess.Popen(dermkd("run", *common, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "student" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "distilled.safetensors").exists(), "the kill came too late to test resuming"
+    assert (killed / "teacher.safetensors").exists() and not (killed / "student.safetensors").exists()
+
+    # A fresh run into the killed folder is refused (nothing overwritten); --resume continues it.
+    refused = subprocess.run(dermkd("run", *common, "--out", killed), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(dermkd("run", "--resume", killed, "--no-progress"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = strip_times(json.loads((whole / "results.json").read_text()))
+    assert strip_times(json.loads((killed / "results.json").read_text())) == expected
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    result = subprocess.run(dermkd("run", "--resume", tmp_path), capture_output=True, text=True)
+    assert result.returncode == 2 and "config.yaml not found" in result.stderr
