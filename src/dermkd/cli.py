@@ -59,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with dermamnist.npz")
     p.add_argument("--split", choices=["val", "test", "both"], default="both")
 
+    p = sub.add_parser("predict", help="classify image files or folders (JPEG/PNG of any size and mode)")
+    p.add_argument("weights", type=Path, help="model weights (.safetensors written by dermkd), e.g. RUN/distilled.safetensors")
+    p.add_argument("paths", type=Path, nargs="+", help="image files and/or folders")
+    p.add_argument("--teacher", type=Path, help="teacher weights: add its prediction beside the student's")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output .csv (default) or .json")
+    p.add_argument("--batch-size", type=int, default=256)
+
+    p = sub.add_parser("export", help="export weights to ONNX and check it against PyTorch on real test images")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
+    p.add_argument("--data-root", help="folder with dermamnist.npz, for the check on test images")
+    p.add_argument("--check-images", type=int, default=512, help="test images to compare on (0: skip the check)")
+
+    p = sub.add_parser("serve", help="a local web page to try the model on an uploaded image")
+    p.add_argument("weights", type=Path, help="e.g. RUN/distilled.safetensors")
+    p.add_argument("--teacher", type=Path, help="teacher weights: show its probabilities too")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+
     p = sub.add_parser("bench", help="speed figures: data path, cached vs online distillation, latency, FLOPs")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per throughput figure")
     p.add_argument("--results", type=Path, default=Path("results/results.json"), help="results.json whose run wall time to report")
@@ -149,6 +168,27 @@ def main(argv=None) -> int:
             from .report import write_report
 
             print(write_report(args.run_dir))
+        elif args.command == "predict":
+            from .inference import predict_files, write_predictions
+
+            rows, errors = predict_files(args.weights, args.paths, args.teacher, args.batch_size)
+            for error in errors:
+                print(f"dermkd: skipped {error}", file=sys.stderr)
+            if rows:
+                write_predictions(rows, args.out)
+                print(f"{len(rows)} predictions written to {args.out}")
+            if errors:
+                if len(errors) == 1 and not rows:
+                    raise DermkdError(errors[0])
+                return 2
+        elif args.command == "serve":
+            from .serve import make_server
+
+            server = make_server(args.weights, args.teacher, args.host, args.port)
+            print(f"serving on http://{args.host}:{server.server_address[1]}/  (Ctrl-C stops)", flush=True)
+            server.serve_forever()
+        elif args.command == "export":
+            print(json.dumps(export_weights(args), indent=2))
         elif args.command == "bench":
             from .bench import format_bench, run_bench
 
@@ -196,12 +236,25 @@ def run_seeds(args) -> int:
     return 0
 
 
+def export_weights(args) -> dict:
+    from .data import load_dermamnist
+    from .inference import data_size, export_onnx
+
+    images = None
+    if args.check_images:
+        images = load_dermamnist(args.data_root, data_size(args.weights))["test"][0][: args.check_images]
+    report = export_onnx(args.weights, args.onnx, images)
+    if images is not None and report["max_abs_diff_probabilities"] >= 1e-4:
+        raise DermkdError(f"ONNX and PyTorch disagree: max abs difference {report['max_abs_diff_probabilities']:.2e} >= 1e-4")
+    return report
+
+
 def evaluate_weights(args) -> dict:
     """Headline metrics of saved weights; the data size comes from the weights' metadata."""
     from .data import load_dermamnist
     from .metrics import classification_metrics
     from .models import load_model, read_metadata
-    from .pipeline import predict_probs
+    from .inference import predict_probs
 
     meta = read_metadata(args.weights)
     model = load_model(args.weights)

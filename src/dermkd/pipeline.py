@@ -31,7 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from . import DermkdError, __version__
 from .cache import teacher_cache
 from .config import Config, StageConfig
-from .data import DermaDataModule, channel_stats, load_dermamnist, subset, to_float
+from .data import DermaDataModule, channel_stats, load_dermamnist, subset
+from .inference import predict_probs
 from .lit import DistillModule, SupervisedModule
 from .metrics import classification_metrics, majority_baseline
 from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
@@ -183,18 +184,6 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
     model.load_state_dict({key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")})
     model.train_time_s = train_time
     return model.eval()
-
-
-@torch.inference_mode()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Softmax probabilities for uint8 NCHW images, in large batches."""
-    device = next(model.parameters()).device
-    model.eval()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = to_float(images[start : start + batch_size].to(device))
-        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
-    return torch.cat(chunks).numpy()
 
 
 def evaluate(study: Study, name: str, model: DermClassifier) -> dict:

@@ -1,0 +1,117 @@
+"""Using trained weights: batched probabilities, `predict` on image files, ONNX export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import DermkdError
+from .data import CLASS_NAMES, to_float
+from .models import load_model, read_metadata
+from .preprocess import collect_images, load_image, to_batch
+
+
+@torch.inference_mode()
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities for uint8 NCHW images, in large batches."""
+    device = next(model.parameters()).device
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = to_float(images[start : start + batch_size].to(device))
+        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
+
+
+def data_size(weights: Path) -> int:
+    """The image size the weights were trained on (their input before any in-model upsampling)."""
+    return int(read_metadata(weights).get("data_size", 28))
+
+
+def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None, batch_size: int = 256,
+                  progress: bool = True) -> tuple[list[dict], list[str]]:
+    """Rows of {file, predicted, prob_<class>...} (and teacher_* columns); plus one error line per unreadable file."""
+    models = {"": load_model(weights)}
+    if teacher:
+        models["teacher_"] = load_model(teacher)
+    size = data_size(weights)
+    if teacher and data_size(teacher) != size:
+        raise DermkdError(f"{teacher} was trained on {data_size(teacher)} px images, {weights} on {size} px")
+    files = collect_images(paths)
+    if not files:
+        raise DermkdError(f"no image files found in {', '.join(map(str, paths))}")
+    rows, errors = [], []
+    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    if progress and len(files) > batch_size:
+        from rich.progress import track
+
+        chunks = track(chunks, description=f"predicting {len(files)} images")
+    for chunk in chunks:
+        arrays, good = [], []
+        for path in chunk:
+            try:
+                arrays.append(load_image(path, size))
+                good.append(path)
+            except DermkdError as exc:
+                errors.append(str(exc))
+        if not arrays:
+            continue
+        batch = to_batch(arrays)
+        chunk_rows = [{"file": str(path)} for path in good]
+        for prefix, model in models.items():
+            for row, probs in zip(chunk_rows, predict_probs(model, batch)):
+                row[f"{prefix}predicted"] = CLASS_NAMES[int(probs.argmax())]
+                row.update({f"{prefix}prob_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
+        rows += chunk_rows
+    return rows, errors
+
+
+def write_predictions(rows: list[dict], out: Path) -> None:
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix.lower() == ".json":
+        tmp.write_text(json.dumps(rows, indent=2))
+    else:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(out)
+
+
+class WithSoftmax(torch.nn.Module):
+    """The exported graph returns probabilities, so every runtime gets the same output as predict."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return torch.softmax(self.model(images), dim=1)
+
+
+def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None) -> dict:
+    """ONNX with a dynamic batch axis; input float RGB [0, 1] NCHW, output 7 probabilities.
+    When `check_images` (uint8 NCHW) are given, compares ONNX Runtime with PyTorch on them."""
+    model = WithSoftmax(load_model(weights).to(memory_format=torch.contiguous_format)).eval()
+    size = data_size(weights)
+    example = torch.rand(2, 3, size, size)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["probabilities"],
+                      dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17)
+    tmp.replace(out)
+    report = {"onnx": str(out), "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]", "classes": CLASS_NAMES}
+    if check_images is not None:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        expected = predict_probs(model.model, check_images)
+        got = session.run(None, {"images": to_float(check_images).contiguous().numpy()})[0]
+        report["checked_images"] = len(check_images)
+        report["max_abs_diff_probabilities"] = float(np.abs(got - expected).max())
+    return report
