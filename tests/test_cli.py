@@ -1,6 +1,7 @@
 """The dermkd command end to end: help, bad arguments, and full quick runs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -118,3 +119,13 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["throughput"]["data_path_img_s"] > 0 and bench["epochs"]["distill_cached_over_student"] > 0
     assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024
+
+
+def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsys):
+    out = tmp_path / "run"
+    args = ["train", "student", "--quick", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress",
+            "--set", "student.lr=1e12", "--set", "student.epochs=3", "--set", "student.schedule=none"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"non-finite loss at epoch \d+, step \d+", err) and err.count("\n") == 1
+    assert not (out / "student.safetensors").exists() and not (out / "results.json").exists()

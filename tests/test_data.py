@@ -122,3 +122,45 @@ def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
     batches = [[b.tolist() for b in s] for s in shards]
     assert len(batches[0]) == len(batches[1]) == len(shards[0]) == 2
     assert not set(sum(batches[0], [])) & set(sum(batches[1], []))
+
+
+def test_constant_images_are_refused_before_they_make_nan():
+    with pytest.raises(DermkdError, match="constant channel"):
+        channel_stats(torch.full((10, 3, 4, 4), 7, dtype=torch.uint8))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    key=st.sampled_from(["train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"]),
+    array=hnp.arrays(
+        dtype=st.sampled_from([np.uint8, np.int64, np.float32, np.float64, np.int8, np.bool_]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, max_side=6),
+    ),
+)
+def test_fuzz_npz_validator(tmp_path_factory, base_arrays, key, array):
+    """Any array in place of any key either loads or raises DermkdError, never anything else."""
+    arrays = dict(base_arrays, **{key: array})
+    path = tmp_path_factory.mktemp("fuzz") / "dermamnist.npz"
+    np.savez(path, **arrays)
+    try:
+        load_npz(path, 28)
+    except DermkdError:
+        pass
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=2048))
+def test_fuzz_npz_random_bytes(data):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "dermamnist.npz"
+        path.write_bytes(data)
+        with pytest.raises(DermkdError):
+            load_npz(path, 28)

@@ -74,7 +74,7 @@ def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
                 f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 (N, {size}, {size}, 3); "
                 "check --size matches the file"
             )
-        if labels.dtype.kind not in "iu" or labels.reshape(len(labels), -1).shape[1] != 1:
+        if labels.dtype.kind not in "iu" or labels.ndim not in (1, 2) or labels.shape[1:] not in ((), (1,)):
             raise DermkdError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, expected integers (N, 1)")
         labels = labels.reshape(-1).astype(np.int64)
         if len(images) != SPLIT_SIZES[split] or len(labels) != SPLIT_SIZES[split]:
@@ -105,7 +105,10 @@ def load_dermamnist(root=None, size: int = 28, download: bool = True) -> dict[st
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units of uint8 NCHW images (computed on the train split)."""
     x = images.to(torch.float64) / 255.0
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    if not (std > 1e-6).all():  # normalising by a zero std would turn every input into NaN
+        raise DermkdError(f"train images have a constant channel (std {std.tolist()}); the data file is broken")
+    return mean.tolist(), std.tolist()
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from . import DermkdError
 from .config import KDConfig, StageConfig
 from .data import NUM_CLASSES
 from .losses import distillation_loss
@@ -39,6 +40,12 @@ class SupervisedModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits = self(batch[0])
         loss = self.training_loss(logits, batch)
+        if not torch.isfinite(loss):
+            # Stop at once: the checkpoints on disk are from the last good epoch and stay as they are.
+            raise DermkdError(
+                f"training diverged: non-finite loss at epoch {self.current_epoch}, step {self.global_step}; "
+                "last good checkpoint kept in checkpoints/last.ckpt; lower the learning rate"
+            )
         self.train_acc(logits, batch[1])
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
