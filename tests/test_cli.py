@@ -129,3 +129,14 @@ def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsy
     err = capsys.readouterr().err
     assert re.search(r"non-finite loss at epoch \d+, step \d+", err) and err.count("\n") == 1
     assert not (out / "student.safetensors").exists() and not (out / "results.json").exists()
+
+
+def test_quick_run_under_ddp_with_two_cpu_processes(tmp_path, real_root):
+    """Lightning's own DDP strategy (gloo on CPU): same results.json shape, close values."""
+    out = tmp_path / "ddp"
+    env = dict(__import__("os").environ, DERMKD_DATA_ROOT=str(real_root))
+    result = dermkd("run", "--quick", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--out", out, "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = check_run_folder(out)
+    for entry in results["models"].values():
+        assert 0.5 < entry["test"]["acc"] < 0.9  # near the majority rate after 2 epochs, as in one process

@@ -45,6 +45,12 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, synthe
 
     expected = strip_times(json.loads((whole / "results.json").read_text()))
     assert strip_times(json.loads((killed / "results.json").read_text())) == expected
+    # The per-epoch curves survive the kill: the resumed epochs log beside the first ones.
+    from dermkd.plots import read_history
+
+    assert list((killed / "student").glob("resume-*/metrics.csv"))
+    assert read_history(killed / "student")["val/acc"] == read_history(whole / "student")["val/acc"]
+    assert len(read_history(killed / "student")["val/acc"]) == 4
 
 
 def test_resume_needs_a_run_folder(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import dihedral, to_float
+from .files import atomic_output
 
 log = logging.getLogger(__name__)
 # Changing augmentation or to_float must change this string, so old caches are not trusted.
@@ -34,7 +35,7 @@ def cache_key(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     return digest.hexdigest()[:16]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the result becomes a module buffer that DDP syncs
 def compute_teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """(N, 8, C) float32 logits of `teacher` for every image under every dihedral view."""
     device = next(teacher.parameters()).device
@@ -65,7 +66,6 @@ def teacher_cache(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.
     log.info("teacher cache: computing %d x %d teacher outputs into %s", len(images), NUM_VIEWS, path)
     logits = compute_teacher_logits(teacher, images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"logits": logits.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        save_file({"logits": logits.contiguous()}, str(tmp))
     return logits

@@ -211,7 +211,8 @@ def main(argv=None) -> int:
                 from .models import load_model
 
                 pipeline.distill_stage(study, load_model(args.teacher))
-            print(_summary(study.out / "results.json"))
+            if pipeline.is_rank_zero():
+                print(_summary(study.out / "results.json"))
     except DermkdError as exc:
         print(f"dermkd: error: {exc}", file=sys.stderr)
         return 2
@@ -225,14 +226,15 @@ def run_seeds(args) -> int:
     """One full run per seed, then a report over all of them."""
     from dataclasses import replace
 
-    from .pipeline import Study, run
+    from .pipeline import Study, is_rank_zero, run
     from .report import write_report
 
     cfg = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     for seed in args.seeds:
         run(Study.open(replace(cfg, seed=seed), out / f"seed{seed}"))
-    print(write_report(out))
+    if is_rank_zero():
+        print(write_report(out))
     return 0
 
 

@@ -11,6 +11,7 @@ import torch
 
 from . import DermkdError
 from .data import CLASS_NAMES, to_float
+from .files import atomic_output
 from .models import load_model, read_metadata
 from .preprocess import collect_images, load_image, to_batch
 
@@ -72,15 +73,14 @@ def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None,
 
 def write_predictions(rows: list[dict], out: Path) -> None:
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix.lower() == ".json":
-        tmp.write_text(json.dumps(rows, indent=2))
-    else:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])
-            writer.writeheader()
-            writer.writerows(rows)
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        if out.suffix.lower() == ".json":
+            tmp.write_text(json.dumps(rows, indent=2))
+        else:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file"])
+                writer.writeheader()
+                writer.writerows(rows)
 
 
 class WithSoftmax(torch.nn.Module):
@@ -101,10 +101,9 @@ def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = No
     size = data_size(weights)
     example = torch.rand(2, 3, size, size)
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["probabilities"],
-                      dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17)
-    tmp.replace(out)
+    with atomic_output(out) as tmp:
+        torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17)
     report = {"onnx": str(out), "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]", "classes": CLASS_NAMES}
     if check_images is not None:
         import onnxruntime

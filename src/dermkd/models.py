@@ -21,6 +21,7 @@ from torch import nn
 
 from . import DermkdError, __version__
 from .data import CLASS_NAMES, NUM_CLASSES
+from .files import atomic_output
 
 ROLES = {"teacher": "efficientnet_b0", "student": "squeezenet1_1"}
 # channels_last speeds up these families (measured on 2 CPU cores, a training step at batch 128:
@@ -83,10 +84,8 @@ def save_weights(model: DermClassifier, path: Path, extra: dict | None = None) -
     """safetensors state dict; metadata (arch, classes, normalisation, ...) as JSON in the header."""
     meta = {**model.metadata(), **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata={"dermkd": json.dumps(meta)})
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written weights file
+    with atomic_output(path) as tmp:  # a killed run never leaves a half-written weights file
+        save_file(state, str(tmp), metadata={"dermkd": json.dumps(meta)})
 
 
 def read_metadata(path: Path) -> dict:

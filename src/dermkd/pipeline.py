@@ -27,11 +27,13 @@ import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from . import DermkdError, __version__
 from .cache import teacher_cache
 from .config import Config, StageConfig
 from .data import DermaDataModule, channel_stats, load_dermamnist, subset
+from .files import atomic_output, atomic_write_text
 from .inference import predict_probs
 from .lit import DistillModule, SupervisedModule
 from .metrics import classification_metrics, majority_baseline
@@ -58,9 +60,9 @@ class Study:
         splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         out.mkdir(parents=True, exist_ok=True)
         study = cls(cfg, out, splits, mean, std, resume)
-        if not (out / "config.yaml").exists():  # the first command into a folder describes the run
+        if is_rank_zero() and not (out / "config.yaml").exists():  # the first command into a folder describes the run
             study.write_run_info()
-        if not (out / "predictions" / "test_samples.npz").exists():
+        if is_rank_zero() and not (out / "predictions" / "test_samples.npz").exists():
             study.save_test_samples()
         return study
 
@@ -80,12 +82,11 @@ class Study:
         indices = np.sort(np.random.default_rng(0).choice(len(images), size=min(count, len(images)), replace=False))
         folder = self.out / "predictions"
         folder.mkdir(exist_ok=True)
-        tmp = folder / "test_samples.tmp.npz"
-        np.savez(tmp, indices=indices, images=images[indices].permute(0, 2, 3, 1).numpy())
-        tmp.replace(folder / "test_samples.npz")
+        with atomic_output(folder / "test_samples.npz") as tmp:
+            np.savez(tmp, indices=indices, images=images[indices].permute(0, 2, 3, 1).numpy())
 
     def write_run_info(self) -> None:
-        atomic_write(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         packages = ["torch", "torchvision", "lightning", "torchmetrics", "medmnist", "numpy", "scikit-learn"]
         info = {
             "seed": self.cfg.seed,
@@ -97,7 +98,7 @@ class Study:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "packages": {name: version(name) for name in packages},
         }
-        atomic_write(self.out / "run_info.json", json.dumps(info, indent=2))
+        atomic_write_text(self.out / "run_info.json", json.dumps(info, indent=2))
 
     @property
     def device(self) -> str:
@@ -116,6 +117,11 @@ class Study:
         return model
 
 
+def is_rank_zero() -> bool:
+    """Under DDP every process runs the same command; only global rank 0 writes results and reports."""
+    return rank_zero_only.rank == 0
+
+
 def git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
@@ -125,25 +131,22 @@ def git_commit() -> str | None:
         return None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes checkpoints to a temp file and renames it: a kill never leaves a half-written .ckpt."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -> DermClassifier:
     """Train with Lightning; keep the checkpoint that is best on val accuracy; return its model."""
     cfg = study.cfg.trainer
+    last = study.out / name / "checkpoints" / "last.ckpt"
+    resume_from = last if study.resume and last.exists() else None
+    # Lightning's CSVLogger deletes an existing metrics.csv: a resumed stage logs into resume-<n>/
+    # beside it, and the report merges them by epoch.
+    log_version = f"resume-{len(list((study.out / name).glob('resume-*'))) + 1}" if resume_from else ""
     checkpoint = ModelCheckpoint(
         dirpath=study.out / name / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
     )
@@ -160,7 +163,7 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
         strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
         precision=cfg.precision,
-        logger=CSVLogger(study.out, name=name, version=""),
+        logger=CSVLogger(study.out, name=name, version=log_version),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         deterministic=True if on_cpu else "warn",  # some CUDA kernels have no deterministic version
@@ -170,14 +173,11 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
         use_distributed_sampler=False,  # EpochBatchSampler shards batches itself
         log_every_n_steps=1,
     )
-    last = study.out / name / "checkpoints" / "last.ckpt"
-    resume_from = last if study.resume and last.exists() else None
-    (study.out / name).mkdir(parents=True, exist_ok=True)
-    atomic_write(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
     start = time.perf_counter()
     # weights_only: resuming never unpickles arbitrary objects from a checkpoint.
     trainer.fit(module, datamodule=DermaDataModule(study.splits, stage.batch_size, study.cfg.seed), ckpt_path=resume_from, weights_only=True)
     train_time = time.perf_counter() - start
+    atomic_write_text(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
     # weights_only: a checkpoint is never unpickled into arbitrary objects.
     state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     model = module.model.cpu()
@@ -198,9 +198,8 @@ def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
         probs = predict_probs(model, images)
         arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), labels.numpy()
         entry[split] = classification_metrics(probs, labels.numpy())
-    tmp = study.out / "predictions" / f"{name}.tmp.npz"
-    np.savez(tmp, **arrays)
-    tmp.replace(study.out / "predictions" / f"{name}.npz")
+    with atomic_output(study.out / "predictions" / f"{name}.npz") as tmp:
+        np.savez(tmp, **arrays)
     record_result(study, name, entry)
     model.cpu()
     return entry
@@ -216,7 +215,7 @@ def record_result(study: Study, name: str, entry: dict) -> None:
     }
     results.setdefault("models", {})[name] = entry
     results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}
-    atomic_write(path, json.dumps(results, indent=2))
+    atomic_write_text(path, json.dumps(results, indent=2))
 
 
 def _model_order(name: str) -> tuple:
@@ -229,6 +228,8 @@ def train_stage(study: Study, role: str) -> DermClassifier:
     study.claim(role)
     study.seed()
     model = fit(study, role, SupervisedModule(study.new_model(role), stage, study.cfg.seed), stage)
+    if not is_rank_zero():
+        return model
     save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
     evaluate(study, role, model)
     return model
@@ -248,6 +249,8 @@ def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
         study.seed()
         module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher=teacher, seed=study.cfg.seed)
     model = fit(study, "distilled", module, study.cfg.distill)
+    if not is_rank_zero():
+        return model
     save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__, "teacher": teacher.arch})
     evaluate(study, "distilled", model)
     return model
@@ -268,9 +271,11 @@ def run(study: Study) -> dict:
         train_stage(study, "student")
     if not study.finished("distilled"):
         distill_stage(study, teacher)
+    if not is_rank_zero():
+        return {}
     path = study.out / "results.json"
     results = json.loads(path.read_text())
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
-    atomic_write(path, json.dumps(results, indent=2))
+    atomic_write_text(path, json.dumps(results, indent=2))
     write_report(study.out)
     return results

@@ -20,14 +20,19 @@ COLORS = {"teacher": "tab:blue", "student": "tab:orange", "distilled": "tab:gree
 LABELS = {"teacher": "Teacher", "student": "Student (alone)", "distilled": "Student (distilled)"}
 
 
-def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """metrics.csv of Lightning's CSVLogger -> {metric: [(epoch, value), ...]} (one value per epoch)."""
+def read_history(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A stage's metrics.csv (Lightning's CSVLogger), plus resume-<n>/metrics.csv of resumed runs, later
+    ones winning for the same epoch -> {metric: [(epoch, value), ...]}."""
     history: dict[str, dict[int, float]] = {}
-    with open(path) as handle:
-        for row in csv.DictReader(handle):
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None):
-                    history.setdefault(key, {})[int(row["epoch"])] = float(value)
+    resumed = sorted(stage_dir.glob("resume-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1]))
+    for path in [stage_dir / "metrics.csv", *resumed]:
+        if not path.exists():
+            continue
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                for key, value in row.items():
+                    if key not in ("epoch", "step") and value not in ("", None):
+                        history.setdefault(key, {})[int(row["epoch"])] = float(value)
     return {key: sorted(values.items()) for key, values in history.items()}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from . import DermkdError
 from . import plots
 from .data import CLASS_NAMES
+from .files import atomic_write_text
 from .plots import LABELS
 
 MELANOMA = CLASS_NAMES.index("melanoma")
@@ -109,7 +110,7 @@ def make_figures(run: Path, result: dict, figures: Path) -> list[tuple[str, str]
     figures.mkdir(exist_ok=True)
     names = list(result["models"])
     drawn = []
-    histories = {n: plots.read_history(run / n / "metrics.csv") for n in names if (run / n / "metrics.csv").exists()}
+    histories = {n: plots.read_history(run / n) for n in names if (run / n / "metrics.csv").exists()}
     for name, history in histories.items():
         for path in plots.curves(history, name, figures):
             drawn.append((path, f"{LABELS.get(name, name)}: train/val {path.stem.split('_')[-1]} per epoch"))
@@ -177,12 +178,6 @@ def render_html(blocks, title: str) -> str:
             f"</head><body>{''.join(body)}</body></html>\n")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     runs = seed_runs(run_dir)
@@ -220,11 +215,11 @@ def write_report(run_dir: Path) -> Path:
                   "models": {name: {key: ({m: dict(zip(("mean", "std", "values"), stat)) for m, stat in value.items()}
                                           if key in ("val", "test") else value) for key, value in entry.items()}
                              for name, entry in summary.items()}}
-        _write(run_dir / "results.json", json.dumps(record, indent=2))
-    _write(run_dir / "report.md", render_markdown(blocks))
-    _write(run_dir / "report.html", render_html(blocks, title))
+        atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
+    atomic_write_text(run_dir / "report.md", render_markdown(blocks))
+    atomic_write_text(run_dir / "report.html", render_html(blocks, title))
     if "distilled" in summary:
         from .card import model_card
 
-        _write(run_dir / "MODEL_CARD.md", model_card(summary, first, len(seeds)))
+        atomic_write_text(run_dir / "MODEL_CARD.md", model_card(summary, first, len(seeds)))
     return run_dir / "report.md"
