@@ -31,6 +31,7 @@ def test_yaml_and_overrides(tmp_path):
         ("teacher.lrate=1", "unknown key teacher.lrate"),
         ("distill.lr=fast", "distill.lr must be a number"),
         ("teacher.optimizer=lion", "teacher.optimizer must be one of"),
+        ("kd.options={gamma: 2}", "not accepted by hinton"),
     ],
 )
 def test_bad_values_are_named(override, message):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dermkd.losses import KD_LOSSES, distillation_loss, get_kd_loss, hinton
+from dermkd.losses import KD_LOSSES, distillation_loss, dist, dkd, get_kd_loss, hinton, standardize
 from dermkd import DermkdError
 
 # Two samples, 3 classes, T = 2, alpha = 0.7. Computed by hand with math.exp/math.log:
@@ -18,7 +18,7 @@ LABELS = torch.tensor([0, 2])
 
 def test_hinton_matches_hand_computed_value():
     expected_kd = 4 * (0.2205144151612286 + 0.2681956364930115) / 2  # T^2 * batch-mean KL
-    assert hinton(STUDENT, TEACHER, 2.0).item() == pytest.approx(expected_kd, rel=1e-6)
+    assert hinton(STUDENT, TEACHER, LABELS, 2.0).item() == pytest.approx(expected_kd, rel=1e-6)
 
 
 def test_distillation_loss_combines_kd_and_ce():
@@ -40,7 +40,7 @@ def test_t_squared_keeps_gradient_scale():
     norms = []
     for temperature in (4.0, 8.0, 16.0):
         student = zs.clone().requires_grad_(True)
-        hinton(student, zt, temperature).backward()
+        hinton(student, zt, None, temperature).backward()
         expected = temperature * (torch.softmax(zs / temperature, 1) - torch.softmax(zt / temperature, 1)) / 4
         torch.testing.assert_close(student.grad, expected)
         norms.append(student.grad.norm().item())
@@ -48,7 +48,7 @@ def test_t_squared_keeps_gradient_scale():
 
 
 def test_hinton_is_zero_when_student_equals_teacher():
-    assert hinton(TEACHER, TEACHER, 4.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert hinton(TEACHER, TEACHER, LABELS, 4.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(KD_LOSSES))
@@ -73,3 +73,29 @@ def test_hand_values_are_self_consistent():
 
     ps, pt = softmax([1, 2, 0], 2), softmax([2, 0, 1], 2)
     assert sum(a * math.log(a / b) for a, b in zip(pt, ps)) == pytest.approx(0.2205144151612286)
+
+
+def test_dkd_matches_hand_computed_value():
+    # Per sample (T = 2), by hand: TCKD 0.08584589337649598 / 0.24699010663522997,
+    # NCKD 0.27287370014089807 / 0.06872382555495468; kd = T^2 * mean(TCKD + 8 NCKD).
+    assert dkd(STUDENT, TEACHER, LABELS, 2.0).item() == pytest.approx(6.131232411157096, rel=1e-5)
+    tckd_only = 4 * (0.08584589337649598 + 0.24699010663522997) / 2
+    assert dkd(STUDENT, TEACHER, LABELS, 2.0, beta=0.0).item() == pytest.approx(tckd_only, rel=1e-5)
+
+
+def test_dist_matches_hand_computed_value():
+    # inter = mean over samples of 1 - pearson = 1.2035683218839401; intra (2 samples per class,
+    # so each correlation is +-1) = 0.6666666666666666; kd = T^2 * (inter + intra).
+    assert dist(STUDENT, TEACHER, LABELS, 2.0).item() == pytest.approx(7.480939954202427, rel=1e-5)
+
+
+def test_logit_standardisation():
+    z = standardize(STUDENT)
+    torch.testing.assert_close(z.mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(1), torch.ones(2))
+    # Hinton on standardised logits (T = 2), by hand: 0.7125075419162514
+    loss = distillation_loss(STUDENT, TEACHER, LABELS, "hinton", 2.0, alpha=1.0, standardize_logits=True)
+    assert loss.item() == pytest.approx(0.7125075419162514, rel=1e-5)
+    # invariant to shifting and scaling the teacher's logits
+    again = distillation_loss(STUDENT, 3 * TEACHER + 5, LABELS, "hinton", 2.0, alpha=1.0, standardize_logits=True)
+    assert again.item() == pytest.approx(loss.item(), rel=1e-5)

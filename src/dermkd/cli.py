@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="local safetensors state dict to start the student from")
     _common(p)
 
+    p = sub.add_parser("sweep", help="ablation grid of KD settings on val; the chosen one is tested once")
+    p.add_argument("sweep_config", type=Path, help="YAML config with a sweep: section (see configs/sweep.yaml)")
+    _common(p)
+
     p = sub.add_parser("evaluate", help="evaluate saved weights on val and test")
     p.add_argument("weights", type=Path, help="a .safetensors file written by dermkd")
     p.add_argument("--data-root", help="folder with dermamnist.npz")
@@ -89,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args):
+    return load_config(args.config, resolve_overrides(args))
+
+
+def resolve_overrides(args) -> list[dict]:
+    """Command-line flags and --set, as config overrides (applied after the config file)."""
     overrides = []
     if args.quick:
         overrides.append(QUICK)
@@ -113,7 +122,7 @@ def resolve_config(args):
                 update = {key: update}
             overrides.append(update)
     overrides += [parse_override(text) for text in args.set]
-    return load_config(args.config, overrides)
+    return overrides
 
 
 def _devices(text):
@@ -168,6 +177,14 @@ def main(argv=None) -> int:
             from .report import write_report
 
             print(write_report(args.run_dir))
+        elif args.command == "sweep":
+            from .sweep import run_sweep
+
+            out = args.out or Path("runs") / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
+            args.config = None
+            overrides = resolve_overrides(args)
+            record = run_sweep(args.sweep_config, out, overrides)
+            print((out / "sweep.md").read_text())
         elif args.command == "predict":
             from .inference import predict_files, write_predictions
 

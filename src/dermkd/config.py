@@ -52,6 +52,8 @@ class KDConfig:
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
     teacher_mode: str = "cached"  # cached: teacher logits computed once per view; online: every step
+    standardize: bool = False  # logit standardisation (Sun et al. 2024) before the KD term
+    options: dict = field(default_factory=dict)  # method-specific, e.g. {beta: 8.0} for dkd
 
 
 @dataclass
@@ -99,6 +101,13 @@ class Config:
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
         check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")
+        check(isinstance(self.kd.options, dict), "kd.options", "must be a mapping, e.g. {beta: 8.0}")
+        if self.kd.method in KD_LOSSES:
+            import inspect
+
+            accepted = list(inspect.signature(KD_LOSSES[self.kd.method]).parameters)[4:]
+            unknown = sorted(set(self.kd.options) - set(accepted))
+            check(not unknown, "kd.options", f"{unknown} not accepted by {self.kd.method} (accepts {accepted})")
         check(self.kd.teacher_mode in ("cached", "online"), "kd.teacher_mode", "must be cached or online")
         check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
         for name in ("teacher_model", "student_model"):

@@ -30,9 +30,14 @@ class SupervisedModule(L.LightningModule):
         return self.model(images)
 
     def on_train_epoch_start(self):
-        # Augmentation and dropout draw from the global RNG: reseeding per epoch makes every epoch
-        # depend only on (seed, epoch) and the weights, so a resumed run matches an uninterrupted one.
+        # Every epoch depends only on (seed, epoch) and the weights, so a resumed run matches an
+        # uninterrupted one: augmentation and dropout draw from the reseeded global RNG, and the batch
+        # order is set from current_epoch (Lightning's own set_epoch count can lag by one after a
+        # restore from a checkpoint written at the end of validation).
         torch.manual_seed(self.seed * 100_003 + self.current_epoch + self.global_rank * 7919)
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.current_epoch)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch[1], label_smoothing=self.stage.label_smoothing)
@@ -108,4 +113,5 @@ class DistillModule(SupervisedModule):
 
     def training_loss(self, logits, batch) -> torch.Tensor:
         kd = self.kd
-        return distillation_loss(logits, self.teacher_logits(batch), batch[1], kd.method, kd.temperature, kd.alpha)
+        return distillation_loss(logits, self.teacher_logits(batch), batch[1], kd.method, kd.temperature, kd.alpha,
+                                 kd.standardize, kd.options)

@@ -52,14 +52,15 @@ class Study:
     mean: list[float]
     std: list[float]
     resume: bool = False
+    eval_splits: tuple = ("val", "test")  # a sweep evaluates on val only; test is for the chosen config
 
     @classmethod
-    def open(cls, cfg: Config, out: Path, resume: bool = False) -> "Study":
+    def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test")) -> "Study":
         full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
         mean, std = channel_stats(full["train"][0])  # normalisation comes from the whole train split
         splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         out.mkdir(parents=True, exist_ok=True)
-        study = cls(cfg, out, splits, mean, std, resume)
+        study = cls(cfg, out, splits, mean, std, resume, eval_splits)
         if is_rank_zero() and not (out / "config.yaml").exists():  # the first command into a folder describes the run
             study.write_run_info()
         if is_rank_zero() and not (out / "predictions" / "test_samples.npz").exists():
@@ -187,13 +188,13 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
 
 
 def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
-    """Evaluate kept weights once on val and test, save predictions, record them in results.json."""
+    """Evaluate kept weights once on val and test (`study.eval_splits`), save predictions, record them."""
     model = model.to(study.device)
     entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
     if hasattr(model, "train_time_s"):
         entry["train_time_s"] = round(model.train_time_s, 1)
     arrays = {}
-    for split in ("val", "test"):
+    for split in study.eval_splits:
         images, labels = study.splits[split]
         probs = predict_probs(model, images)
         arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), labels.numpy()
@@ -211,7 +212,7 @@ def record_result(study: Study, name: str, entry: dict) -> None:
     train_labels = study.splits["train"][1].numpy()
     results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
     results["baselines"] = {
-        "majority": {split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in ("val", "test")}
+        "majority": {split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits}
     }
     results.setdefault("models", {})[name] = entry
     results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}

@@ -1,0 +1,124 @@
+"""`dermkd sweep CONFIG`: an ablation grid of distillation settings, chosen on val, tested once.
+
+The config file is a normal dermkd config plus a `sweep:` section:
+
+    sweep:
+      teacher: runs/full/teacher.safetensors   # optional; otherwise one teacher is trained (val-only)
+      seeds: [0, 1, 2]
+      grid:
+        kd.method: [hinton, dkd, dist]
+        kd.temperature: [2, 4]
+        student_model.input_size: [null, 64]
+
+Every grid point is distilled once per seed and evaluated on **val only**; the table shows mean ±
+std over seeds. The point with the best mean val accuracy is then evaluated on test, once per
+seed. Nothing else ever sees the test split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import DermkdError
+from .config import config_from_dict, load_config, merge, parse_override
+from .files import atomic_write_text
+from .metrics import classification_metrics
+from .models import load_model
+
+
+def read_sweep(path: Path) -> tuple[dict, dict]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise DermkdError(f"sweep config {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise DermkdError(f"sweep config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    spec = raw.pop("sweep", None) if isinstance(raw, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
+        raise DermkdError(f"{path} needs a `sweep:` section with a non-empty `grid:` of key: [values]")
+    for key, values in spec["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise DermkdError(f"sweep grid {key} must be a non-empty list of values")
+    return raw, spec
+
+
+def point_name(point: dict) -> str:
+    return ",".join(f"{key}={value}" for key, value in point.items()).replace("/", "_")
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+
+
+def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict:
+    from .pipeline import Study, distill_stage, train_stage
+
+    base, spec = read_sweep(config_path)
+    seeds = spec.get("seeds", [0])
+    grid = spec["grid"]
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    configs = {}
+    for point in points:  # validate every point before training anything
+        overrides = [parse_override(f"{key}={json.dumps(value)}") for key, value in point.items()]
+        configs[point_name(point)] = load_config(None, [base, *extra_overrides, *overrides])
+
+    first_cfg = next(iter(configs.values()))
+    if spec.get("teacher"):
+        teacher = load_model(Path(spec["teacher"]))
+    else:
+        teacher_study = Study.open(config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]})), out / "teacher", eval_splits=("val",))
+        teacher = train_stage(teacher_study, "teacher")
+
+    rows = {}
+    for name, cfg in configs.items():
+        metrics = []
+        for seed in seeds:
+            study = Study.open(config_from_dict(merge(cfg.to_dict(), {"seed": seed})), out / name / f"seed{seed}", eval_splits=("val",))
+            study.resume = True  # a rerun of the sweep skips points already distilled
+            if not study.finished("distilled"):
+                distill_stage(study, teacher)
+            metrics.append(json.loads((study.out / "results.json").read_text())["models"]["distilled"]["val"])
+        rows[name] = {key: _stats([m[key] for m in metrics]) for key in ("acc", "auc", "balanced_acc", "macro_f1")}
+
+    best = max(rows, key=lambda name: rows[name]["acc"]["mean"])
+    tests = []
+    for seed in seeds:  # the test split, once per seed, for the chosen point only
+        study = Study.open(configs[best], out / best / f"seed{seed}", eval_splits=("val",))
+        images, labels = study.splits["test"]
+        from .inference import predict_probs
+
+        model = load_model(study.out / "distilled.safetensors")
+        tests.append(classification_metrics(predict_probs(model, images), labels.numpy()))
+    chosen_test = {key: _stats([m[key] for m in tests]) for key in ("acc", "auc", "balanced_acc", "macro_f1")}
+    record = {"grid": grid, "seeds": seeds, "val": rows, "chosen": best, "chosen_test": chosen_test}
+    atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
+    atomic_write_text(out / "sweep.md", sweep_markdown(record))
+    return record
+
+
+def _pm(stat: dict, pct: bool = True) -> str:
+    scale, unit = (100, "%") if pct else (1, "")
+    return f"{stat['mean'] * scale:.2f} ± {stat['std'] * scale:.2f}{unit}"
+
+
+def sweep_markdown(record: dict) -> str:
+    lines = [
+        "# dermkd sweep (distilled student, val split)",
+        "",
+        f"Mean ± std over seeds {record['seeds']}; the teacher is fixed. Chosen on val accuracy: **{record['chosen']}**.",
+        "",
+        "| Setting | Val accuracy | Val AUC | Val balanced acc | Val macro F1 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, row in sorted(record["val"].items(), key=lambda kv: -kv[1]["acc"]["mean"]):
+        mark = " (chosen)" if name == record["chosen"] else ""
+        lines.append(f"| {name}{mark} | {_pm(row['acc'])} | {_pm(row['auc'], False)} | {_pm(row['balanced_acc'])} | {_pm(row['macro_f1'], False)} |")
+    t = record["chosen_test"]
+    lines += ["", f"Test, chosen setting only: accuracy {_pm(t['acc'])}, AUC {_pm(t['auc'], False)}, "
+              f"balanced accuracy {_pm(t['balanced_acc'])}, macro F1 {_pm(t['macro_f1'], False)}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""dermkd sweep: grid on val, the chosen point tested once."""
+
+import json
+
+from dermkd.cli import main
+
+
+def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        "data: {train_subset: 256, val_subset: 128}\n"
+        "teacher_model: {arch: resnet18}\n"
+        "teacher: {epochs: 1}\ndistill: {epochs: 1}\n"
+        "sweep:\n  seeds: [0, 1]\n  grid:\n    kd.method: [hinton, dist]\n    kd.temperature: [2.0]\n"
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert set(record["val"]) == {"kd.method=hinton,kd.temperature=2.0", "kd.method=dist,kd.temperature=2.0"}
+    assert record["chosen"] == max(record["val"], key=lambda k: record["val"][k]["acc"]["mean"])
+    assert len(record["chosen_test"]["acc"]["values"]) == 2
+    # grid points only ever saw val: no test metrics in their results
+    for point in record["val"]:
+        results = json.loads((out / point / "seed0" / "results.json").read_text())
+        assert "test" not in results["models"]["distilled"]
+    assert "(chosen)" in (out / "sweep.md").read_text()
+
+
+def test_sweep_needs_a_grid(tmp_path, capsys):
+    config = tmp_path / "s.yaml"
+    config.write_text("seed: 1\n")
+    assert main(["sweep", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "sweep:" in capsys.readouterr().err
