@@ -94,13 +94,15 @@ def test_quick_run_on_real_data(tmp_path, real_root):
     assert results["baselines"]["majority"]["test"]["acc"] == pytest.approx(0.6688, abs=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["three-classes", "garbage"])
+@pytest.mark.parametrize("kind", ["three-classes", "garbage", "other-architecture"])
 def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
     from dermkd.models import DermClassifier, save_weights
 
     path = tmp_path / "teacher.safetensors"
     if kind == "three-classes":
-        save_weights(DermClassifier("resnet18", [0.5] * 3, [0.2] * 3, num_classes=3), path)
+        save_weights(DermClassifier("efficientnet_b0", [0.5] * 3, [0.2] * 3, num_classes=3), path)
+    elif kind == "other-architecture":
+        save_weights(DermClassifier("squeezenet1_1", [0.5] * 3, [0.2] * 3), path)
     else:
         path.write_bytes(b"\x00" * 64)
     args = ["distill", "--teacher", str(path), "--quick", "--data-root", str(synthetic_root), "--out", str(tmp_path / "o")]
@@ -109,6 +111,8 @@ def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
     assert "teacher.safetensors" in err and err.count("\n") == 1
     if kind == "three-classes":
         assert "has 3 classes" in err
+    if kind == "other-architecture":
+        assert "holds a squeezenet1_1, expected efficientnet_b0" in err
 
 
 def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
@@ -119,6 +123,7 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["throughput"]["data_path_img_s"] > 0 and bench["epochs"]["distill_cached_over_student"] > 0
     assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024
+    assert bench["models"]["teacher"]["onnx_latency_ms_batch256"] > 0
 
 
 def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsys):

@@ -74,6 +74,13 @@ def test_validation_errors(tmp_path, base_arrays, change, message):
         load_npz(write(tmp_path, arrays) / "dermamnist.npz", 28)
 
 
+def test_truncated_npz(tmp_path, synthetic_root):
+    data = (synthetic_root / "dermamnist.npz").read_bytes()
+    (tmp_path / "dermamnist.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DermkdError, match="not a readable npz"):
+        load_dermamnist(tmp_path)
+
+
 def test_not_a_zip(tmp_path):
     (tmp_path / "dermamnist.npz").write_bytes(b"this is not an npz")
     with pytest.raises(DermkdError, match="not a readable npz"):

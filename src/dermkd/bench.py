@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,6 +24,7 @@ from .cache import teacher_cache
 from .config import Config
 from .data import DermaDataModule, batch_loader, channel_stats, load_dermamnist, random_dihedral, subset, to_float
 from .lit import DistillModule, SupervisedModule
+from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
 
 
@@ -103,7 +105,25 @@ def latency_ms(model, size: int, batch: int, repeats: int) -> float:
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-def model_figures(cfg: Config, mean, std, size: int) -> dict:
+def onnx_latency_ms(model, size: int, folder: Path) -> dict:
+    """ONNX Runtime (CPU provider) latency of the exported model at batch 1 and 256."""
+    import onnxruntime
+
+    path = folder / f"{model.arch}.onnx"
+    write_onnx(WithSoftmax(model.to(memory_format=torch.contiguous_format)), size, path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = {}
+    for batch, repeats in ((1, 30), (256, 3)):
+        x = np.random.rand(batch, 3, size, size).astype(np.float32)
+        session.run(None, {"images": x})
+        start = time.perf_counter()
+        for _ in range(repeats):
+            session.run(None, {"images": x})
+        out[f"onnx_latency_ms_batch{batch}"] = round(1000 * (time.perf_counter() - start) / repeats, 2)
+    return out
+
+
+def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
     out = {}
     for role, spec in (("teacher", cfg.teacher_model), ("student", cfg.student_model)):
         model = create_model(spec.arch, mean, std, spec.input_size).eval()
@@ -113,7 +133,8 @@ def model_figures(cfg: Config, mean, std, size: int) -> dict:
         out[role] = {"arch": model.arch, "input_size": spec.input_size or size, "params": count_params(model),
                      "flops_per_image": counter.get_total_flops(),
                      "latency_ms_batch1": round(latency_ms(model, size, 1, 30), 2),
-                     "latency_ms_batch256": round(latency_ms(model, size, 256, 3), 1)}
+                     "latency_ms_batch256": round(latency_ms(model, size, 256, 3), 1),
+                     **onnx_latency_ms(model, size, folder)}
     return out
 
 
@@ -127,7 +148,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
         "train_images": len(splits["train"][1]),
         "throughput": throughput(cfg, splits, mean, std, steps),
         "epochs": epochs(cfg, splits, mean, std, out / "cache"),
-        "models": model_figures(cfg, mean, std, cfg.data.size),
+        "models": model_figures(cfg, mean, std, cfg.data.size, out),
     }
     if results_json and results_json.exists():
         report["run_wall_time_s"] = json.loads(results_json.read_text()).get("wall_time_s")
@@ -147,11 +168,11 @@ def format_bench(report: dict) -> str:
         f"  distill, cached     {e['distill_cached_epoch_s']:10.2f}   / student {e['distill_cached_over_student']:.3f}",
         f"  distill, online     {e['distill_online_epoch_s']:10.2f}   / student {e['distill_online_over_student']:.3f}",
         f"  teacher cache build {e['teacher_cache_build_s']:10.2f}   (once per teacher)",
-        "inference            params     MFLOPs/img  ms@1     ms@256",
+        "inference (CPU)                     params  MFLOPs/img  torch ms@1  ms@256  onnxruntime ms@1  ms@256",
     ]
     for role, m in report["models"].items():
-        lines.append(f"  {role:8s} {m['arch']:16s} {m['params'] / 1e6:5.2f}M  {m['flops_per_image'] / 1e6:9.1f}  "
-                     f"{m['latency_ms_batch1']:7.2f}  {m['latency_ms_batch256']:8.1f}")
+        lines.append(f"  {role:8s} {m['arch']:16s} {m['input_size']:3d}px {m['params'] / 1e6:5.2f}M  {m['flops_per_image'] / 1e6:9.1f}  "
+                     f"{m['latency_ms_batch1']:10.2f}  {m['latency_ms_batch256']:6.1f}  {m['onnx_latency_ms_batch1']:16.2f}  {m['onnx_latency_ms_batch256']:6.1f}")
     if report.get("run_wall_time_s"):
         lines.append(f"dermkd run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
     return "\n".join(lines)

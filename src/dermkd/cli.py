@@ -227,7 +227,8 @@ def main(argv=None) -> int:
             else:
                 from .models import load_model
 
-                pipeline.distill_stage(study, load_model(args.teacher))
+                # The teacher file must hold the configured teacher (teacher_model.arch; --set it for another).
+                pipeline.distill_stage(study, load_model(args.teacher, expect_arch=study.cfg.teacher_model.arch))
             if pipeline.is_rank_zero():
                 print(_summary(study.out / "results.json"))
     except DermkdError as exc:

@@ -94,16 +94,21 @@ class WithSoftmax(torch.nn.Module):
         return torch.softmax(self.model(images), dim=1)
 
 
+def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
+    """The legacy (TorchScript) exporter: it needs no onnxscript and handles these CNNs exactly."""
+    with atomic_output(out) as tmp:
+        torch.onnx.export(model, (torch.rand(2, 3, size, size),), str(tmp), dynamo=False, input_names=["images"],
+                          output_names=["probabilities"], dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=17)
+
+
 def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None) -> dict:
     """ONNX with a dynamic batch axis; input float RGB [0, 1] NCHW, output 7 probabilities.
     When `check_images` (uint8 NCHW) are given, compares ONNX Runtime with PyTorch on them."""
     model = WithSoftmax(load_model(weights).to(memory_format=torch.contiguous_format)).eval()
     size = data_size(weights)
-    example = torch.rand(2, 3, size, size)
     out = Path(out)
-    with atomic_output(out) as tmp:
-        torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["probabilities"],
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17)
+    write_onnx(model, size, out)
     report = {"onnx": str(out), "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]", "classes": CLASS_NAMES}
     if check_images is not None:
         import onnxruntime
