@@ -23,7 +23,8 @@ def dermkd(*args):
 
 
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, synthetic_root):
-    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--set", "student.epochs=4"]
+    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--set", "student.epochs=4",
+              "--set", "data.train_subset=384", "--set", "data.val_subset=128"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert subprocess.run(dermkd("run", *common, "--out", whole), capture_output=True).returncode == 0
 
