@@ -37,6 +37,7 @@ class StageConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # EMA of weights (Lightning's EMAWeightAveraging); None: off
+    gradient_clip: float | None = None  # clip the gradient norm (Lightning's gradient_clip_val); None: off
 
 
 @dataclass
@@ -75,8 +76,10 @@ class Config:
     teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig("teacher", input_size=64))
     student_model: ModelConfig = field(default_factory=lambda: ModelConfig("student", input_size=64))
     teacher: StageConfig = field(default_factory=lambda: StageConfig(epochs=22))
-    student: StageConfig = field(default_factory=lambda: StageConfig(epochs=25))
-    distill: StageConfig = field(default_factory=lambda: StageConfig(epochs=25))
+    # Gradient clipping keeps SqueezeNet (no BatchNorm) from collapsing to one class: without it a
+    # default run's distillation died at the peak learning rate (the T^2-scaled KD gradient is larger).
+    student: StageConfig = field(default_factory=lambda: StageConfig(epochs=25, gradient_clip=1.0))
+    distill: StageConfig = field(default_factory=lambda: StageConfig(epochs=25, gradient_clip=1.0))
     kd: KDConfig = field(default_factory=KDConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -101,6 +104,7 @@ class Config:
             check(stage.schedule in SCHEDULES, f"{name}.schedule", f"must be one of {SCHEDULES}")
             check(0 <= stage.label_smoothing < 1, f"{name}.label_smoothing", "must be in [0, 1)")
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
+            check(stage.gradient_clip is None or stage.gradient_clip > 0, f"{name}.gradient_clip", "must be > 0 or null")
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
         check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")
         check(isinstance(self.kd.options, dict), "kd.options", "must be a mapping, e.g. {beta: 8.0}")

@@ -159,6 +159,7 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
     on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
     trainer = L.Trainer(
         max_epochs=stage.epochs,
+        gradient_clip_val=stage.gradient_clip,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         strategy=cfg.strategy,
