@@ -47,7 +47,7 @@ def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None,
         raise DermkdError(f"no image files found in {', '.join(map(str, paths))}")
     rows, errors = [], []
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    if progress and len(files) > batch_size:
+    if progress and any(Path(path).is_dir() for path in paths):  # a progress bar for folders
         from rich.progress import track
 
         chunks = track(chunks, description=f"predicting {len(files)} images")
