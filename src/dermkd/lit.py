@@ -30,10 +30,9 @@ class SupervisedModule(L.LightningModule):
         return self.model(images)
 
     def on_train_epoch_start(self):
-        # Every epoch depends only on (seed, epoch) and the weights, so a resumed run matches an
-        # uninterrupted one: augmentation and dropout draw from the reseeded global RNG, and the batch
-        # order is set from current_epoch (Lightning's own set_epoch count can lag by one after a
-        # restore from a checkpoint written at the end of validation).
+        # Every epoch depends only on (seed, epoch) and the weights, so a resumed run repeats an
+        # uninterrupted one: augmentation and dropout draw from the reseeded global RNG, and the
+        # batch order follows current_epoch, whatever count Lightning's restore passed to set_epoch.
         torch.manual_seed(self.seed * 100_003 + self.current_epoch + self.global_rank * 7919)
         sampler = getattr(self.trainer.train_dataloader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
