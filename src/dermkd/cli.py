@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             out = args.out or Path("runs") / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
             args.config = None
             overrides = resolve_overrides(args)
-            record = run_sweep(args.sweep_config, out, overrides)
+            run_sweep(args.sweep_config, out, overrides)
             print((out / "sweep.md").read_text())
         elif args.command == "predict":
             from .inference import predict_files, write_predictions

@@ -27,6 +27,7 @@ import yaml
 from . import DermkdError
 from .config import config_from_dict, load_config, merge, parse_override
 from .files import atomic_write_text
+from .inference import predict_probs
 from .metrics import classification_metrics
 from .models import load_model
 
@@ -90,8 +91,6 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
     for seed in seeds:  # the test split, once per seed, for the chosen point only
         study = Study.open(configs[best], out / best / f"seed{seed}", eval_splits=("val",))
         images, labels = study.splits["test"]
-        from .inference import predict_probs
-
         model = load_model(study.out / "distilled.safetensors")
         tests.append(classification_metrics(predict_probs(model, images), labels.numpy()))
     chosen_test = {key: _stats([m[key] for m in tests]) for key in ("acc", "auc", "balanced_acc", "macro_f1")}
