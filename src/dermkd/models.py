@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import DermkdError, __version__
@@ -115,8 +115,6 @@ def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
 
 def load_state(model: nn.Module, path: Path) -> None:
     """Load a safetensors state dict (any file, with or without dermkd metadata) into `model`."""
-    from safetensors.torch import load_file
-
     try:
         state = load_file(str(path))
     except Exception as exc:

@@ -198,7 +198,7 @@ def write_report(run_dir: Path) -> Path:
         ("p", "Published rows are the MedMNIST v2 benchmark on the official 28 px file (Yang et al., Sci. Data 2023); "
               "dermkd reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical."),
         ("h2", "Val"),
-        ("table", *main_table({k: v for k, v in summary.items()}, "val")),
+        ("table", *main_table(summary, "val")),
     ]
     if "wall_time_s" in first:
         blocks.append(("p", "Wall time of `dermkd run`: " + ", ".join(f"{r['wall_time_s'] / 60:.1f} min" for r in results if "wall_time_s" in r) + "."))
