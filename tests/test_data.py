@@ -11,7 +11,7 @@ from dermkd.data import (
     dihedral,
     load_dermamnist,
     load_npz,
-    random_dihedral,
+    apply_views,
     resolve_root,
 )
 
@@ -95,11 +95,11 @@ def test_dihedral_views_are_the_eight_symmetries():
     torch.testing.assert_close(dihedral(image, 4), image.flip(3))
 
 
-def test_random_dihedral_applies_the_reported_view():
+def test_apply_views_turns_each_image_to_its_view():
     torch.manual_seed(0)
     images = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
-    out, views = random_dihedral(images)
-    assert set(views.tolist()) == set(range(8))
+    views = torch.arange(64) % 8
+    out = apply_views(images, views)
     for i in range(64):
         torch.testing.assert_close(out[i : i + 1], dihedral(images[i : i + 1], int(views[i])))
 
@@ -107,26 +107,30 @@ def test_random_dihedral_applies_the_reported_view():
 def test_loader_yields_whole_batches(synthetic_root):
     splits = load_dermamnist(synthetic_root)
     module = DermaDataModule(splits, batch_size=100)
-    images, labels, indices = next(iter(module.train_dataloader()))
-    assert images.shape == (100, 3, 28, 28) and labels.shape == (100,)
+    images, labels, indices, views = next(iter(module.train_dataloader()))
+    assert images.shape == (100, 3, 28, 28) and labels.shape == (100,) and views.shape == (100,)
     torch.testing.assert_close(images, splits["train"][0][indices])
+    assert set(views.tolist()) == set(range(8))
     assert sum(len(b[1]) for b in module.val_dataloader()) == 1003
 
 
 def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
     from dermkd.data import EpochBatchSampler
 
+    def listed(sampler):
+        return [(indices.tolist(), views.tolist()) for indices, views in sampler]
+
     sampler = EpochBatchSampler(10, 3, seed=1)
     sampler.set_epoch(2)
-    first = [b.tolist() for b in sampler]
-    again = EpochBatchSampler(10, 3, seed=1)
-    again.set_epoch(2)
-    assert [b.tolist() for b in again] == first and len(first) == len(sampler) == 4
-    assert sorted(sum(first, [])) == list(range(10))
+    first = listed(sampler)
+    assert listed(EpochBatchSampler(10, 3, seed=1, epoch=2)) == first and len(first) == len(sampler) == 4
+    assert sorted(sum((indices for indices, _ in first), [])) == list(range(10))
+    torch.manual_seed(123)  # the global RNG has no say
+    assert listed(EpochBatchSampler(10, 3, seed=1, epoch=2)) == first
     sampler.set_epoch(3)
-    assert [b.tolist() for b in sampler] != first
+    assert listed(sampler) != first
     shards = [EpochBatchSampler(10, 3, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    batches = [[b.tolist() for b in s] for s in shards]
+    batches = [[b.tolist() for b, _ in s] for s in shards]
     assert len(batches[0]) == len(batches[1]) == len(shards[0]) == 2
     assert not set(sum(batches[0], [])) & set(sum(batches[1], []))
 

@@ -1,5 +1,5 @@
-"""A run killed with SIGKILL resumes from its finished stages and last checkpoints, and ends with a
-results.json like an uninterrupted run's: finished stages identical, the others closely matching."""
+"""A run killed with SIGKILL resumes from its finished stages and last checkpoints, and ends with the
+same results.json as an uninterrupted run (CPU runs are deterministic)."""
 
 import json
 import os
@@ -45,22 +45,18 @@ def test_sigkill_mid_training_then_resume(tmp_path, synthetic_root):
 
     expected = strip_times(json.loads((whole / "results.json").read_text()))
     got = strip_times(json.loads((killed / "results.json").read_text()))
-    # Same record: stages finished before the kill are kept bit for bit; the interrupted and later
-    # stages are retrained from the last checkpoint and agree closely but, so far, not bit for bit
-    # (float rounding after the restore differs from the uninterrupted process; see README).
-    assert got["models"]["teacher"] == expected["models"]["teacher"]
-    assert list(got["models"]) == list(expected["models"]) and got.keys() == expected.keys()
+    # The same record, every number equal: finished stages are kept, the interrupted stage continues
+    # from its last checkpoint exactly as the uninterrupted process did, and the weights agree.
+    assert got == expected
     for name in ("student", "distilled"):
-        for split in ("val", "test"):
-            assert got["models"][name][split].keys() == expected["models"][name][split].keys()
-            assert abs(got["models"][name][split]["acc"] - expected["models"][name][split]["acc"]) < 0.15
+        assert (killed / f"{name}.safetensors").read_bytes() == (whole / f"{name}.safetensors").read_bytes()
     # The per-epoch curves survive the kill: the resumed epochs log beside the first ones.
     from dermkd.plots import read_history
 
     assert list((killed / "student").glob("resume-*/metrics.csv"))
     resumed_curve, whole_curve = read_history(killed / "student")["val/acc"], read_history(whole / "student")["val/acc"]
     assert [epoch for epoch, _ in resumed_curve] == list(range(8))
-    assert resumed_curve[0] == whole_curve[0]
+    assert resumed_curve == whole_curve
 
 
 def test_resume_needs_a_run_folder(tmp_path):

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cache import teacher_cache
 from .config import Config
-from .data import DermaDataModule, batch_loader, channel_stats, load_dermamnist, random_dihedral, subset, to_float
+from .data import DermaDataModule, apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
 from .lit import DistillModule, SupervisedModule
 from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
@@ -54,11 +54,11 @@ def throughput(cfg: Config, splits, mean, std, steps: int) -> dict:
                 images, labels = fixed
             else:
                 try:
-                    raw, labels, _ = next(loader)
+                    raw, labels, _, views = next(loader)
                 except StopIteration:
                     loader = iter(batch_loader(*splits["train"], batch_size, shuffle=True))
-                    raw, labels, _ = next(loader)
-                images = to_float(random_dihedral(raw)[0])
+                    raw, labels, _, views = next(loader)
+                images = to_float(apply_views(raw, views))
             _train_step(model, optimizer, images, labels)
             done += len(labels)
         results[source] = done / (time.perf_counter() - start)

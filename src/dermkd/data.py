@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from medmnist import INFO as MEDMNIST_INFO
 from medmnist.info import DEFAULT_ROOT
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import DermkdError
 
@@ -122,19 +122,20 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
     return out.flip(3) if view >= 4 else out
 
 
-def random_dihedral(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image of the batch gets a random one of the 8 views; returns the batch and the view ids."""
-    views = torch.randint(0, 8, (len(images),), device=images.device)
+def apply_views(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Image i of the batch shown in dihedral view views[i] (one rot90/flip per view present)."""
+    if not views.any():
+        return images
     out = torch.empty_like(images)
     for view in range(8):
         mask = views == view
         if mask.any():
             out[mask] = dihedral(images[mask], view)
-    return out, views
+    return out
 
 
 class IndexedBatches(Dataset):
-    """A dataset indexed by a whole list of indices: one tensor gather per batch, no per-sample work."""
+    """A dataset indexed by a whole batch at once, (indices, views): one tensor gather per batch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
@@ -142,41 +143,46 @@ class IndexedBatches(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, indices):
-        indices = torch.as_tensor(indices)
-        return self.images[indices], self.labels[indices], indices
+    def __getitem__(self, batch):
+        indices, views = batch
+        return self.images[indices], self.labels[indices], indices, views
 
 
 class EpochBatchSampler(Sampler):
-    """Shuffled batches of indices whose order depends only on (seed, epoch), so a resumed run sees
-    the same batches as an uninterrupted one. With several processes, process `rank` of `world_size`
-    takes every world_size-th batch (all take the same number)."""
+    """Batches of (indices, dihedral view ids). Shuffled, the order and the views depend only on
+    (seed, epoch), drawn from a private generator: a resumed run sees the same batches as an
+    uninterrupted one, whatever else used the global RNG. With several processes, process `rank`
+    of `world_size` takes every world_size-th batch (all take the same number). Unshuffled
+    (evaluation): every batch in order, all in view 0."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, epoch: int = 0):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.epoch = 0
+        self.shuffle, self.epoch = shuffle, epoch
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning before every training epoch
         self.epoch = epoch
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        batches = list(order.split(self.batch_size))
+        if not self.shuffle:
+            order = torch.arange(self.n)
+            return zip(order.split(self.batch_size), torch.zeros(self.n, dtype=torch.long).split(self.batch_size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator)
+        views = torch.randint(0, 8, (self.n,), generator=generator)
+        batches = list(zip(order.split(self.batch_size), views.split(self.batch_size)))
         usable = len(batches) - len(batches) % self.world_size
         return iter(batches[self.rank : usable : self.world_size])
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size) // self.world_size
+        batches = math.ceil(self.n / self.batch_size)
+        return batches // self.world_size if self.shuffle else batches
 
 
-def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    dataset = IndexedBatches(images, labels)
-    if shuffle:
-        sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world_size)
-    else:
-        sampler = BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=False)
-    # batch_size=None: the sampler already yields whole batches.
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
+def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0) -> DataLoader:
+    sampler = EpochBatchSampler(len(labels), batch_size, seed, rank, world_size, shuffle, epoch)
+    # batch_size=None: the sampler already yields whole batches. The loader's own generator keeps
+    # iterator creation (which draws a base seed) off the global RNG that dropout uses.
+    return DataLoader(IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator())
 
 
 def subset(splits, train: int | None, val: int | None, seed: int):
@@ -194,8 +200,8 @@ def subset(splits, train: int | None, val: int | None, seed: int):
 class DermaDataModule(L.LightningDataModule):
     """Serves in-memory splits to a Lightning Trainer.
 
-    Loaders yield (uint8 images, labels, indices); once on the device, training batches get a random
-    dihedral view per image, and every batch becomes (float images, labels, indices, view ids).
+    Loaders yield (uint8 images, labels, indices, view ids); once on the device, each image is turned
+    to its dihedral view (random per epoch in training, view 0 otherwise) and made float.
     """
 
     def __init__(self, splits, batch_size: int, seed: int = 0, eval_batch_size: int = 1024):
@@ -204,15 +210,14 @@ class DermaDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         # Sharded by dermkd's own sampler (the Trainer runs with use_distributed_sampler=False).
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return batch_loader(*self.splits["train"], self.batch_size, shuffle=True, seed=self.seed, rank=rank, world_size=world)
+        rank, world, epoch = (self.trainer.global_rank, self.trainer.world_size, self.trainer.current_epoch) if self.trainer else (0, 1, 0)
+        # Lightning makes an epoch's first iterator before it calls set_epoch: the sampler must
+        # already hold the epoch (the Trainer reloads this loader every epoch).
+        return batch_loader(*self.splits["train"], self.batch_size, True, self.seed, rank, world, epoch)
 
     def val_dataloader(self):
         return batch_loader(*self.splits["val"], self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels, indices = batch
-        views = torch.zeros_like(labels)
-        if self.trainer.training:
-            images, views = random_dihedral(images)
-        return to_float(images), labels, indices, views
+        images, labels, indices, views = batch
+        return to_float(apply_views(images, views)), labels, indices, views

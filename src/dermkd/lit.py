@@ -31,12 +31,9 @@ class SupervisedModule(L.LightningModule):
 
     def on_train_epoch_start(self):
         # Every epoch depends only on (seed, epoch) and the weights, so a resumed run repeats an
-        # uninterrupted one: augmentation and dropout draw from the reseeded global RNG, and the
-        # batch order follows current_epoch, whatever count Lightning's restore passed to set_epoch.
+        # uninterrupted one: batch order and views come from the sampler's (seed, epoch) generator,
+        # dropout from the global RNG reseeded here (nothing else draws from it during training).
         torch.manual_seed(self.seed * 100_003 + self.current_epoch + self.global_rank * 7919)
-        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.current_epoch)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
         return F.cross_entropy(logits, batch[1], label_smoothing=self.stage.label_smoothing)

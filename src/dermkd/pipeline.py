@@ -173,6 +173,9 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # EpochBatchSampler shards batches itself
+        # A fresh loader per epoch is built for that epoch (cheap: data are in memory). Without it, a
+        # resumed fit would run its first epoch on an iterator Lightning made before the restore.
+        reload_dataloaders_every_n_epochs=1,
         log_every_n_steps=1,
     )
     start = time.perf_counter()
