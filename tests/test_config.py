@@ -3,7 +3,7 @@
 import pytest
 
 from dermkd import DermkdError
-from dermkd.config import load_config, parse_override
+from dermkd.config import Config, load_config, parse_override
 
 
 def test_defaults_are_valid():
@@ -65,3 +65,17 @@ def test_default_yaml_lists_the_defaults():
     path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     assert yaml.safe_load(path.read_text()) == Config().to_dict()
     assert load_config(path) == Config()
+
+
+def test_named_configs_load():
+    from pathlib import Path
+
+    from dermkd.sweep import read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    lite0 = load_config(configs / "lite0.yaml")
+    assert lite0.teacher_model.arch == "efficientnet_lite0" and lite0.teacher_model.pretrained == "imagenet"
+    assert lite0.student == Config().student and lite0.kd == Config().kd  # only the teacher differs
+    base, spec = read_sweep(configs / "sweep.yaml")
+    load_config(None, [base])
+    assert spec["grid"]

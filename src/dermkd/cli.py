@@ -29,6 +29,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-nodes", type=int, help="number of machines (Lightning num_nodes)")
     parser.add_argument("--teacher-mode", choices=["cached", "online"], help="distillation: cached teacher outputs (default) or online teacher")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--pretrained", choices=["imagenet"],
+                        help="start the teacher (with `train student`: the student) from published ImageNet weights")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set kd.temperature=2"
     )
@@ -115,6 +117,9 @@ def resolve_overrides(args) -> list[dict]:
     if getattr(args, "weights", None):
         role = "teacher_model" if getattr(args, "role", "student") == "teacher" else "student_model"
         flags[(role, "weights")] = str(args.weights)
+    if args.pretrained:
+        role = "student_model" if getattr(args, "role", "teacher") == "student" else "teacher_model"
+        flags[(role, "pretrained")] = args.pretrained
     for keys, value in flags.items():
         if value is not None:
             update = value

@@ -45,6 +45,7 @@ class ModelConfig:
     arch: str = ""  # teacher, student or any torchvision classifier name
     input_size: int | None = None  # upsample inside the model (e.g. 28 px shown at 64 px)
     weights: str | None = None  # local safetensors state dict to start from
+    pretrained: str | None = None  # "imagenet": start from published ImageNet weights (see pretrained.py)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Config:
             model: ModelConfig = getattr(self, name)
             resolve_arch(model.arch)
             check(model.input_size is None or model.input_size >= 16, f"{name}.input_size", "must be >= 16 or null")
+            check(model.pretrained in (None, "imagenet"), f"{name}.pretrained", f"must be imagenet or null (got {model.pretrained!r})")
         for key in ("train_subset", "val_subset"):
             value = getattr(self.data, key)
             check(value is None or value >= 1, f"data.{key}", "must be >= 1 or null")

@@ -1,7 +1,8 @@
 """Model factory: role names over torchvision classifiers, plus safe weight files.
 
 `create_model("teacher")` is EfficientNet-B0, `create_model("student")` is SqueezeNet v1.1; any
-other torchvision classification model can be named directly. Every model is wrapped in
+other torchvision classification model can be named directly, and so can `efficientnet_lite0`
+(see pretrained.py, which also holds the ImageNet starting points). Every model is wrapped in
 `DermClassifier`, which owns the input normalisation (train-split statistics) and an optional
 upsampling, so training, predict, export and serve all feed it the same thing: float images in
 [0, 1], NCHW.
@@ -22,6 +23,7 @@ from torch import nn
 from . import DermkdError, __version__
 from .data import CLASS_NAMES, NUM_CLASSES
 from .files import atomic_output
+from .pretrained import EXTRA_ARCHS, build_backbone, load_imagenet, pretrained_norm
 
 ROLES = {"teacher": "efficientnet_b0", "student": "squeezenet1_1"}
 # channels_last speeds up these families (measured on 2 CPU cores, a training step at batch 128:
@@ -30,7 +32,7 @@ CHANNELS_LAST_PREFIXES = ("efficientnet", "squeezenet", "mobilenet", "regnet", "
 
 
 def available_archs() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted(torchvision.models.list_models(module=torchvision.models) + list(EXTRA_ARCHS))
 
 
 def resolve_arch(name: str) -> str:
@@ -46,7 +48,7 @@ class DermClassifier(nn.Module):
     def __init__(self, arch: str, mean, std, input_size: int | None = None, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.arch, self.input_size, self.num_classes = arch, input_size, num_classes
-        self.backbone = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        self.backbone = build_backbone(arch, num_classes)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -68,9 +70,14 @@ class DermClassifier(nn.Module):
         }
 
 
-def create_model(name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=None) -> DermClassifier:
+def create_model(name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=None, pretrained=None) -> DermClassifier:
+    """`pretrained="imagenet"`: start from ImageNet weights, with the normalisation they were trained with."""
     arch = resolve_arch(name)
+    if pretrained:
+        mean, std = pretrained_norm(arch)
     model = DermClassifier(arch, mean, std, input_size)
+    if pretrained:
+        load_imagenet(model.backbone, arch)
     if arch.startswith(CHANNELS_LAST_PREFIXES):
         model = model.to(memory_format=torch.channels_last)
     return model

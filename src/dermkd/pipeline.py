@@ -112,7 +112,7 @@ class Study:
 
     def new_model(self, role: str) -> DermClassifier:
         spec = self.cfg.teacher_model if role == "teacher" else self.cfg.student_model
-        model = create_model(spec.arch, self.mean, self.std, spec.input_size)
+        model = create_model(spec.arch, self.mean, self.std, spec.input_size, spec.pretrained)
         if spec.weights:
             load_state(model, Path(spec.weights))
         return model

