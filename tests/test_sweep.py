@@ -24,6 +24,9 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
         results = json.loads((out / point / "seed0" / "results.json").read_text())
         assert "test" not in results["models"]["distilled"]
     assert "(chosen)" in (out / "sweep.md").read_text()
+    # one logit cache per train set, shared by the grid points (here each seed draws its own subset)
+    assert len(list((out / "cache").glob("teacher_logits-*.safetensors"))) == 2
+    assert not list(out.glob("*/seed*/cache"))
 
 
 def test_sweep_needs_a_grid(tmp_path, capsys):

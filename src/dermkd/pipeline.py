@@ -53,6 +53,7 @@ class Study:
     std: list[float]
     resume: bool = False
     eval_splits: tuple = ("val", "test")  # a sweep evaluates on val only; test is for the chosen config
+    cache_dir: Path | None = None  # teacher-logit caches; default <out>/cache (a sweep shares one)
 
     @classmethod
     def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test")) -> "Study":
@@ -246,7 +247,7 @@ def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     study.claim("distilled")
     if kd.teacher_mode == "cached":
         images, labels = study.splits["train"]
-        logits = teacher_cache(teacher.to(study.device), images, labels, study.out / "cache")
+        logits = teacher_cache(teacher.to(study.device), images, labels, study.cache_dir or study.out / "cache")
         teacher.cpu()
         study.seed()
         module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher_logits_cache=logits, seed=study.cfg.seed)

@@ -81,6 +81,7 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
         for seed in seeds:
             study = Study.open(config_from_dict(merge(cfg.to_dict(), {"seed": seed})), out / name / f"seed{seed}", eval_splits=("val",))
             study.resume = True  # a rerun of the sweep skips points already distilled
+            study.cache_dir = out / "cache"  # one teacher, one cache of its logits for every point
             if not study.finished("distilled"):
                 distill_stage(study, teacher)
             metrics.append(json.loads((study.out / "results.json").read_text())["models"]["distilled"]["val"])
