@@ -175,3 +175,18 @@ def test_fuzz_npz_random_bytes(data):
         path.write_bytes(data)
         with pytest.raises(DermkdError):
             load_npz(path, 28)
+
+
+def test_class_weights_golden_values():
+    from dermkd.data import class_weights
+
+    labels = torch.tensor([0, 0, 0, 1])
+    assert class_weights(labels, "none") is None
+    # inverse: 1/3 and 1, scaled so the average weight over the samples is 1: 2/3 and 2
+    torch.testing.assert_close(class_weights(labels, "inverse")[:2], torch.tensor([2 / 3, 2.0]))
+    # inverse_sqrt: 1/sqrt(3) and 1, scaled by 4 / (sqrt(3) + 1)
+    torch.testing.assert_close(class_weights(labels, "inverse_sqrt")[:2], torch.tensor([0.845299, 1.464102]))
+    for mode in ("inverse", "inverse_sqrt"):
+        weights = class_weights(labels, mode)
+        assert weights.shape == (7,) and torch.isfinite(weights).all()
+        assert abs(float(weights[labels].mean()) - 1) < 1e-6

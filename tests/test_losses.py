@@ -99,3 +99,29 @@ def test_logit_standardisation():
     # invariant to shifting and scaling the teacher's logits
     again = distillation_loss(STUDENT, 3 * TEACHER + 5, LABELS, "hinton", 2.0, alpha=1.0, standardize_logits=True)
     assert again.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_class_weights_weight_only_the_label_term():
+    # logits [2, 0, ..., 0]: -log p(class 0) = ln(e^2 + 6) - 2 = 0.594440, -log p(class 1) = 2.594440
+    logits = torch.tensor([[2.0, 0, 0, 0, 0, 0, 0]] * 2)
+    labels = torch.tensor([0, 1])
+    weights = torch.tensor([1.0, 3.0, 1, 1, 1, 1, 1])
+    plain = distillation_loss(logits, logits, labels, alpha=0.0)
+    weighted = distillation_loss(logits, logits, labels, alpha=0.0, class_weights=weights)
+    assert abs(float(plain) - 1.594440) < 1e-5 and abs(float(weighted) - (0.594440 + 3 * 2.594440) / 4) < 1e-5
+    # the KD term is untouched by class weights
+    teacher = torch.tensor([[0.5, 1.0, 0, 0, 0, 0, 0]] * 2)
+    assert float(distillation_loss(logits, teacher, labels, alpha=1.0, class_weights=weights)) == float(
+        distillation_loss(logits, teacher, labels, alpha=1.0))
+
+
+def test_supervised_module_uses_the_class_weights():
+    from dermkd.config import StageConfig
+    from dermkd.lit import SupervisedModule
+    from dermkd.models import create_model
+
+    logits, labels = torch.randn(6, 7), torch.tensor([0, 1, 2, 0, 0, 3])
+    weights = torch.linspace(0.5, 2.0, 7)
+    module = SupervisedModule(create_model("student"), StageConfig(), class_weights=weights)
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+    torch.testing.assert_close(module.training_loss(logits, (None, labels)), expected)

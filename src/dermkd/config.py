@@ -14,6 +14,7 @@ from . import DermkdError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "none")
+CLASS_WEIGHTS = ("none", "inverse_sqrt", "inverse")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StageConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # EMA of weights (Lightning's EMAWeightAveraging); None: off
+    class_weights: str = "none"  # label-loss weight per class: none, inverse_sqrt or inverse train frequency
     gradient_clip: float | None = None  # clip the gradient norm (Lightning's gradient_clip_val); None: off
 
 
@@ -105,6 +107,7 @@ class Config:
             check(stage.schedule in SCHEDULES, f"{name}.schedule", f"must be one of {SCHEDULES}")
             check(0 <= stage.label_smoothing < 1, f"{name}.label_smoothing", "must be in [0, 1)")
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
+            check(stage.class_weights in CLASS_WEIGHTS, f"{name}.class_weights", f"must be one of {CLASS_WEIGHTS}")
             check(stage.gradient_clip is None or stage.gradient_clip > 0, f"{name}.gradient_clip", "must be > 0 or null")
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
         check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")

@@ -20,9 +20,10 @@ from .losses import distillation_loss
 class SupervisedModule(L.LightningModule):
     """Cross-entropy training of one classifier; logs per-epoch train/val loss and accuracy."""
 
-    def __init__(self, model: torch.nn.Module, stage: StageConfig, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, stage: StageConfig, seed: int = 0, class_weights: torch.Tensor | None = None):
         super().__init__()
         self.model, self.stage, self.seed = model, stage, seed
+        self.register_buffer("class_weights", class_weights, persistent=False)  # None: plain cross-entropy
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
 
@@ -36,7 +37,7 @@ class SupervisedModule(L.LightningModule):
         torch.manual_seed(self.seed * 100_003 + self.current_epoch + self.global_rank * 7919)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
-        return F.cross_entropy(logits, batch[1], label_smoothing=self.stage.label_smoothing)
+        return F.cross_entropy(logits, batch[1], weight=self.class_weights, label_smoothing=self.stage.label_smoothing)
 
     def training_step(self, batch, batch_idx):
         logits = self(batch[0])
@@ -84,8 +85,9 @@ class DistillModule(SupervisedModule):
     eval mode) on the batch: both give the same numbers.
     """
 
-    def __init__(self, student, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None, seed: int = 0):
-        super().__init__(student, stage, seed)
+    def __init__(self, student, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None, seed: int = 0,
+                 class_weights: torch.Tensor | None = None):
+        super().__init__(student, stage, seed, class_weights)
         if (teacher is None) == (teacher_logits_cache is None):
             raise ValueError("give exactly one of teacher and teacher_logits_cache")
         self.kd, self.teacher = kd, teacher
@@ -110,4 +112,4 @@ class DistillModule(SupervisedModule):
     def training_loss(self, logits, batch) -> torch.Tensor:
         kd = self.kd
         return distillation_loss(logits, self.teacher_logits(batch), batch[1], kd.method, kd.temperature, kd.alpha,
-                                 kd.standardize, kd.options)
+                                 kd.standardize, kd.options, self.class_weights)

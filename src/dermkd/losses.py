@@ -114,10 +114,12 @@ def distillation_loss(
     alpha: float = 0.9,
     standardize_logits: bool = False,
     options: dict | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """loss = alpha * kd(z_s, z_t, y; T) + (1 - alpha) * CE(z_s, y), z standardised first for kd if asked."""
+    """loss = alpha * kd(z_s, z_t, y; T) + (1 - alpha) * CE(z_s, y), z standardised first for kd if asked;
+    `class_weights` weight the CE term only (the teacher's soft targets are left as they are)."""
     z_s, z_t = (standardize(student_logits), standardize(teacher_logits)) if standardize_logits else (student_logits, teacher_logits)
     kd = get_kd_loss(method)(z_s, z_t, labels, temperature, **(options or {}))
     if alpha == 1.0:
         return kd
-    return alpha * kd + (1 - alpha) * F.cross_entropy(student_logits, labels)
+    return alpha * kd + (1 - alpha) * F.cross_entropy(student_logits, labels, weight=class_weights)

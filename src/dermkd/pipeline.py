@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from . import DermkdError, __version__
 from .cache import teacher_cache
 from .config import Config, StageConfig
-from .data import DermaDataModule, channel_stats, load_dermamnist, subset
+from .data import DermaDataModule, channel_stats, class_weights, load_dermamnist, subset
 from .files import atomic_output, atomic_write_text
 from .inference import predict_probs
 from .lit import DistillModule, SupervisedModule
@@ -233,7 +233,8 @@ def train_stage(study: Study, role: str) -> DermClassifier:
     stage = study.cfg.teacher if role == "teacher" else study.cfg.student
     study.claim(role)
     study.seed()
-    model = fit(study, role, SupervisedModule(study.new_model(role), stage, study.cfg.seed), stage)
+    weights = class_weights(study.splits["train"][1], stage.class_weights)
+    model = fit(study, role, SupervisedModule(study.new_model(role), stage, study.cfg.seed, weights), stage)
     if not is_rank_zero():
         return model
     save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
@@ -245,15 +246,16 @@ def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
     kd = study.cfg.kd
     study.claim("distilled")
+    weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
     if kd.teacher_mode == "cached":
         images, labels = study.splits["train"]
         logits = teacher_cache(teacher.to(study.device), images, labels, study.cache_dir or study.out / "cache")
         teacher.cpu()
         study.seed()
-        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher_logits_cache=logits, seed=study.cfg.seed)
+        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher_logits_cache=logits, seed=study.cfg.seed, class_weights=weights)
     else:
         study.seed()
-        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher=teacher, seed=study.cfg.seed)
+        module = DistillModule(study.new_model("student"), study.cfg.distill, kd, teacher=teacher, seed=study.cfg.seed, class_weights=weights)
     model = fit(study, "distilled", module, study.cfg.distill)
     if not is_rank_zero():
         return model
