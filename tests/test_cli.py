@@ -81,6 +81,15 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-4)
     assert list((out / "cache").glob("teacher_logits-*.safetensors")) and not (again / "cache").exists()
 
+    # Two teacher files: their ensemble (mean logits) is distilled; the weights record it.
+    ensemble = tmp_path / "ensemble"
+    code = main(["distill", "--teacher", str(out / "teacher.safetensors"), "--teacher", str(out / "student.safetensors"),
+                 "--quick", "--data-root", str(synthetic_root), "--out", str(ensemble), "--no-progress"])
+    assert code == 0
+    from dermkd.models import read_metadata
+
+    assert read_metadata(ensemble / "distilled.safetensors")["teacher"] == "ensemble(efficientnet_b0, squeezenet1_1)"
+
     result = dermkd("evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "test")
     assert result.returncode == 0, result.stderr
     student = json.loads((out / "results.json").read_text())["models"]["student"]["test"]

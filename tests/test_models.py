@@ -79,3 +79,19 @@ def test_pickle_is_refused_and_never_run(tmp_path):
     with pytest.raises(DermkdError, match="not a dermkd safetensors"):
         load_model(path)
     assert not marker.exists()
+
+
+def test_teacher_ensemble_averages_member_logits(tmp_path):
+    from dermkd.models import TeacherEnsemble, load_teacher
+
+    members = [create_model("student", input_size=32).eval(), create_model("resnet18").eval()]
+    for i, member in enumerate(members):
+        save_weights(member, tmp_path / f"m{i}.safetensors")
+    ensemble = load_teacher([tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"])
+    assert isinstance(ensemble, TeacherEnsemble) and ensemble.arch == "ensemble(squeezenet1_1, resnet18)"
+    x = torch.rand(3, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble(x), (members[0](x) + members[1](x)) / 2)
+    # one file: that model, checked against the expected architecture
+    with pytest.raises(DermkdError, match="expected efficientnet_b0"):
+        load_teacher([tmp_path / "m0.safetensors"], expect_arch="teacher")

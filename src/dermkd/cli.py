@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("distill", help="distill the student from a trained teacher")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher weights (.safetensors written by dermkd)")
+    p.add_argument("--teacher", type=Path, required=True, action="append",
+                   help="teacher weights (.safetensors written by dermkd); repeat it to distill an ensemble's mean logits")
     p.add_argument("--weights", type=Path, help="local safetensors state dict to start the student from")
     _common(p)
 
@@ -230,10 +231,10 @@ def main(argv=None) -> int:
             elif args.command == "train":
                 pipeline.train_stage(study, args.role)
             else:
-                from .models import load_model
+                from .models import load_teacher
 
-                # The teacher file must hold the configured teacher (teacher_model.arch; --set it for another).
-                pipeline.distill_stage(study, load_model(args.teacher, expect_arch=study.cfg.teacher_model.arch))
+                # One teacher file must hold the configured teacher (teacher_model.arch; --set it for another).
+                pipeline.distill_stage(study, load_teacher(args.teacher, expect_arch=study.cfg.teacher_model.arch))
             if pipeline.is_rank_zero():
                 print(_summary(study.out / "results.json"))
     except DermkdError as exc:

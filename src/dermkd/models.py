@@ -83,6 +83,26 @@ def create_model(name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_
     return model
 
 
+class TeacherEnsemble(nn.Module):
+    """Several trained teachers as one: the mean of their logits (each keeps its own normalisation
+    and input size). Distilled like a single teacher, cached or online."""
+
+    def __init__(self, members: list[DermClassifier]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.arch = "ensemble(" + ", ".join(member.arch for member in members) + ")"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(images) for member in self.members]).mean(0)
+
+
+def load_teacher(paths: list[Path], expect_arch: str | None = None) -> nn.Module:
+    """One teacher file: that model (checked against `expect_arch`). Several: their ensemble, any architectures."""
+    if len(paths) == 1:
+        return load_model(paths[0], expect_arch)
+    return TeacherEnsemble([load_model(path) for path in paths]).eval()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -3,7 +3,7 @@
 The config file is a normal dermkd config plus a `sweep:` section:
 
     sweep:
-      teacher: runs/full/teacher.safetensors   # optional; otherwise one teacher is trained (val-only)
+      teacher: runs/full/teacher.safetensors   # optional (a list: an ensemble); otherwise one is trained (val-only)
       seeds: [0, 1, 2]
       grid:
         kd.method: [hinton, dkd, dist]
@@ -29,7 +29,7 @@ from .config import config_from_dict, load_config, merge, parse_override
 from .files import atomic_write_text
 from .inference import predict_probs
 from .metrics import classification_metrics
-from .models import load_model
+from .models import load_model, load_teacher
 
 
 def read_sweep(path: Path) -> tuple[dict, dict]:
@@ -69,8 +69,9 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
         configs[point_name(point)] = load_config(None, [base, *extra_overrides, *overrides])
 
     first_cfg = next(iter(configs.values()))
-    if spec.get("teacher"):
-        teacher = load_model(Path(spec["teacher"]))
+    if spec.get("teacher"):  # a path, or a list of paths: an ensemble
+        paths = spec["teacher"] if isinstance(spec["teacher"], list) else [spec["teacher"]]
+        teacher = load_teacher([Path(path) for path in paths])
     else:
         teacher_study = Study.open(config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]})), out / "teacher", eval_splits=("val",))
         teacher = train_stage(teacher_study, "teacher")
