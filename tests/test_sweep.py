@@ -1,6 +1,7 @@
 """dermkd sweep: grid on val, the chosen point tested once."""
 
 import json
+import re
 
 from dermkd.cli import main
 
@@ -23,7 +24,8 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
     for point in record["val"]:
         results = json.loads((out / point / "seed0" / "results.json").read_text())
         assert "test" not in results["models"]["distilled"]
-    assert "(chosen)" in (out / "sweep.md").read_text()
+    table = (out / "sweep.md").read_text()
+    assert "(chosen)" in table and re.search(r"\| \d\.\d{4} ± \d\.\d{4} \|", table)  # AUC with 4 decimals
     # one logit cache per train set, shared by the grid points (here each seed draws its own subset)
     assert len(list((out / "cache").glob("teacher_logits-*.safetensors"))) == 2
     assert not list(out.glob("*/seed*/cache"))

@@ -103,8 +103,10 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
 
 
 def _pm(stat: dict, pct: bool = True) -> str:
-    scale, unit = (100, "%") if pct else (1, "")
-    return f"{stat['mean'] * scale:.2f} ± {stat['std'] * scale:.2f}{unit}"
+    """Accuracies as percentages with 2 decimals, AUC and F1 as fractions with 4."""
+    if pct:
+        return f"{stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f}%"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
 def sweep_markdown(record: dict) -> str:
