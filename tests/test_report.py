@@ -67,10 +67,10 @@ def test_multi_seed_report_shows_mean_and_std(tmp_path):
     record = json.loads((tmp_path / "results.json").read_text())
     accs = [r["models"]["distilled"]["test"]["acc"] for r in runs]
     stat = record["models"]["distilled"]["test"]["acc"]
-    assert stat["mean"] == pytest.approx(np.mean(accs)) and stat["std"] == pytest.approx(np.std(accs))
+    assert stat["mean"] == pytest.approx(np.mean(accs)) and stat["std"] == pytest.approx(np.std(accs, ddof=1))
     assert record["seeds"] == [0, 1, 2]
     md = (tmp_path / "report.md").read_text()
-    assert f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs):.2f}%" in md
+    assert f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f}%" in md
     assert "Appendix: per-seed test results" in md and md.count("| Student (distilled) |") >= 3 + 2
 
 

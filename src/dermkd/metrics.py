@@ -54,6 +54,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def sample_std(values) -> float:
+    """Standard deviation over seeds with n - 1 in the denominator (0 for a single value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def majority_baseline(train_labels: np.ndarray, labels: np.ndarray) -> dict:
     """Always predict the train split's most common class, with the train class frequencies as
     probabilities (so the loss is the NLL of the class prior and the AUC is 0.5)."""

@@ -1,7 +1,9 @@
 """The report of a run folder: report.md, report.html (figures beside it) and MODEL_CARD.md.
 
 Everything is rebuilt from what runs saved (results.json, metrics.csv, predictions/*.npz), never by
-retraining. A multi-seed folder (seed0/, seed1/, ...) is reported as mean ± std over its seeds.
+retraining. A multi-seed folder (seed0/, seed1/, ...) is reported as mean ± std over its seeds
+(the sample standard deviation, n - 1 in the denominator: with 2 or 3 seeds the population one
+would understate the spread).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from . import DermkdError
 from . import plots
 from .data import CLASS_NAMES
 from .files import atomic_write_text
+from .metrics import sample_std
 from .plots import LABELS
 
 MELANOMA = CLASS_NAMES.index("melanoma")
@@ -53,7 +56,7 @@ def aggregate(results: list[dict]) -> dict:
             entry[split] = {}
             for key in rows[0]:
                 values = [row[key] for row in rows if row[key] is not None]
-                entry[split][key] = (float(np.mean(values)), float(np.std(values)), values) if values else (None, None, [])
+                entry[split][key] = (float(np.mean(values)), sample_std(values), values) if values else (None, None, [])
         if name != "majority":
             entry.update(arch=results[0]["models"][name]["arch"], params=results[0]["models"][name]["params"])
         out[name] = entry

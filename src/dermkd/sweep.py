@@ -28,7 +28,7 @@ from . import DermkdError
 from .config import config_from_dict, load_config, merge, parse_override
 from .files import atomic_write_text
 from .inference import predict_probs
-from .metrics import classification_metrics
+from .metrics import classification_metrics, sample_std
 from .models import load_model, load_teacher
 
 
@@ -53,7 +53,7 @@ def point_name(point: dict) -> str:
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
+    return {"mean": float(np.mean(values)), "std": sample_std(values), "values": values}
 
 
 def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict:
