@@ -80,6 +80,9 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     # Same seed and teacher; the online teacher gives the cached logits up to float rounding.
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-4)
     assert list((out / "cache").glob("teacher_logits-*.safetensors")) and not (again / "cache").exists()
+    # `distill` also evaluates its teacher, so the run folder compares the two: the same numbers as `run`.
+    teacher_again = json.loads((again / "results.json").read_text())["models"]["teacher"]
+    assert teacher_again["test"]["acc"] == json.loads((out / "results.json").read_text())["models"]["teacher"]["test"]["acc"]
 
     # Two teacher files: their ensemble (mean logits) is distilled; the weights record it.
     ensemble = tmp_path / "ensemble"
@@ -89,6 +92,8 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     from dermkd.models import read_metadata
 
     assert read_metadata(ensemble / "distilled.safetensors")["teacher"] == "ensemble(efficientnet_b0, squeezenet1_1)"
+    recorded = json.loads((ensemble / "results.json").read_text())["models"]
+    assert list(recorded) == ["teacher", "distilled"] and recorded["teacher"]["arch"].startswith("ensemble(")
 
     result = dermkd("evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "test")
     assert result.returncode == 0, result.stderr

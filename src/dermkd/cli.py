@@ -234,7 +234,11 @@ def main(argv=None) -> int:
                 from .models import load_teacher
 
                 # One teacher file must hold the configured teacher (teacher_model.arch; --set it for another).
-                pipeline.distill_stage(study, load_teacher(args.teacher, expect_arch=study.cfg.teacher_model.arch))
+                teacher = load_teacher(args.teacher, expect_arch=study.cfg.teacher_model.arch)
+                pipeline.distill_stage(study, teacher)
+                if pipeline.is_rank_zero() and not pipeline.recorded(study, "teacher"):
+                    # The teacher (or ensemble) beside its student in results.json and the report.
+                    pipeline.evaluate(study, "teacher", teacher)
             if pipeline.is_rank_zero():
                 print(_summary(study.out / "results.json"))
     except DermkdError as exc:

@@ -91,6 +91,8 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.arch = "ensemble(" + ", ".join(member.arch for member in members) + ")"
+        sizes = sorted({member.input_size for member in members}, key=lambda size: size or 0)
+        self.input_size = sizes[0] if len(sizes) == 1 else sizes  # recorded in results.json
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(images) for member in self.members]).mean(0)

@@ -70,8 +70,7 @@ class Study:
 
     def finished(self, name: str) -> bool:
         """A stage is done when its weights and its results entry are both written."""
-        results = self.out / "results.json"
-        return (self.out / f"{name}.safetensors").exists() and results.exists() and name in json.loads(results.read_text()).get("models", {})
+        return (self.out / f"{name}.safetensors").exists() and recorded(self, name)
 
     def claim(self, name: str) -> None:
         """Refuse to overwrite a finished stage unless resuming (where it is skipped instead)."""
@@ -209,6 +208,12 @@ def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
     record_result(study, name, entry)
     model.cpu()
     return entry
+
+
+def recorded(study: Study, name: str) -> bool:
+    """Whether results.json already holds an entry for `name`."""
+    results = study.out / "results.json"
+    return results.exists() and name in json.loads(results.read_text()).get("models", {})
 
 
 def record_result(study: Study, name: str, entry: dict) -> None:
