@@ -57,6 +57,27 @@ def test_plain_torchvision_state_dict_loads_into_backbone(tmp_path):
     torch.testing.assert_close(model.backbone.features[0].weight, source.features[0].weight)
 
 
+def test_plain_state_dict_of_another_model_is_refused(tmp_path):
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    from dermkd.models import load_state
+
+    with pytest.raises(DermkdError, match=r"resnet.safetensors do not fit the SqueezeNet definition"):
+        load_state(create_model("student"), path)
+
+
+def test_pretrained_load_allows_only_the_head_to_differ():
+    from dermkd.pretrained import load_matching
+
+    source = torchvision.models.squeezenet1_1(weights=None, num_classes=1000).state_dict()
+    backbone = create_model("student").backbone
+    assert load_matching(backbone, source, "ImageNet weights", max_left_out=2) == len(source) - 2
+    del source["features.0.weight"]  # one more tensor missing than the head: not the same network
+    with pytest.raises(DermkdError, match="3 of its 52 tensors missing"):
+        load_matching(backbone, source, "ImageNet weights", max_left_out=2)
+
+
 def test_mismatched_weights_are_named(tmp_path):
     path = tmp_path / "teacher.safetensors"
     save_weights(create_model("teacher"), path)

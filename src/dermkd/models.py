@@ -23,7 +23,7 @@ from torch import nn
 from . import DermkdError, __version__
 from .data import CLASS_NAMES, NUM_CLASSES
 from .files import atomic_output
-from .pretrained import EXTRA_ARCHS, build_backbone, load_imagenet, pretrained_norm
+from .pretrained import EXTRA_ARCHS, build_backbone, load_imagenet, load_matching, pretrained_norm
 
 ROLES = {"teacher": "efficientnet_b0", "student": "squeezenet1_1"}
 # channels_last speeds up these families (measured on 2 CPU cores, a training step at batch 128:
@@ -149,14 +149,10 @@ def load_state(model: nn.Module, path: Path) -> None:
     except Exception as exc:
         raise DermkdError(f"cannot read weights {path} ({exc}); pass a .safetensors state dict") from None
     if not any(key.startswith("backbone.") for key in state):
-        # A plain torchvision state dict (e.g. pretrained weights): load it into the backbone and
-        # leave out tensors whose shape differs (the 1000-class ImageNet head).
-        own = model.backbone.state_dict()
-        skipped = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-        if len(skipped) == len(state):
-            raise DermkdError(f"weights {path} share no tensor with {getattr(model, 'arch', 'the model')}")
-        own.update({k: v for k, v in state.items() if k not in skipped})
-        state = {f"backbone.{k}": v for k, v in own.items()} | {"mean": model.mean, "std": model.std}
+        # A plain torchvision state dict (e.g. pretrained weights): into the backbone, leaving out
+        # tensors whose shape differs (the 1000-class ImageNet head).
+        load_matching(model.backbone, state, f"weights {path}")
+        return
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

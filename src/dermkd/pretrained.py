@@ -95,12 +95,20 @@ def rename_lite0_key(key: str) -> str:
 
 def load_imagenet(backbone: nn.Module, arch: str) -> int:
     """Copy the ImageNet weights into `backbone` except the classifier head; returns tensors loaded."""
-    state, own = imagenet_state(arch), backbone.state_dict()
+    # Only the final classifier (weight and bias) may differ: 1000 ImageNet classes vs 7 here.
+    return load_matching(backbone, imagenet_state(arch), f"ImageNet weights for {arch}", max_left_out=2)
+
+
+def load_matching(backbone: nn.Module, state: dict, source: str, max_left_out: int | None = None) -> int:
+    """Copy the tensors of `state` whose name and shape fit `backbone`; the others (a head for another
+    number of classes) keep their fresh values. Refuses a `state` that fits nothing, or that leaves out
+    more than `max_left_out` of the backbone's tensors. Returns the number of tensors copied."""
+    own = backbone.state_dict()
     matching = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
-    head = [key for key in own if key not in matching]
-    # Only the final classifier may differ (1000 ImageNet classes vs 7 here).
-    if len(head) > 2:
-        raise DermkdError(f"ImageNet weights for {arch} do not fit its definition: {head[:3]} ...")
+    left_out = [key for key in own if key not in matching]
+    if not matching or (max_left_out is not None and len(left_out) > max_left_out):
+        raise DermkdError(f"{source} do not fit the {type(backbone).__name__} definition ({len(left_out)} of its "
+                          f"{len(own)} tensors missing or of another shape, e.g. {left_out[:2]})")
     own.update(matching)
     backbone.load_state_dict(own)
     return len(matching)
