@@ -99,6 +99,10 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     assert result.returncode == 0, result.stderr
     student = json.loads((out / "results.json").read_text())["models"]["student"]["test"]
     assert json.loads(result.stdout)["test"]["acc"] == pytest.approx(student["acc"])
+    # Several files: their ensemble, the same numbers `distill` recorded for it.
+    result = dermkd("evaluate", out / "teacher.safetensors", out / "student.safetensors", "--data-root", synthetic_root)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["test"]["acc"] == pytest.approx(recorded["teacher"]["test"]["acc"])
 
 
 def test_quick_run_on_real_data(tmp_path, real_root):

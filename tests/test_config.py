@@ -80,3 +80,10 @@ def test_named_configs_load():
     base, spec = read_sweep(configs / "sweep.yaml")
     load_config(None, [base])
     assert spec["grid"]
+    # ensemble.yaml is the point its sweep chose, with the student alone given the same epochs.
+    ensemble = load_config(configs / "ensemble.yaml")
+    base, spec = read_sweep(configs / "sweep-ensemble.yaml")
+    assert ensemble.distill.epochs in spec["grid"]["distill.epochs"] and len(spec["teacher"]) == 4
+    chosen = load_config(None, [base, {"distill": {"epochs": ensemble.distill.epochs}}])
+    assert (ensemble.distill, ensemble.kd, ensemble.student_model) == (chosen.distill, chosen.kd, chosen.student_model)
+    assert ensemble.student.epochs == ensemble.distill.epochs

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("evaluate", help="evaluate saved weights on val and test")
-    p.add_argument("weights", type=Path, help="a .safetensors file written by dermkd")
+    p.add_argument("weights", type=Path, nargs="+", help="a .safetensors file written by dermkd (several: their ensemble, mean logits)")
     p.add_argument("--data-root", help="folder with dermamnist.npz")
     p.add_argument("--split", choices=["val", "test", "both"], default="both")
 
@@ -280,16 +280,19 @@ def export_weights(args) -> dict:
 
 
 def evaluate_weights(args) -> dict:
-    """Headline metrics of saved weights; the data size comes from the weights' metadata."""
+    """Headline metrics of saved weights (several files: their ensemble, as distilled); the data size
+    comes from the weights' metadata."""
     from .data import load_dermamnist
     from .metrics import classification_metrics
-    from .models import load_model, read_metadata
+    from .models import load_teacher, read_metadata
     from .inference import predict_probs
 
-    meta = read_metadata(args.weights)
-    model = load_model(args.weights)
-    splits = load_dermamnist(args.data_root, meta.get("data_size", 28))
-    out = {"weights": str(args.weights), "arch": meta["arch"]}
+    sizes = {read_metadata(path).get("data_size", 28) for path in args.weights}
+    if len(sizes) > 1:
+        raise DermkdError(f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately")
+    model = load_teacher(args.weights)
+    splits = load_dermamnist(args.data_root, sizes.pop())
+    out = {"weights": [str(path) for path in args.weights] if len(args.weights) > 1 else str(args.weights[0]), "arch": model.arch}
     for split in ("val", "test") if args.split == "both" else (args.split,):
         images, labels = splits[split]
         metrics = classification_metrics(predict_probs(model, images), labels.numpy())
