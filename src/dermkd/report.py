@@ -63,7 +63,8 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
-def _cell(stat, pct: bool) -> str:
+def mean_std_text(stat, pct: bool) -> str:
+    """(mean, std, values) as text: percentages with 2 decimals, fractions with 4; no ± for one value."""
     mean, std, values = stat
     if mean is None:
         return "n/a"
@@ -81,7 +82,7 @@ def main_table(summary: dict, split: str) -> tuple[list[str], list[list[str]]]:
     for name, entry in summary.items():
         label = "Majority class (always nevus)" if name == "majority" else LABELS.get(name, name)
         arch, params = ("-", "-") if name == "majority" else (entry["arch"], f"{entry['params'] / 1e6:.2f}M")
-        rows.append([label, arch, params] + [_cell(entry[split][key], pct) for key, _, pct in COLUMNS])
+        rows.append([label, arch, params] + [mean_std_text(entry[split][key], pct) for key, _, pct in COLUMNS])
     if split == "test":
         for label, acc, auc in PUBLISHED:
             rows.append([label, "-", "-", "-", f"{100 * acc:.2f}%", f"{auc:.4f}", "-", "-", "-", "-"])

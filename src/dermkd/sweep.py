@@ -30,6 +30,7 @@ from .files import atomic_write_text
 from .inference import predict_probs
 from .metrics import classification_metrics, sample_std
 from .models import load_model, load_teacher
+from .report import mean_std_text
 
 
 def read_sweep(path: Path) -> tuple[dict, dict]:
@@ -103,10 +104,7 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
 
 
 def _pm(stat: dict, pct: bool = True) -> str:
-    """Accuracies as percentages with 2 decimals, AUC and F1 as fractions with 4."""
-    if pct:
-        return f"{stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f}%"
-    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+    return mean_std_text((stat["mean"], stat["std"], stat["values"]), pct)
 
 
 def sweep_markdown(record: dict) -> str:
