@@ -77,8 +77,10 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     assert code == 0
     first = json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]
     second = json.loads((again / "results.json").read_text())["models"]["distilled"]["test"]
-    # Same seed and teacher; the online teacher gives the cached logits up to float rounding.
-    assert second["loss"] == pytest.approx(first["loss"], rel=1e-4)
+    # Same seed and teacher; the online teacher gives the cached logits up to float rounding, which
+    # two epochs of training amplify by a CPU-dependent amount (5e-4 relative seen on one machine),
+    # so this end-to-end check is loose; test_cache checks the per-step logits and loss tightly.
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-2)
     assert list((out / "cache").glob("teacher_logits-*.safetensors")) and not (again / "cache").exists()
     # `distill` also evaluates its teacher, so the run folder compares the two: the same numbers as `run`.
     teacher_again = json.loads((again / "results.json").read_text())["models"]["teacher"]
