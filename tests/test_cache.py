@@ -34,6 +34,24 @@ def test_cached_and_online_distillation_give_the_same_loss():
     torch.testing.assert_close(cached.training_loss(logits, batch), online.training_loss(logits, batch), atol=1e-5, rtol=1e-5)
 
 
+def test_view_mean_teacher_is_the_same_cached_and_online_and_for_every_view():
+    images, labels = small_data(8)
+    teacher = create_model("resnet18").eval()
+    cache = compute_teacher_logits(teacher, images)
+    kd = KDConfig(teacher_views="mean")
+    student = create_model("student")
+    online = DistillModule(student, StageConfig(), kd, teacher=teacher)
+    cached = DistillModule(student, StageConfig(), kd, teacher_logits_cache=cache)
+    indices = torch.arange(8)
+    expected = cache.mean(dim=1)  # by hand: each image's logits averaged over its 8 views
+    for view in range(8):  # whichever view the student sees, the target is the same
+        views = torch.full((8,), view)
+        batch = (to_float(apply_views(images, views)), labels, indices, views)
+        torch.testing.assert_close(cached.teacher_logits(batch), expected)
+        torch.testing.assert_close(online.teacher_logits(batch), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, cache[:, 0], atol=1e-3)  # and it differs from the per-view target
+
+
 def test_cache_is_reused_and_rebuilt_when_the_teacher_changes(tmp_path):
     images, labels = small_data(8)
     teacher = create_model("student").eval()

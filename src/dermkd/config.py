@@ -57,6 +57,9 @@ class KDConfig:
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
     teacher_mode: str = "cached"  # cached: teacher logits computed once per view; online: every step
     standardize: bool = False  # logit standardisation (Sun et al. 2024) before the KD term
+    # same: the teacher sees the student's view of the image; mean: the teacher's logits averaged
+    # over all 8 flips/rotations (a test-time-augmented teacher), the same target for every view.
+    teacher_views: str = "same"
     options: dict = field(default_factory=dict)  # method-specific, e.g. {beta: 8.0} for dkd
 
 
@@ -119,6 +122,7 @@ class Config:
             unknown = sorted(set(self.kd.options) - set(accepted))
             check(not unknown, "kd.options", f"{unknown} not accepted by {self.kd.method} (accepts {accepted})")
         check(self.kd.teacher_mode in ("cached", "online"), "kd.teacher_mode", "must be cached or online")
+        check(self.kd.teacher_views in ("same", "mean"), "kd.teacher_views", "must be same or mean")
         check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
         for name in ("teacher_model", "student_model"):
             model: ModelConfig = getattr(self, name)

@@ -13,7 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from . import DermkdError
 from .config import KDConfig, StageConfig
-from .data import NUM_CLASSES
+from .cache import NUM_VIEWS
+from .data import NUM_CLASSES, dihedral
 from .losses import distillation_loss
 
 
@@ -82,7 +83,8 @@ class DistillModule(SupervisedModule):
 
     The teacher's logits come either from `teacher_logits_cache` (N, 8 views, C), looked up by the
     dataset index and dihedral view of each image, or from running the frozen `teacher` (kept in
-    eval mode) on the batch: both give the same numbers.
+    eval mode) on the batch: both give the same numbers. With kd.teacher_views = mean the target is
+    the teacher's mean logits over all 8 views instead.
     """
 
     def __init__(self, student, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None, seed: int = 0,
@@ -104,9 +106,15 @@ class DistillModule(SupervisedModule):
 
     def teacher_logits(self, batch) -> torch.Tensor:
         images, _, indices, views = batch
+        mean_over_views = self.kd.teacher_views == "mean"
         if self.teacher_logits_cache is not None:
+            if mean_over_views:
+                return self.teacher_logits_cache[indices].mean(dim=1)
             return self.teacher_logits_cache[indices, views]
         with torch.no_grad():
+            if mean_over_views:
+                # The 8 views of a view are the 8 views of the original image (a group), so no undoing.
+                return torch.stack([self.teacher(dihedral(images, view)) for view in range(NUM_VIEWS)]).mean(dim=0)
             return self.teacher(images)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
