@@ -35,19 +35,23 @@ def cache_key(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     return digest.hexdigest()[:16]
 
 
+def logits_for_all_views(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, 8, C) logits of `teacher` for float NCHW `images` under every dihedral view."""
+    views = (dihedral(images, view).contiguous(memory_format=torch.channels_last) for view in range(NUM_VIEWS))
+    return torch.stack([teacher(view) for view in views], dim=1)
+
+
 @torch.no_grad()  # not inference_mode: the result becomes a module buffer that DDP syncs
 def compute_teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(N, 8, C) float32 logits of `teacher` for every image under every dihedral view."""
+    """(N, 8, C) float32 logits of `teacher` for every uint8 image under every dihedral view."""
     device = next(teacher.parameters()).device
     teacher.eval()
     out = None
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device)
-        for view in range(NUM_VIEWS):
-            logits = teacher(to_float(dihedral(batch, view))).float().cpu()
-            if out is None:
-                out = torch.empty(len(images), NUM_VIEWS, logits.shape[1])
-            out[start : start + len(batch), view] = logits
+        logits = logits_for_all_views(teacher, to_float(images[start : start + batch_size].to(device))).float().cpu()
+        if out is None:
+            out = torch.empty(len(images), NUM_VIEWS, logits.shape[2])
+        out[start : start + len(logits)] = logits
     return out
 
 

@@ -13,8 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from . import DermkdError
 from .config import KDConfig, StageConfig
-from .cache import NUM_VIEWS
-from .data import NUM_CLASSES, dihedral
+from .cache import logits_for_all_views
+from .data import NUM_CLASSES
 from .losses import distillation_loss
 
 
@@ -114,7 +114,7 @@ class DistillModule(SupervisedModule):
         with torch.no_grad():
             if mean_over_views:
                 # The 8 views of a view are the 8 views of the original image (a group), so no undoing.
-                return torch.stack([self.teacher(dihedral(images, view)) for view in range(NUM_VIEWS)]).mean(dim=0)
+                return logits_for_all_views(self.teacher, images).mean(dim=1)
             return self.teacher(images)
 
     def training_loss(self, logits, batch) -> torch.Tensor:
