@@ -87,11 +87,12 @@ def test_named_configs_load():
     chosen = load_config(None, [base, {"distill": {"epochs": ensemble.distill.epochs}}])
     assert (ensemble.distill, ensemble.kd, ensemble.student_model) == (chosen.distill, chosen.kd, chosen.student_model)
     assert ensemble.student.epochs == ensemble.distill.epochs
-    # the 64 px sweeps are the same recipe on the 64 px file: with the 64 px run's three B0 teachers,
-    # and with two pretrained Lite0 teachers
+    # the 64 px sweeps' first grid point is the same recipe on the 64 px file: with the 64 px run's
+    # three B0 teachers, and with two pretrained Lite0 teachers (whose grid also tries the student at 112 px inside)
     for name, teachers in (("sweep-ensemble64.yaml", 3), ("sweep-ensemble64-lite0.yaml", 2)):
         base, spec = read_sweep(configs / name)
-        chosen64 = load_config(None, [base, {"distill": {"epochs": spec["grid"]["distill.epochs"][0]}}])
+        first_point = [parse_override(f"{key}={values[0]}") for key, values in spec["grid"].items()]
+        chosen64 = load_config(None, [base, *first_point])
         assert chosen64.data.size == 64 and spec["grid"]["distill.epochs"] == [ensemble.distill.epochs]
         assert (chosen64.distill, chosen64.kd, chosen64.student_model, chosen64.student) == (ensemble.distill, ensemble.kd, ensemble.student_model, ensemble.student)
         assert len(spec["teacher"]) == teachers
