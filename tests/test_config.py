@@ -88,12 +88,12 @@ def test_named_configs_load():
     assert (ensemble.distill, ensemble.kd, ensemble.student_model) == (chosen.distill, chosen.kd, chosen.student_model)
     assert ensemble.student.epochs == ensemble.distill.epochs
     # the 64 px sweeps' first grid point is the same recipe on the 64 px file: with the 64 px run's
-    # three B0 teachers, and with two pretrained Lite0 teachers (whose grid also tries the student at 112 px inside)
+    # three B0 teachers, and with two pretrained Lite0 teachers (whose grid also tries longer distillation)
     for name, teachers in (("sweep-ensemble64.yaml", 3), ("sweep-ensemble64-lite0.yaml", 2)):
         base, spec = read_sweep(configs / name)
         first_point = [parse_override(f"{key}={values[0]}") for key, values in spec["grid"].items()]
         chosen64 = load_config(None, [base, *first_point])
-        assert chosen64.data.size == 64 and spec["grid"]["distill.epochs"] == [ensemble.distill.epochs]
+        assert chosen64.data.size == 64 and spec["grid"]["distill.epochs"][0] == ensemble.distill.epochs
         assert (chosen64.distill, chosen64.kd, chosen64.student_model, chosen64.student) == (ensemble.distill, ensemble.kd, ensemble.student_model, ensemble.student)
         assert len(spec["teacher"]) == teachers
     assert all("size64" in path for path in read_sweep(configs / "sweep-ensemble64.yaml")[1]["teacher"])
