@@ -70,7 +70,7 @@ def test_default_yaml_lists_the_defaults():
 def test_named_configs_load():
     from pathlib import Path
 
-    from dermkd.sweep import read_sweep
+    from dermkd.sweep import point_configs, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     lite0 = load_config(configs / "lite0.yaml")
@@ -91,8 +91,7 @@ def test_named_configs_load():
     # three B0 teachers, and with two pretrained Lite0 teachers (whose grid also tries longer distillation)
     for name, teachers in (("sweep-ensemble64.yaml", 3), ("sweep-ensemble64-lite0.yaml", 2)):
         base, spec = read_sweep(configs / name)
-        first_point = [parse_override(f"{key}={values[0]}") for key, values in spec["grid"].items()]
-        chosen64 = load_config(None, [base, *first_point])
+        chosen64 = next(iter(point_configs(base, spec["grid"]).values()))
         assert chosen64.data.size == 64 and spec["grid"]["distill.epochs"][0] == ensemble.distill.epochs
         assert (chosen64.distill, chosen64.kd, chosen64.student_model, chosen64.student) == (ensemble.distill, ensemble.kd, ensemble.student_model, ensemble.student)
         assert len(spec["teacher"]) == teachers

@@ -57,17 +57,23 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": sample_std(values), "values": values}
 
 
+def point_configs(base: dict, grid: dict, extra_overrides: list[dict] = ()) -> dict:
+    """{point name: validated Config} for every combination of the grid, in grid order."""
+    configs = {}
+    for combo in itertools.product(*grid.values()):
+        point = dict(zip(grid, combo))
+        overrides = [parse_override(f"{key}={json.dumps(value)}") for key, value in point.items()]
+        configs[point_name(point)] = load_config(None, [base, *extra_overrides, *overrides])
+    return configs
+
+
 def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict:
     from .pipeline import Study, distill_stage, train_stage
 
     base, spec = read_sweep(config_path)
     seeds = spec.get("seeds", [0])
     grid = spec["grid"]
-    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-    configs = {}
-    for point in points:  # validate every point before training anything
-        overrides = [parse_override(f"{key}={json.dumps(value)}") for key, value in point.items()]
-        configs[point_name(point)] = load_config(None, [base, *extra_overrides, *overrides])
+    configs = point_configs(base, grid, extra_overrides)  # validate every point before training anything
 
     first_cfg = next(iter(configs.values()))
     if spec.get("teacher"):  # a path, or a list of paths: an ensemble
