@@ -70,7 +70,7 @@ def test_default_yaml_lists_the_defaults():
 def test_named_configs_load():
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, read_sweep
+    from dermkd.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     lite0 = load_config(configs / "lite0.yaml")
@@ -84,7 +84,7 @@ def test_named_configs_load():
     ensemble = load_config(configs / "ensemble.yaml")
     base, spec = read_sweep(configs / "sweep-ensemble.yaml")
     assert ensemble.distill.epochs in spec["grid"]["distill.epochs"] and len(spec["teacher"]) == 4
-    chosen = load_config(None, [base, {"distill": {"epochs": ensemble.distill.epochs}}])
+    chosen = point_configs(base, spec["grid"])[point_name({"distill.epochs": ensemble.distill.epochs})]
     assert (ensemble.distill, ensemble.kd, ensemble.student_model) == (chosen.distill, chosen.kd, chosen.student_model)
     assert ensemble.student.epochs == ensemble.distill.epochs
     # the 64 px sweeps' first grid point is the same recipe on the 64 px file: with the 64 px run's
