@@ -96,3 +96,10 @@ def test_named_configs_load():
         assert (chosen64.distill, chosen64.kd, chosen64.student_model, chosen64.student) == (ensemble.distill, ensemble.kd, ensemble.student_model, ensemble.student)
         assert len(spec["teacher"]) == teachers
     assert all("size64" in path for path in read_sweep(configs / "sweep-ensemble64.yaml")[1]["teacher"])
+    # the views sweep's `same` point is a point of the Lite0 sweep, config for config, so its runs are reused
+    base, spec = read_sweep(configs / "sweep-ensemble64-lite0.yaml")
+    views_base, views_spec = read_sweep(configs / "sweep-ensemble64-lite0-views.yaml")
+    same = point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "same"})]
+    parent = point_configs(base, spec["grid"])[point_name({"distill.epochs": same.distill.epochs})]
+    assert same == parent and views_spec["teacher"] == spec["teacher"] and views_spec["seeds"] == spec["seeds"]
+    assert views_spec["grid"] == {"kd.teacher_views": ["same", "mean"]}
