@@ -29,6 +29,13 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
     # one logit cache per train set, shared by the grid points (here each seed draws its own subset)
     assert len(list((out / "cache").glob("teacher_logits-*.safetensors"))) == 2
     assert not list(out.glob("*/seed*/cache"))
+    # a rerun (here with the teacher it trained) reuses a point's runs only when their config is the point's
+    saved = out / "kd.method=hinton,distill.class_weights=inverse_sqrt" / "seed0" / "config.yaml"
+    saved.write_text(saved.read_text().replace("temperature: 4.0", "temperature: 2.0"))
+    config.write_text(config.read_text().replace("sweep:\n", f"sweep:\n  teacher: {out / 'teacher' / 'teacher.safetensors'}\n"))
+    capsys.readouterr()
+    assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) != 0
+    assert "holds a run of another config (kd differ)" in capsys.readouterr().err
 
 
 def test_sweep_needs_a_grid(tmp_path, capsys):

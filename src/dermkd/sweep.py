@@ -67,6 +67,15 @@ def point_configs(base: dict, grid: dict, extra_overrides: list[dict] = ()) -> d
     return configs
 
 
+def _check_reusable(cfg, folder: Path) -> None:
+    """A rerun reuses (or resumes) a point's folder only if that folder holds a run of the same config."""
+    if (folder / "config.yaml").exists():
+        saved, wanted = load_config(folder / "config.yaml").to_dict(), cfg.to_dict()
+        differing = [key for key in wanted if saved[key] != wanted[key]]
+        if differing:
+            raise DermkdError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
+
+
 def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict:
     from .pipeline import Study, distill_stage, train_stage
 
@@ -87,7 +96,9 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
     for name, cfg in configs.items():
         metrics = []
         for seed in seeds:
-            study = Study.open(config_from_dict(merge(cfg.to_dict(), {"seed": seed})), out / name / f"seed{seed}", eval_splits=("val",))
+            seed_cfg = config_from_dict(merge(cfg.to_dict(), {"seed": seed}))
+            _check_reusable(seed_cfg, out / name / f"seed{seed}")
+            study = Study.open(seed_cfg, out / name / f"seed{seed}", eval_splits=("val",))
             study.resume = True  # a rerun of the sweep skips points already distilled
             study.cache_dir = out / "cache"  # one teacher, one cache of its logits for every point
             if not study.finished("distilled"):
