@@ -103,3 +103,8 @@ def test_named_configs_load():
     parent = point_configs(base, spec["grid"])[point_name({"distill.epochs": same.distill.epochs})]
     assert same == parent and views_spec["teacher"] == spec["teacher"] and views_spec["seeds"] == spec["seeds"]
     assert views_spec["grid"] == {"kd.teacher_views": ["same", "mean"]}
+    # the three-Lite0 sweep is the views sweep's `mean` recipe with one more teacher
+    x3_base, x3_spec = read_sweep(configs / "sweep-ensemble64-lite0x3.yaml")
+    (x3,) = point_configs(x3_base, x3_spec["grid"]).values()
+    assert x3 == point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
+    assert x3_spec["teacher"][:2] == views_spec["teacher"] and len(x3_spec["teacher"]) == 3 and x3_spec["seeds"] == views_spec["seeds"]
