@@ -96,6 +96,14 @@ def test_named_configs_load():
         assert (chosen64.distill, chosen64.kd, chosen64.student_model, chosen64.student) == (ensemble.distill, ensemble.kd, ensemble.student_model, ensemble.student)
         assert len(spec["teacher"]) == teachers
     assert all("size64" in path for path in read_sweep(configs / "sweep-ensemble64.yaml")[1]["teacher"])
+
+
+def test_64px_lite0_sweeps_build_on_each_other():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, point_name, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
     # the views sweep's `same` point is a point of the Lite0 sweep, config for config, so its runs are reused
     base, spec = read_sweep(configs / "sweep-ensemble64-lite0.yaml")
     views_base, views_spec = read_sweep(configs / "sweep-ensemble64-lite0-views.yaml")

@@ -96,9 +96,9 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
     for name, cfg in configs.items():
         metrics = []
         for seed in seeds:
-            seed_cfg = config_from_dict(merge(cfg.to_dict(), {"seed": seed}))
-            _check_reusable(seed_cfg, out / name / f"seed{seed}")
-            study = Study.open(seed_cfg, out / name / f"seed{seed}", eval_splits=("val",))
+            seed_cfg, folder = config_from_dict(merge(cfg.to_dict(), {"seed": seed})), out / name / f"seed{seed}"
+            _check_reusable(seed_cfg, folder)
+            study = Study.open(seed_cfg, folder, eval_splits=("val",))
             study.resume = True  # a rerun of the sweep skips points already distilled
             study.cache_dir = out / "cache"  # one teacher, one cache of its logits for every point
             if not study.finished("distilled"):
