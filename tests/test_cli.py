@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dermkd.cli import main
@@ -165,3 +166,17 @@ def test_quick_run_under_ddp_with_two_cpu_processes(tmp_path, real_root):
     results = check_run_folder(out)
     for entry in results["models"].values():
         assert 0.5 < entry["test"]["acc"] < 0.9  # near the majority rate after 2 epochs, as in one process
+
+
+def test_val_only_training_run_never_touches_test(tmp_path, synthetic_root, capsys):
+    """A tuning run (--val-only) records val alone; the chosen model is tested later, once, by evaluate."""
+    out = tmp_path / "tune"
+    args = ["train", "student", "--quick", "--val-only", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "student    val acc" in capsys.readouterr().out
+    entry = json.loads((out / "results.json").read_text())["models"]["student"]
+    assert "val" in entry and "test" not in entry
+    assert set(np.load(out / "predictions" / "student.npz")) == {"val_probs", "val_labels"}
+    assert main(["report", str(out)]) == 2 and "val-only" in capsys.readouterr().err  # no test table to draw
+    assert main(["evaluate", str(out / "student.safetensors"), "--split", "test", "--data-root", str(synthetic_root)]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"weights", "arch", "test"}

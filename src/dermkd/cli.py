@@ -49,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the teacher or the student alone on labels")
     p.add_argument("role", choices=["teacher", "student"])
     p.add_argument("--weights", type=Path, help="local safetensors state dict to start from")
+    _val_only(p)
     _common(p)
 
     p = sub.add_parser("distill", help="distill the student from a trained teacher")
     p.add_argument("--teacher", type=Path, required=True, action="append",
                    help="teacher weights (.safetensors written by dermkd); repeat it to distill an ensemble's mean logits")
     p.add_argument("--weights", type=Path, help="local safetensors state dict to start the student from")
+    _val_only(p)
     _common(p)
 
     p = sub.add_parser("sweep", help="ablation grid of KD settings on val; the chosen one is tested once")
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate report.md of a run folder from its results.json")
     p.add_argument("run_dir", type=Path)
     return parser
+
+
+def _val_only(p) -> None:
+    p.add_argument("--val-only", action="store_true",
+                   help="evaluate on val only (a tuning run); test the chosen model later with `dermkd evaluate --split test`")
 
 
 def resolve_config(args):
@@ -152,14 +159,15 @@ def _open_study(args):
         return Study.open(config_from_dict(yaml.safe_load(saved.read_text())), args.resume, resume=True)
     cfg = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    return Study.open(cfg, out)
+    return Study.open(cfg, out, eval_splits=("val",) if getattr(args, "val_only", False) else ("val", "test"))
 
 
 def _summary(results_path: Path) -> str:
     results = json.loads(results_path.read_text())
     lines = [f"results: {results_path}"]
     for name, entry in results.get("models", {}).items():
-        lines.append(f"  {name:10s} test acc {entry['test']['acc']:.4f}  auc {entry['test']['auc'] or float('nan'):.4f}")
+        split = "test" if "test" in entry else "val"  # a --val-only run has no test entry
+        lines.append(f"  {name:10s} {split} acc {entry[split]['acc']:.4f}  auc {entry[split]['auc'] or float('nan'):.4f}")
     return "\n".join(lines)
 
 

@@ -186,6 +186,9 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     runs = seed_runs(run_dir)
     results = [json.loads((run / "results.json").read_text()) for run in runs]
+    for run, result in zip(runs, results):
+        if any("test" not in entry for entry in result.get("models", {}).values()):
+            raise DermkdError(f"{run} holds val-only results (a --val-only run); test its chosen model with `dermkd evaluate --split test`")
     summary = aggregate(results)
     first = results[0]
     seeds = [r["seed"] for r in results]
