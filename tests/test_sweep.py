@@ -15,8 +15,17 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
         "sweep:\n  seeds: [0, 1]\n  grid:\n    kd.method: [hinton, dist]\n    distill.class_weights: [inverse_sqrt]\n"
     )
     out = tmp_path / "sweep"
+    # --val-only: the grid's val table, nothing tested
+    assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress", "--val-only"]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["chosen_test"] is None and "Test: not evaluated" in (out / "sweep.md").read_text()
+    val_only_table = record["val"]
+    weights = sorted(out.glob("*/seed*/distilled.safetensors"))
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    # the rerun without it reuses every run (the same val figures) and tests the chosen point
     assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "sweep.json").read_text())
+    assert record["val"] == val_only_table and [w.stat().st_mtime_ns for w in weights] == stamps
     assert set(record["val"]) == {"kd.method=hinton,distill.class_weights=inverse_sqrt", "kd.method=dist,distill.class_weights=inverse_sqrt"}
     assert record["chosen"] == max(record["val"], key=lambda k: record["val"][k]["acc"]["mean"])
     assert len(record["chosen_test"]["acc"]["values"]) == 2

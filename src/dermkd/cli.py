@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="ablation grid of KD settings on val; the chosen one is tested once")
     p.add_argument("sweep_config", type=Path, help="YAML config with a sweep: section (see configs/sweep.yaml)")
+    p.add_argument("--val-only", action="store_true",
+                   help="run the grid and write its val table, test nothing; a rerun without it reuses the runs and tests the chosen point")
     _common(p)
 
     p = sub.add_parser("evaluate", help="evaluate saved weights on val and test")
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
             out = args.out or Path("runs") / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
             args.config = None
             overrides = resolve_overrides(args)
-            run_sweep(args.sweep_config, out, overrides)
+            run_sweep(args.sweep_config, out, overrides, val_only=args.val_only)
             print((out / "sweep.md").read_text())
         elif args.command == "predict":
             from .inference import predict_files, write_predictions

@@ -12,7 +12,8 @@ The config file is a normal dermkd config plus a `sweep:` section:
 
 Every grid point is distilled once per seed and evaluated on **val only**; the table shows mean ±
 std over seeds. The point with the best mean val accuracy is then evaluated on test, once per
-seed. Nothing else ever sees the test split.
+seed (`--val-only` leaves that out: a rerun without it reuses the runs and tests the chosen point).
+Nothing else ever sees the test split.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _check_reusable(cfg, folder: Path) -> None:
             raise DermkdError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
 
 
-def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict:
+def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_only: bool = False) -> dict:
     from .pipeline import Study, distill_stage, train_stage
 
     base, spec = read_sweep(config_path)
@@ -89,8 +90,12 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
         paths = spec["teacher"] if isinstance(spec["teacher"], list) else [spec["teacher"]]
         teacher = load_teacher([Path(path) for path in paths])
     else:
-        teacher_study = Study.open(config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]})), out / "teacher", eval_splits=("val",))
-        teacher = train_stage(teacher_study, "teacher")
+        teacher_cfg = config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]}))
+        _check_reusable(teacher_cfg, out / "teacher")
+        teacher_study = Study.open(teacher_cfg, out / "teacher", resume=True, eval_splits=("val",))
+        # a rerun (a killed sweep, or the test after --val-only) reuses the teacher it trained
+        done = teacher_study.finished("teacher")
+        teacher = load_teacher([out / "teacher" / "teacher.safetensors"]) if done else train_stage(teacher_study, "teacher")
 
     rows = {}
     for name, cfg in configs.items():
@@ -108,12 +113,12 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict]) -> dict
 
     best = max(rows, key=lambda name: rows[name]["acc"]["mean"])
     tests = []
-    for seed in seeds:  # the test split, once per seed, for the chosen point only
+    for seed in [] if val_only else seeds:  # the test split, once per seed, for the chosen point only
         study = Study.open(configs[best], out / best / f"seed{seed}", eval_splits=("val",))
         images, labels = study.splits["test"]
         model = load_model(study.out / "distilled.safetensors")
         tests.append(classification_metrics(predict_probs(model, images), labels.numpy()))
-    chosen_test = {key: _stats([m[key] for m in tests]) for key in ("acc", "auc", "balanced_acc", "macro_f1")}
+    chosen_test = {key: _stats([m[key] for m in tests]) for key in ("acc", "auc", "balanced_acc", "macro_f1")} if tests else None
     record = {"grid": grid, "seeds": seeds, "val": rows, "chosen": best, "chosen_test": chosen_test}
     atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
     atomic_write_text(out / "sweep.md", sweep_markdown(record))
@@ -137,6 +142,8 @@ def sweep_markdown(record: dict) -> str:
         mark = " (chosen)" if name == record["chosen"] else ""
         lines.append(f"| {name}{mark} | {_pm(row['acc'])} | {_pm(row['auc'], False)} | {_pm(row['balanced_acc'])} | {_pm(row['macro_f1'], False)} |")
     t = record["chosen_test"]
+    if t is None:
+        return "\n".join(lines + ["", "Test: not evaluated (`--val-only`); rerun without it to test the chosen setting.", ""])
     lines += ["", f"Test, chosen setting only: accuracy {_pm(t['acc'])}, AUC {_pm(t['auc'], False)}, "
               f"balanced accuracy {_pm(t['balanced_acc'])}, macro F1 {_pm(t['macro_f1'], False)}.", ""]
     return "\n".join(lines)
