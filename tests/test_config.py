@@ -116,3 +116,19 @@ def test_64px_lite0_sweeps_build_on_each_other():
     (x3,) = point_configs(x3_base, x3_spec["grid"]).values()
     assert x3 == point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
     assert x3_spec["teacher"][:2] == views_spec["teacher"] and len(x3_spec["teacher"]) == 3 and x3_spec["seeds"] == views_spec["seeds"]
+
+
+def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
+    (lite0_28,) = point_configs(base, spec["grid"]).values()
+    views_base, views_spec = read_sweep(configs / "sweep-ensemble64-lite0-views.yaml")
+    mean64 = point_configs(views_base, views_spec["grid"])["kd.teacher_views=mean"]
+    assert lite0_28.data.size == 28 and lite0_28.distill.epochs == 120 and lite0_28.kd == mean64.kd
+    only_data_and_epochs_differ = lite0_28.to_dict() | {key: mean64.to_dict()[key] for key in ("data", "distill")}
+    assert only_data_and_epochs_differ == mean64.to_dict() and lite0_28.distill.lr == mean64.distill.lr
+    assert len(spec["teacher"]) == 2 and not any("64" in path for path in spec["teacher"])  # teachers of the 28 px file
