@@ -133,3 +133,17 @@ def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
     only_data_and_epochs_differ = lite0_28.to_dict() | {key: mean64.to_dict()[key] for key in ("data", "distill")}
     assert only_data_and_epochs_differ == mean64.to_dict() and lite0_28.distill.lr == mean64.distill.lr
     assert len(spec["teacher"]) == 2 and not any("64" in path for path in spec["teacher"])  # teachers of the 28 px file
+
+
+def test_ensemble_lite0_is_the_point_its_sweep_chose():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, point_name, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    named = load_config(configs / "ensemble-lite0.yaml")
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
+    chosen = point_configs(base, spec["grid"])[point_name({"distill.epochs": named.distill.epochs})]
+    assert (named.distill, named.kd, named.student_model, named.data) == (chosen.distill, chosen.kd, chosen.student_model, chosen.data)
+    # the student alone as measured with its learning rate chosen on val (results/alone60-lr1e-3)
+    assert (named.student.epochs, named.student.lr) == (60, 0.001)
