@@ -247,6 +247,13 @@ def train_stage(study: Study, role: str) -> DermClassifier:
     return model
 
 
+def teacher_stage(study: Study) -> DermClassifier:
+    """The study's teacher: loaded when a resumed study already finished it, else trained."""
+    if study.finished("teacher"):
+        return load_model(study.out / "teacher.safetensors")
+    return train_stage(study, "teacher")
+
+
 def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
     kd = study.cfg.kd
@@ -276,10 +283,7 @@ def run(study: Study) -> dict:
     start = time.perf_counter()
     for name in MODELS:
         study.claim(name)  # a fresh run refuses a used folder before doing any work
-    if study.finished("teacher"):  # only when resuming
-        teacher = load_model(study.out / "teacher.safetensors")
-    else:
-        teacher = train_stage(study, "teacher")
+    teacher = teacher_stage(study)
     if not study.finished("student"):
         train_stage(study, "student")
     if not study.finished("distilled"):

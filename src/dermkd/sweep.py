@@ -78,7 +78,7 @@ def _check_reusable(cfg, folder: Path) -> None:
 
 
 def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_only: bool = False) -> dict:
-    from .pipeline import Study, distill_stage, train_stage
+    from .pipeline import Study, distill_stage, teacher_stage
 
     base, spec = read_sweep(config_path)
     seeds = spec.get("seeds", [0])
@@ -93,9 +93,7 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
         teacher_cfg = config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]}))
         _check_reusable(teacher_cfg, out / "teacher")
         teacher_study = Study.open(teacher_cfg, out / "teacher", resume=True, eval_splits=("val",))
-        # a rerun (a killed sweep, or the test after --val-only) reuses the teacher it trained
-        done = teacher_study.finished("teacher")
-        teacher = load_teacher([out / "teacher" / "teacher.safetensors"]) if done else train_stage(teacher_study, "teacher")
+        teacher = teacher_stage(teacher_study)  # a rerun (a killed sweep, the test after --val-only) reuses it
 
     rows = {}
     for name, cfg in configs.items():
