@@ -126,7 +126,7 @@ def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
     lite0_28 = point_configs(base, spec["grid"])["distill.epochs=120"]
-    assert spec["grid"] == {"distill.epochs": [60, 120]}
+    assert spec["grid"] == {"distill.epochs": [60, 120, 200]}
     views_base, views_spec = read_sweep(configs / "sweep-ensemble64-lite0-views.yaml")
     mean64 = point_configs(views_base, views_spec["grid"])["kd.teacher_views=mean"]
     assert lite0_28.data.size == 28 and lite0_28.distill.epochs == 120 and lite0_28.kd == mean64.kd
