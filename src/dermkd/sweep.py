@@ -72,6 +72,8 @@ def _check_reusable(cfg, folder: Path) -> None:
     """A rerun reuses (or resumes) a point's folder only if that folder holds a run of the same config."""
     if (folder / "config.yaml").exists():
         saved, wanted = load_config(folder / "config.yaml").to_dict(), cfg.to_dict()
+        for config in (saved, wanted):
+            config["trainer"].pop("progress")  # a progress bar changes no result
         differing = [key for key in wanted if saved[key] != wanted[key]]
         if differing:
             raise DermkdError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
