@@ -147,3 +147,19 @@ def test_ensemble_lite0_is_the_point_its_sweep_chose():
     assert (named.distill, named.kd, named.student_model, named.data) == (chosen.distill, chosen.kd, chosen.student_model, chosen.data)
     # the student alone as measured with its learning rate chosen on val (results/alone60-lr1e-3)
     assert (named.student.epochs, named.student.lr) == (60, 0.001)
+
+
+def test_28px_ema_sweep_reuses_the_lite0_sweeps_200_epoch_point():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
+    ema_base, ema_spec = read_sweep(configs / "sweep-ensemble-lite0-ema.yaml")
+    ema_points = point_configs(ema_base, ema_spec["grid"])
+    assert ema_points["distill.ema_decay=None"] == point_configs(base, spec["grid"])["distill.epochs=200"]
+    assert (ema_spec["teacher"], ema_spec["seeds"]) == (spec["teacher"], spec["seeds"])
+    with_ema, without = ema_points["distill.ema_decay=0.999"].to_dict(), ema_points["distill.ema_decay=None"].to_dict()
+    assert with_ema["distill"].pop("ema_decay") == 0.999 and without["distill"].pop("ema_decay") is None
+    assert with_ema == without  # the EMA is the one difference
