@@ -149,17 +149,19 @@ def test_ensemble_lite0_is_the_point_its_sweep_chose():
     assert (named.student.epochs, named.student.lr) == (60, 0.001)
 
 
-def test_28px_ema_sweep_reuses_the_lite0_sweeps_200_epoch_point():
+@pytest.mark.parametrize("probe, key, reused, tried", [("ema", "distill.ema_decay", None, 0.999), ("lr", "distill.lr", 0.003, 0.001)])
+def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, reused, tried):
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, read_sweep
+    from dermkd.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
-    ema_base, ema_spec = read_sweep(configs / "sweep-ensemble-lite0-ema.yaml")
-    ema_points = point_configs(ema_base, ema_spec["grid"])
-    assert ema_points["distill.ema_decay=None"] == point_configs(base, spec["grid"])["distill.epochs=200"]
-    assert (ema_spec["teacher"], ema_spec["seeds"]) == (spec["teacher"], spec["seeds"])
-    with_ema, without = ema_points["distill.ema_decay=0.999"].to_dict(), ema_points["distill.ema_decay=None"].to_dict()
-    assert with_ema["distill"].pop("ema_decay") == 0.999 and without["distill"].pop("ema_decay") is None
-    assert with_ema == without  # the EMA is the one difference
+    probe_base, probe_spec = read_sweep(configs / f"sweep-ensemble-lite0-{probe}.yaml")
+    points = point_configs(probe_base, probe_spec["grid"])
+    assert probe_spec["grid"] == {key: [reused, tried]} and probe_spec["teacher"] == spec["teacher"]
+    assert points[point_name({key: reused})] == point_configs(base, spec["grid"])["distill.epochs=200"]
+    field = key.split(".")[1]
+    with_change, without = points[point_name({key: tried})].to_dict(), points[point_name({key: reused})].to_dict()
+    assert with_change["distill"].pop(field) == tried and without["distill"].pop(field) == reused
+    assert with_change == without  # the probed setting is the one difference
