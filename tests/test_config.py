@@ -142,8 +142,10 @@ def test_ensemble_lite0_is_the_point_its_sweep_chose():
 
     configs = Path(__file__).parent.parent / "configs"
     named = load_config(configs / "ensemble-lite0.yaml")
-    base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
-    chosen = point_configs(base, spec["grid"])[point_name({"distill.epochs": named.distill.epochs})]
+    # epochs chosen by sweep-ensemble-lite0.yaml, then the learning rate by sweep-ensemble-lite0-lr.yaml
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0-lr.yaml")
+    chosen = point_configs(base, spec["grid"])[point_name({"distill.lr": named.distill.lr})]
+    assert (named.distill.epochs, named.distill.lr) == (200, 0.001)
     assert (named.distill, named.kd, named.student_model, named.data) == (chosen.distill, chosen.kd, chosen.student_model, chosen.data)
     # the student alone as measured with its epochs and learning rate chosen on val (results/alone120-lr1e-3)
     assert (named.student.epochs, named.student.lr) == (120, 0.001)
