@@ -59,6 +59,32 @@ def test_sigkill_mid_training_then_resume(tmp_path, synthetic_root):
     assert resumed_curve == whole_curve
 
 
+def test_a_killed_train_student_resumes_with_its_config(tmp_path, synthetic_root):
+    # `train` and `distill` resume as `run` does: the saved config, --val-only kept from the command line.
+    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--val-only", "--set", "student.epochs=6",
+              "--set", "data.train_subset=384", "--set", "data.val_subset=128"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(dermkd("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
+
+    process = subprocess.Popen(dermkd("train", "student", *common, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "student" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "student.safetensors").exists(), "the kill came too late to test resuming"
+
+    changed = subprocess.run(dermkd("train", "student", "--resume", killed, "--seed", "1"), capture_output=True, text=True)
+    assert changed.returncode == 2 and "saved config" in changed.stderr
+    resumed = subprocess.run(dermkd("train", "student", "--resume", killed, "--val-only", "--no-progress"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = strip_times(json.loads((killed / "results.json").read_text()))
+    assert got == strip_times(json.loads((whole / "results.json").read_text()))
+    assert "test" not in got["models"]["student"]
+    assert (killed / "student.safetensors").read_bytes() == (whole / "student.safetensors").read_bytes()
+
+
 def test_resume_needs_a_run_folder(tmp_path):
     result = subprocess.run(dermkd("run", "--resume", tmp_path), capture_output=True, text=True)
     assert result.returncode == 2 and "config.yaml not found" in result.stderr

@@ -43,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train teacher, student and distilled student, then evaluate and report")
     p.add_argument("--seeds", type=int, nargs="+", help="run once per seed into OUT/seed<N>/ and report mean ± std")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a killed run from its finished stages and last checkpoints")
+    _resume(p)
     _common(p)
 
     p = sub.add_parser("train", help="train the teacher or the student alone on labels")
     p.add_argument("role", choices=["teacher", "student"])
     p.add_argument("--weights", type=Path, help="local safetensors state dict to start from")
     _val_only(p)
+    _resume(p)
     _common(p)
 
     p = sub.add_parser("distill", help="distill the student from a trained teacher")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher weights (.safetensors written by dermkd); repeat it to distill an ensemble's mean logits")
     p.add_argument("--weights", type=Path, help="local safetensors state dict to start the student from")
     _val_only(p)
+    _resume(p)
     _common(p)
 
     p = sub.add_parser("sweep", help="ablation grid of KD settings on val; the chosen one is tested once")
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _val_only(p) -> None:
     p.add_argument("--val-only", action="store_true",
                    help="evaluate on val only (a tuning run); test the chosen model later with `dermkd evaluate --split test`")
+
+
+def _resume(p) -> None:
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a killed run in RUN_DIR with its saved config: finished stages are kept, the interrupted one goes on from its last checkpoint")
 
 
 def resolve_config(args):
@@ -150,18 +157,19 @@ def _open_study(args):
     from .config import config_from_dict
     from .pipeline import Study
 
+    eval_splits = ("val",) if getattr(args, "val_only", False) else ("val", "test")
     if getattr(args, "resume", None):
         saved = args.resume / "config.yaml"
         if not saved.exists():
-            raise DermkdError(f"{saved} not found; --resume needs a run folder written by `dermkd run`")
-        if args.config or args.set or args.quick or args.seeds:
-            raise DermkdError("--resume continues a run with its saved config; drop --config/--set/--quick/--seeds")
+            raise DermkdError(f"{saved} not found; --resume needs a run folder written by `dermkd {args.command}`")
+        if args.config or args.set or args.quick or getattr(args, "seeds", None) or args.seed is not None or args.out:
+            raise DermkdError("--resume continues a run with its saved config and folder; drop --config/--set/--quick/--seed(s)/--out")
         import yaml
 
-        return Study.open(config_from_dict(yaml.safe_load(saved.read_text())), args.resume, resume=True)
+        return Study.open(config_from_dict(yaml.safe_load(saved.read_text())), args.resume, resume=True, eval_splits=eval_splits)
     cfg = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    return Study.open(cfg, out, eval_splits=("val",) if getattr(args, "val_only", False) else ("val", "test"))
+    return Study.open(cfg, out, eval_splits=eval_splits)
 
 
 def _summary(results_path: Path) -> str:
