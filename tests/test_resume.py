@@ -21,19 +21,24 @@ def dermkd(*args):
     return [sys.executable, "-m", "dermkd.cli", *map(str, args)]
 
 
+def kill_after_first_checkpoint(command, out):
+    """Start `command` and SIGKILL it once the student stage has written its first last.ckpt."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "student" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_sigkill_mid_training_then_resume(tmp_path, synthetic_root):
     common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--set", "student.epochs=8",
               "--set", "data.train_subset=384", "--set", "data.val_subset=128"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert subprocess.run(dermkd("run", *common, "--out", whole), capture_output=True).returncode == 0
 
-    process = subprocess.Popen(dermkd("run", *common, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "student" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_first_checkpoint(dermkd("run", *common, "--out", killed), killed)
     assert not (killed / "distilled.safetensors").exists(), "the kill came too late to test resuming"
     assert (killed / "teacher.safetensors").exists() and not (killed / "student.safetensors").exists()
 
@@ -66,13 +71,7 @@ def test_a_killed_train_student_resumes_with_its_config(tmp_path, synthetic_root
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert subprocess.run(dermkd("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
 
-    process = subprocess.Popen(dermkd("train", "student", *common, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "student" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_first_checkpoint(dermkd("train", "student", *common, "--out", killed), killed)
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test resuming"
 
     changed = subprocess.run(dermkd("train", "student", "--resume", killed, "--seed", "1"), capture_output=True, text=True)
