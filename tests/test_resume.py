@@ -87,3 +87,6 @@ def test_a_killed_train_student_resumes_with_its_config(tmp_path, synthetic_root
 def test_resume_needs_a_run_folder(tmp_path):
     result = subprocess.run(dermkd("run", "--resume", tmp_path), capture_output=True, text=True)
     assert result.returncode == 2 and "config.yaml not found" in result.stderr
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    mixed = subprocess.run(dermkd("run", "--resume", tmp_path, "--seeds", "0", "1"), capture_output=True, text=True)
+    assert mixed.returncode == 2 and "saved config" in mixed.stderr and not (tmp_path / "seed0").exists()

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         else:
             from . import pipeline
 
-            if args.command == "run" and args.seeds:
+            if args.command == "run" and args.seeds and not args.resume:  # --resume with --seeds is refused below
                 return run_seeds(args)
             study = _open_study(args)
             if args.command == "run":
