@@ -90,3 +90,21 @@ def test_resume_needs_a_run_folder(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     mixed = subprocess.run(dermkd("run", "--resume", tmp_path, "--seeds", "0", "1"), capture_output=True, text=True)
     assert mixed.returncode == 2 and "saved config" in mixed.stderr and not (tmp_path / "seed0").exists()
+
+
+def test_last_checkpoint_is_written_every_epoch(tmp_path, synthetic_root):
+    # At a learning rate this small val accuracy never improves after epoch 0, so the best checkpoint
+    # stays at epoch 0; last.ckpt must still be the final epoch's, or a resume repeats every epoch since.
+    import torch
+
+    out = tmp_path / "run"
+    args = ["train", "student", "--quick", "--data-root", synthetic_root, "--no-progress", "--val-only",
+            "--set", "student.epochs=4", "--set", "student.lr=1e-12", "--set", "data.train_subset=256",
+            "--set", "data.val_subset=128", "--out", out]
+    assert subprocess.run(dermkd(*args), capture_output=True).returncode == 0
+    folder = out / "student" / "checkpoints"
+    best = torch.load(folder / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0, "val improved after epoch 0: this test no longer checks what it means to"
+    assert last["epoch"] == 3
+    assert sorted(path.name for path in folder.iterdir()) == ["best.ckpt", "last.ckpt"]

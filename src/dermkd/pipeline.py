@@ -148,10 +148,13 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
     # Lightning's CSVLogger deletes an existing metrics.csv: a resumed stage logs into resume-<n>/
     # beside it, and the report merges them by epoch.
     log_version = f"resume-{len(list((study.out / name).glob('resume-*'))) + 1}" if resume_from else ""
-    checkpoint = ModelCheckpoint(
-        dirpath=study.out / name / "checkpoints", filename="best", monitor="val/acc", mode="max", save_last=True
-    )
-    callbacks = [checkpoint]
+    folder = study.out / name / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor="val/acc", mode="max")
+    # Lightning's save_last writes last.ckpt only when the top-k file is saved (val improved), so a
+    # resume could repeat many epochs; this one writes it every epoch. It must come after `checkpoint`
+    # (Lightning keeps their order) so that last.ckpt holds this epoch's best score and path.
+    every_epoch = ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False)
+    callbacks = [checkpoint, every_epoch]
     if stage.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=stage.ema_decay))
     if cfg.progress:
