@@ -77,7 +77,7 @@ class TrainerConfig:
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    # The default recipe (measured on val, see README): both models see the 28 px images upsampled
+    # The default recipe (measured on val, see results/EXPERIMENTS.md): both models see the 28 px images upsampled
     # to 64 px inside the model; epochs sized so `dermkd run` fits in 30 minutes on 2 CPU cores.
     teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig("teacher", input_size=64))
     student_model: ModelConfig = field(default_factory=lambda: ModelConfig("student", input_size=64))
