@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from dermkd import DermkdError
 from dermkd.models import ROLES, count_params, create_model, load_model, read_metadata, save_weights
 
-ARCHS = sorted(ROLES) + ["resnet18", "mobilenet_v3_small", "efficientnet_lite0"]
+ARCHS = sorted(ROLES) + ["resnet18", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite2"]
 
 
 @pytest.mark.parametrize("name", ARCHS)

