@@ -51,10 +51,10 @@ def pretrained_norm(arch: str) -> tuple:
     return PRETRAINED_NORM.get(arch, IMAGENET_NORM)
 
 
-def imagenet_state(arch: str) -> dict[str, torch.Tensor]:
-    """The ImageNet state dict of `arch`'s backbone (1000-class head included)."""
+def imagenet_state(arch: str, backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict of `arch`'s backbone (1000-class head included), named as in `backbone`."""
     if arch in LITE:
-        return lite_state(arch)
+        return lite_state(arch, tuple(len(stage) for stage in backbone.blocks))
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError):
@@ -68,8 +68,9 @@ def imagenet_state(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def lite_state(arch: str) -> dict[str, torch.Tensor]:
-    timm_name, package, module = LITE[arch]
+def lite_state(arch: str, depths: tuple) -> dict[str, torch.Tensor]:
+    """`depths`: blocks per stage of the timm definition (Lite1/2 are deeper than Lite0)."""
+    _, package, module = LITE[arch]
     try:
         files = importlib.import_module(module)
     except ImportError:
@@ -77,7 +78,6 @@ def lite_state(arch: str) -> dict[str, torch.Tensor]:
     model_file = getattr(files, f"EfficientnetLite{arch[-1]}ModelFile")
     # weights_only: a plain tensor dict; any pickled object in the file is refused, never run.
     source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
-    depths = tuple(len(stage) for stage in _timm(timm_name, 1).blocks)  # Lite1/2 are deeper than Lite0
     return {rename_lite_key(key, depths): value for key, value in source.items()}
 
 
@@ -109,7 +109,7 @@ def rename_lite_key(key: str, depths: tuple = LITE0_STAGE_DEPTHS) -> str:
 def load_imagenet(backbone: nn.Module, arch: str) -> int:
     """Copy the ImageNet weights into `backbone` except the classifier head; returns tensors loaded."""
     # Only the final classifier (weight and bias) may differ: 1000 ImageNet classes vs 7 here.
-    return load_matching(backbone, imagenet_state(arch), f"ImageNet weights for {arch}", max_left_out=2)
+    return load_matching(backbone, imagenet_state(arch, backbone), f"ImageNet weights for {arch}", max_left_out=2)
 
 
 def load_matching(backbone: nn.Module, state: dict, source: str, max_left_out: int | None = None) -> int:
