@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_config", type=Path, help="YAML config with a sweep: section (see configs/sweep.yaml)")
     p.add_argument("--val-only", action="store_true",
                    help="run the grid and write its val table, test nothing; a rerun without it reuses the runs and tests the chosen point")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run only these of the sweep's seeds and write no table (one process per seed, side by side); a rerun without it gathers them")
     _common(p)
 
     p = sub.add_parser("evaluate", help="evaluate saved weights on val and test")
@@ -207,8 +209,10 @@ def main(argv=None) -> int:
             out = args.out or Path("runs") / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
             args.config = None
             overrides = resolve_overrides(args)
-            run_sweep(args.sweep_config, out, overrides, val_only=args.val_only)
-            print((out / "sweep.md").read_text())
+            if run_sweep(args.sweep_config, out, overrides, val_only=args.val_only, only_seeds=args.seeds) is None:
+                print(f"seeds {args.seeds} done in {out}; rerun without --seeds for the table")
+            else:
+                print((out / "sweep.md").read_text())
         elif args.command == "predict":
             from .inference import predict_files, write_predictions
 

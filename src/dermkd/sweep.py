@@ -13,7 +13,8 @@ The config file is a normal dermkd config plus a `sweep:` section:
 Every grid point is distilled once per seed and evaluated on **val only**; the table shows mean ±
 std over seeds. The point with the best mean val accuracy is then evaluated on test, once per
 seed (`--val-only` leaves that out: a rerun without it reuses the runs and tests the chosen point).
-Nothing else ever sees the test split.
+Nothing else ever sees the test split. `--seeds 1` runs one seed's runs only and writes no table, so
+the seeds can train side by side in separate processes; a rerun without it gathers them.
 """
 
 from __future__ import annotations
@@ -79,11 +80,15 @@ def _check_reusable(cfg, folder: Path) -> None:
             raise DermkdError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
 
 
-def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_only: bool = False) -> dict:
+def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_only: bool = False,
+              only_seeds: list[int] | None = None) -> dict | None:
+    """The sweep's record (also written to out/sweep.json and sweep.md); None when `only_seeds` ran a part."""
     from .pipeline import Study, distill_stage, teacher_stage
 
     base, spec = read_sweep(config_path)
     seeds = spec.get("seeds", [0])
+    if only_seeds is not None and not set(only_seeds) <= set(seeds):
+        raise DermkdError(f"--seeds {' '.join(map(str, only_seeds))}: the sweep's seeds are {seeds}; pick among them")
     grid = spec["grid"]
     configs = point_configs(base, grid, extra_overrides)  # validate every point before training anything
 
@@ -100,7 +105,7 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
     rows = {}
     for name, cfg in configs.items():
         metrics = []
-        for seed in seeds:
+        for seed in seeds if only_seeds is None else only_seeds:
             seed_cfg, folder = config_from_dict(merge(cfg.to_dict(), {"seed": seed})), out / name / f"seed{seed}"
             _check_reusable(seed_cfg, folder)
             study = Study.open(seed_cfg, folder, eval_splits=("val",))
@@ -110,6 +115,8 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
                 distill_stage(study, teacher)
             metrics.append(json.loads((study.out / "results.json").read_text())["models"]["distilled"]["val"])
         rows[name] = {key: _stats([m[key] for m in metrics]) for key in ("acc", "auc", "balanced_acc", "macro_f1")}
+    if only_seeds is not None:  # a part of the sweep: the table needs every seed
+        return None
 
     best = max(rows, key=lambda name: rows[name]["acc"]["mean"])
     tests = []
