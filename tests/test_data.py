@@ -13,6 +13,7 @@ from dermkd.data import (
     load_npz,
     apply_views,
     resolve_root,
+    to_float,
 )
 
 
@@ -107,8 +108,9 @@ def test_apply_views_turns_each_image_to_its_view():
 def test_loader_yields_whole_batches(synthetic_root):
     splits = load_dermamnist(synthetic_root)
     module = DermaDataModule(splits, batch_size=100)
-    images, labels, indices, views = next(iter(module.train_dataloader()))
+    images, labels, indices, views, shifts = next(iter(module.train_dataloader()))
     assert images.shape == (100, 3, 28, 28) and labels.shape == (100,) and views.shape == (100,)
+    assert shifts.shape == (100, 2) and not shifts.any()  # translate is off by default
     torch.testing.assert_close(images, splits["train"][0][indices])
     assert set(views.tolist()) == set(range(8))
     assert sum(len(b[1]) for b in module.val_dataloader()) == 1003
@@ -118,7 +120,7 @@ def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
     from dermkd.data import EpochBatchSampler
 
     def listed(sampler):
-        return [(indices.tolist(), views.tolist()) for indices, views in sampler]
+        return [(indices.tolist(), views.tolist()) for indices, views, _ in sampler]
 
     sampler = EpochBatchSampler(10, 3, seed=1)
     sampler.set_epoch(2)
@@ -130,7 +132,7 @@ def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
     sampler.set_epoch(3)
     assert listed(sampler) != first
     shards = [EpochBatchSampler(10, 3, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    batches = [[b.tolist() for b, _ in s] for s in shards]
+    batches = [[b.tolist() for b, _, _ in s] for s in shards]
     assert len(batches[0]) == len(batches[1]) == len(shards[0]) == 2
     assert not set(sum(batches[0], [])) & set(sum(batches[1], []))
 
@@ -190,3 +192,46 @@ def test_class_weights_golden_values():
         weights = class_weights(labels, mode)
         assert weights.shape == (7,) and torch.isfinite(weights).all()
         assert abs(float(weights[labels].mean()) - 1) < 1e-6
+
+
+def test_apply_shifts_moves_each_image_and_reflects_the_border():
+    from dermkd.data import apply_shifts
+
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    shifts = torch.tensor([[1, -2], [0, 0]])
+    out = apply_shifts(images, shifts, pad=2)
+    assert out.shape == images.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out[1], images[1])  # a zero shift leaves the image as it was
+    # moved down 1 and left 2: out[y, x] = image[y - 1, x + 2] inside, reflected at the border
+    torch.testing.assert_close(out[0, :, 1:, :4], images[0, :, :5, 2:])
+    torch.testing.assert_close(out[0, :, 0, :4], images[0, :, 1, 2:])  # row -1 reflects to row 1
+    torch.testing.assert_close(out[0, :, 1:, 4], images[0, :, :5, 4])  # column 6 reflects to column 4
+    torch.testing.assert_close(apply_shifts(images, torch.zeros(2, 2, dtype=torch.long), pad=2), images)
+
+
+def test_translate_draws_shifts_within_range_without_changing_order_or_views(synthetic_root):
+    from dermkd.data import EpochBatchSampler
+
+    plain = list(EpochBatchSampler(50, 16, seed=3, epoch=1))
+    shifted = list(EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2))
+    for (i0, v0, s0), (i1, v1, s1) in zip(plain, shifted):
+        assert i0.tolist() == i1.tolist() and v0.tolist() == v1.tolist()  # translate 0 runs stay as they were
+        assert not s0.any() and s1.abs().max() <= 2
+    assert torch.cat([s for _, _, s in shifted]).abs().sum() > 0
+    assert [s.tolist() for _, _, s in EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2)] == [s.tolist() for _, _, s in shifted]
+    splits = load_dermamnist(synthetic_root)
+    module = DermaDataModule(splits, batch_size=64, translate=2)
+    raw = next(iter(module.train_dataloader()))
+    images, labels, indices, views = module.on_after_batch_transfer(raw, 0)
+    assert images.shape == (64, 3, 28, 28) and not torch.equal(images, to_float(apply_views(raw[0], views)))
+    val = module.on_after_batch_transfer(next(iter(module.val_dataloader())), 0)
+    torch.testing.assert_close(val[0], to_float(splits["val"][0][: len(val[0])]))  # evaluation is never shifted
+
+
+def test_translate_is_validated():
+    from dermkd.config import load_config
+
+    assert load_config(None, [{"distill": {"translate": 2}}]).distill.translate == 2
+    for bad in (-1, 8, 1.5):
+        with pytest.raises(DermkdError, match="distill.translate"):
+            load_config(None, [{"distill": {"translate": bad}}])

@@ -54,10 +54,10 @@ def throughput(cfg: Config, splits, mean, std, steps: int) -> dict:
                 images, labels = fixed
             else:
                 try:
-                    raw, labels, _, views = next(loader)
+                    raw, labels, _, views, _ = next(loader)
                 except StopIteration:
                     loader = iter(batch_loader(*splits["train"], batch_size, shuffle=True))
-                    raw, labels, _, views = next(loader)
+                    raw, labels, _, views, _ = next(loader)
                 images = to_float(apply_views(raw, views))
             _train_step(model, optimizer, images, labels)
             done += len(labels)

@@ -3,6 +3,8 @@
 Training augmentation is exactly the dihedral group (flips and 90-degree rotations), so an image
 is only ever shown in one of 8 views: computing the teacher's logits for all of them once makes
 the cache exact, and distillation then costs about as much as training the student alone.
+(A stage with `translate` > 0 also shifts images by a few pixels; the cache then gives the teacher's
+output on the unshifted view, an approximation; `kd.teacher_mode: online` gives the exact one.)
 The cache file is keyed by a hash of the teacher weights, the train images/labels and the
 preprocessing, and is rebuilt whenever any of them changes.
 """

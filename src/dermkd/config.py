@@ -40,6 +40,9 @@ class StageConfig:
     ema_decay: float | None = None  # EMA of weights (Lightning's EMAWeightAveraging); None: off
     class_weights: str = "none"  # label-loss weight per class: none, inverse_sqrt or inverse train frequency
     gradient_clip: float | None = None  # clip the gradient norm (Lightning's gradient_clip_val); None: off
+    # Random shift of up to this many pixels (of the data file) on top of the flips/rotations; 0: off.
+    # With a cached teacher the target is the teacher's output on the unshifted view (an approximation).
+    translate: int = 0
 
 
 @dataclass
@@ -112,6 +115,8 @@ class Config:
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
             check(stage.class_weights in CLASS_WEIGHTS, f"{name}.class_weights", f"must be one of {CLASS_WEIGHTS}")
             check(stage.gradient_clip is None or stage.gradient_clip > 0, f"{name}.gradient_clip", "must be > 0 or null")
+            check(isinstance(stage.translate, int) and 0 <= stage.translate <= self.data.size // 4, f"{name}.translate",
+                  f"must be a whole number of pixels in 0..{self.data.size // 4} (got {stage.translate!r})")
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
         check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")
         check(isinstance(self.kd.options, dict), "kd.options", "must be a mapping, e.g. {beta: 8.0}")

@@ -2,7 +2,8 @@
 
 Dataset facts (classes, split sizes, file names) come from medmnist's INFO, the single source of
 truth. The whole dataset lives in memory as uint8 tensors; a batch is one tensor index, and
-augmentation (the 8 flips/rotations of the square) is applied to the whole batch at once.
+augmentation (the 8 flips/rotations of the square, optionally a random shift of a few pixels) is
+applied to the whole batch at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from medmnist import INFO as MEDMNIST_INFO
 from medmnist.info import DEFAULT_ROOT
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -147,8 +149,23 @@ def apply_views(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def apply_shifts(images: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
+    """Image i of the float batch moved by shifts[i] = (down, right) pixels (each within +-pad), the
+    uncovered border filled by reflecting the image (a dermoscopy crop has skin beyond its edge, not black)."""
+    if pad == 0 or not shifts.any():
+        return images
+    n, _, height, width = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    # out[y, x] = image[y - down, x - right], i.e. padded[y - down + pad, x - right + pad]
+    rows = (pad - shifts[:, 0])[:, None] + torch.arange(height, device=images.device)
+    cols = (pad - shifts[:, 1])[:, None] + torch.arange(width, device=images.device)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C): NHWC memory
+    return out.permute(0, 3, 1, 2)  # NCHW view of NHWC memory, i.e. channels_last
+
+
 class IndexedBatches(Dataset):
-    """A dataset indexed by a whole batch at once, (indices, views): one tensor gather per batch."""
+    """A dataset indexed by a whole batch at once, (indices, views, shifts): one tensor gather per batch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
@@ -157,32 +174,36 @@ class IndexedBatches(Dataset):
         return len(self.labels)
 
     def __getitem__(self, batch):
-        indices, views = batch
-        return self.images[indices], self.labels[indices], indices, views
+        indices, views, shifts = batch
+        return self.images[indices], self.labels[indices], indices, views, shifts
 
 
 class EpochBatchSampler(Sampler):
-    """Batches of (indices, dihedral view ids). Shuffled, the order and the views depend only on
-    (seed, epoch), drawn from a private generator: a resumed run sees the same batches as an
-    uninterrupted one, whatever else used the global RNG. With several processes, process `rank`
-    of `world_size` takes every world_size-th batch (all take the same number). Unshuffled
-    (evaluation): every batch in order, all in view 0."""
+    """Batches of (indices, dihedral view ids, (N, 2) pixel shifts within +-translate). Shuffled, the
+    order, views and shifts depend only on (seed, epoch), drawn from a private generator: a resumed run
+    sees the same batches as an uninterrupted one, whatever else used the global RNG. With several
+    processes, process `rank` of `world_size` takes every world_size-th batch (all take the same
+    number). Unshuffled (evaluation): every batch in order, all in view 0, unshifted."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, epoch: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 epoch: int = 0, translate: int = 0):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.shuffle, self.epoch = shuffle, epoch
+        self.shuffle, self.epoch, self.translate = shuffle, epoch, translate
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning before every training epoch
         self.epoch = epoch
 
     def __iter__(self):
+        shifts = torch.zeros(self.n, 2, dtype=torch.long)
         if not self.shuffle:
             order = torch.arange(self.n)
-            return zip(order.split(self.batch_size), torch.zeros(self.n, dtype=torch.long).split(self.batch_size))
+            return zip(order.split(self.batch_size), torch.zeros(self.n, dtype=torch.long).split(self.batch_size), shifts.split(self.batch_size))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=generator)
         views = torch.randint(0, 8, (self.n,), generator=generator)
-        batches = list(zip(order.split(self.batch_size), views.split(self.batch_size)))
+        if self.translate:  # drawn last, so translate 0 keeps the order and views of earlier runs
+            shifts = torch.randint(-self.translate, self.translate + 1, (self.n, 2), generator=generator)
+        batches = list(zip(order.split(self.batch_size), views.split(self.batch_size), shifts.split(self.batch_size)))
         usable = len(batches) - len(batches) % self.world_size
         return iter(batches[self.rank : usable : self.world_size])
 
@@ -191,8 +212,9 @@ class EpochBatchSampler(Sampler):
         return batches // self.world_size if self.shuffle else batches
 
 
-def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0) -> DataLoader:
-    sampler = EpochBatchSampler(len(labels), batch_size, seed, rank, world_size, shuffle, epoch)
+def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 translate: int = 0) -> DataLoader:
+    sampler = EpochBatchSampler(len(labels), batch_size, seed, rank, world_size, shuffle, epoch, translate)
     # batch_size=None: the sampler already yields whole batches. The loader's own generator keeps
     # iterator creation (which draws a base seed) off the global RNG that dropout uses.
     return DataLoader(IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator())
@@ -213,24 +235,27 @@ def subset(splits, train: int | None, val: int | None, seed: int):
 class DermaDataModule(L.LightningDataModule):
     """Serves in-memory splits to a Lightning Trainer.
 
-    Loaders yield (uint8 images, labels, indices, view ids); once on the device, each image is turned
-    to its dihedral view (random per epoch in training, view 0 otherwise) and made float.
+    Loaders yield (uint8 images, labels, indices, view ids, shifts); once on the device, each image is
+    turned to its dihedral view (random per epoch in training, view 0 otherwise), made float and, with
+    `translate` > 0, shifted by up to that many pixels (training only). Steps get (images, labels,
+    indices, views).
     """
 
-    def __init__(self, splits, batch_size: int, seed: int = 0, eval_batch_size: int = 1024):
+    def __init__(self, splits, batch_size: int, seed: int = 0, eval_batch_size: int = 1024, translate: int = 0):
         super().__init__()
         self.splits, self.batch_size, self.seed, self.eval_batch_size = splits, batch_size, seed, eval_batch_size
+        self.translate = translate
 
     def train_dataloader(self):
         # Sharded by dermkd's own sampler (the Trainer runs with use_distributed_sampler=False).
         rank, world, epoch = (self.trainer.global_rank, self.trainer.world_size, self.trainer.current_epoch) if self.trainer else (0, 1, 0)
         # Lightning makes an epoch's first iterator before it calls set_epoch: the sampler must
         # already hold the epoch (the Trainer reloads this loader every epoch).
-        return batch_loader(*self.splits["train"], self.batch_size, True, self.seed, rank, world, epoch)
+        return batch_loader(*self.splits["train"], self.batch_size, True, self.seed, rank, world, epoch, self.translate)
 
     def val_dataloader(self):
         return batch_loader(*self.splits["val"], self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels, indices, views = batch
-        return to_float(apply_views(images, views)), labels, indices, views
+        images, labels, indices, views, shifts = batch
+        return apply_shifts(to_float(apply_views(images, views)), shifts, self.translate), labels, indices, views

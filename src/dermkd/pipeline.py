@@ -183,7 +183,7 @@ def fit(study: Study, name: str, module: SupervisedModule, stage: StageConfig) -
     )
     start = time.perf_counter()
     # weights_only: resuming never unpickles arbitrary objects from a checkpoint.
-    trainer.fit(module, datamodule=DermaDataModule(study.splits, stage.batch_size, study.cfg.seed), ckpt_path=resume_from, weights_only=True)
+    trainer.fit(module, datamodule=DermaDataModule(study.splits, stage.batch_size, study.cfg.seed, translate=stage.translate), ckpt_path=resume_from, weights_only=True)
     train_time = time.perf_counter() - start
     atomic_write_text(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
     # weights_only: a checkpoint is never unpickled into arbitrary objects.
