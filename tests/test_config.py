@@ -135,20 +135,41 @@ def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
     assert len(spec["teacher"]) == 2 and not any("64" in path for path in spec["teacher"])  # teachers of the 28 px file
 
 
-def test_ensemble_lite0_is_the_point_its_sweep_chose():
+def test_ensemble_lite0_is_the_point_its_sweeps_chose():
     from pathlib import Path
 
     from dermkd.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     named = load_config(configs / "ensemble-lite0.yaml")
-    # epochs chosen by sweep-ensemble-lite0.yaml, then the learning rate by sweep-ensemble-lite0-lr.yaml
-    base, spec = read_sweep(configs / "sweep-ensemble-lite0-lr.yaml")
-    chosen = point_configs(base, spec["grid"])[point_name({"distill.lr": named.distill.lr})]
-    assert (named.distill.epochs, named.distill.lr) == (200, 0.001)
+    # epochs chosen by sweep-ensemble-lite0.yaml, the learning rate by sweep-ensemble-lite0-lr.yaml,
+    # then the 2 px shift by sweep-ensemble-lite0-shift.yaml (against the lr sweep's point)
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0-shift.yaml")
+    (chosen,) = point_configs(base, spec["grid"]).values()
+    assert (named.distill.epochs, named.distill.lr, named.distill.translate) == (200, 0.001, 2)
     assert (named.distill, named.kd, named.student_model, named.data) == (chosen.distill, chosen.kd, chosen.student_model, chosen.data)
     # the student alone as measured with its epochs and learning rate chosen on val (results/alone200-lr1e-3)
-    assert (named.student.epochs, named.student.lr) == (200, 0.001)
+    assert (named.student.epochs, named.student.lr, named.student.translate) == (200, 0.001, 0)
+
+
+@pytest.mark.parametrize("probe, section, field, tried", [("ls", "kd", "standardize", True), ("t", "kd", "temperature", 2.0),
+                                                          ("shift", "distill", "translate", 2)])
+def test_28px_one_point_sweeps_change_one_setting_of_the_lr_sweeps_choice(probe, section, field, tried):
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, point_name, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0-lr.yaml")
+    compared = point_configs(base, spec["grid"])[point_name({"distill.lr": 0.001})].to_dict()
+    probe_base, probe_spec = read_sweep(configs / f"sweep-ensemble-lite0-{probe}.yaml")
+    (point,) = point_configs(probe_base, probe_spec["grid"]).values()
+    point = point.to_dict()
+    assert probe_spec["teacher"] == spec["teacher"] and probe_spec["seeds"] == spec["seeds"]
+    assert point[section].pop(field) == tried and compared[section].pop(field) != tried
+    for config in (point, compared):
+        config.pop("student")  # a sweep distils only; the student-alone settings play no part
+    assert point == compared  # the probed setting is the one difference
 
 
 @pytest.mark.parametrize("probe, key, reused, tried", [("ema", "distill.ema_decay", None, 0.999), ("lr", "distill.lr", 0.003, 0.001)])
