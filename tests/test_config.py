@@ -149,7 +149,7 @@ def test_ensemble_lite0_is_the_point_its_sweeps_chose():
     assert (named.distill.epochs, named.distill.lr, named.distill.translate) == (200, 0.001, 2)
     assert (named.distill, named.kd, named.student_model, named.data) == (chosen.distill, chosen.kd, chosen.student_model, chosen.data)
     # the student alone as measured with its epochs and learning rate chosen on val (results/alone200-lr1e-3)
-    assert (named.student.epochs, named.student.lr, named.student.translate) == (200, 0.001, 0)
+    assert (named.student.epochs, named.student.lr, named.student.translate) == (200, 0.001, 2)  # results/alone200-lr1e-3-shift2
 
 
 @pytest.mark.parametrize("probe, section, field, tried", [("ls", "kd", "standardize", True), ("t", "kd", "temperature", 2.0),
