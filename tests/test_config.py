@@ -116,6 +116,14 @@ def test_64px_lite0_sweeps_build_on_each_other():
     (x3,) = point_configs(x3_base, x3_spec["grid"]).values()
     assert x3 == point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
     assert x3_spec["teacher"][:2] == views_spec["teacher"] and len(x3_spec["teacher"]) == 3 and x3_spec["seeds"] == views_spec["seeds"]
+    # the shift sweep is the views sweep's `mean` recipe with a 4 px shift, nothing else
+    shift_base, shift_spec = read_sweep(configs / "sweep-ensemble64-lite0-shift.yaml")
+    (shifted,) = point_configs(shift_base, shift_spec["grid"]).values()
+    mean = point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
+    assert shifted.distill.translate == 4 and mean.distill.translate == 0
+    assert shifted.to_dict() | {"distill": mean.to_dict()["distill"]} == mean.to_dict()
+    assert {**shifted.to_dict()["distill"], "translate": 0} == mean.to_dict()["distill"]
+    assert shift_spec["teacher"] == views_spec["teacher"] and shift_spec["seeds"] == views_spec["seeds"]
 
 
 def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
