@@ -161,7 +161,7 @@ def test_ensemble_lite0_is_the_point_its_sweeps_chose():
 
 
 @pytest.mark.parametrize("probe, section, field, tried", [("ls", "kd", "standardize", True), ("t", "kd", "temperature", 2.0),
-                                                          ("shift", "distill", "translate", 2)])
+                                                          ("shift", "distill", "translate", 2), ("shift3", "distill", "translate", 3)])
 def test_28px_one_point_sweeps_change_one_setting_of_the_lr_sweeps_choice(probe, section, field, tried):
     from pathlib import Path
 
