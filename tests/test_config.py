@@ -114,12 +114,12 @@ def test_64px_lite0_sweeps_build_on_each_other():
     # the three-Lite0 sweep is the views sweep's `mean` recipe with one more teacher
     x3_base, x3_spec = read_sweep(configs / "sweep-ensemble64-lite0x3.yaml")
     (x3,) = point_configs(x3_base, x3_spec["grid"]).values()
-    assert x3 == point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
+    mean = point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
+    assert x3 == mean
     assert x3_spec["teacher"][:2] == views_spec["teacher"] and len(x3_spec["teacher"]) == 3 and x3_spec["seeds"] == views_spec["seeds"]
     # the shift sweep is the views sweep's `mean` recipe with a 4 px shift, nothing else
     shift_base, shift_spec = read_sweep(configs / "sweep-ensemble64-lite0-shift.yaml")
     (shifted,) = point_configs(shift_base, shift_spec["grid"]).values()
-    mean = point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
     assert shifted.distill.translate == 4 and mean.distill.translate == 0
     assert shifted.to_dict() | {"distill": mean.to_dict()["distill"]} == mean.to_dict()
     assert {**shifted.to_dict()["distill"], "translate": 0} == mean.to_dict()["distill"]
@@ -156,7 +156,7 @@ def test_ensemble_lite0_is_the_point_its_sweeps_chose():
     (chosen,) = point_configs(base, spec["grid"]).values()
     assert (named.distill.epochs, named.distill.lr, named.distill.translate) == (200, 0.001, 2)
     assert (named.distill, named.kd, named.student_model, named.data) == (chosen.distill, chosen.kd, chosen.student_model, chosen.data)
-    # the student alone as measured with its epochs and learning rate chosen on val (results/alone200-lr1e-3)
+    # the student alone with its epochs, learning rate and shift chosen on val
     assert (named.student.epochs, named.student.lr, named.student.translate) == (200, 0.001, 2)  # results/alone200-lr1e-3-shift2
 
 
