@@ -124,6 +124,13 @@ def test_64px_lite0_sweeps_build_on_each_other():
     assert shifted.to_dict() | {"distill": mean.to_dict()["distill"]} == mean.to_dict()
     assert {**shifted.to_dict()["distill"], "translate": 0} == mean.to_dict()["distill"]
     assert shift_spec["teacher"] == views_spec["teacher"] and shift_spec["seeds"] == views_spec["seeds"]
+    # the learning-rate sweep is the same recipe at distill.lr 0.001 (the 28 px choice), nothing else
+    lr_base, lr_spec = read_sweep(configs / "sweep-ensemble64-lite0-lr.yaml")
+    (slower,) = point_configs(lr_base, lr_spec["grid"]).values()
+    assert slower.distill.lr == 0.001 and mean.distill.lr == 0.003
+    assert slower.to_dict() | {"distill": mean.to_dict()["distill"]} == mean.to_dict()
+    assert {**slower.to_dict()["distill"], "lr": 0.003} == mean.to_dict()["distill"]
+    assert lr_spec["teacher"] == views_spec["teacher"] and lr_spec["seeds"] == views_spec["seeds"]
 
 
 def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
