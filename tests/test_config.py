@@ -117,20 +117,15 @@ def test_64px_lite0_sweeps_build_on_each_other():
     mean = point_configs(views_base, views_spec["grid"])[point_name({"kd.teacher_views": "mean"})]
     assert x3 == mean
     assert x3_spec["teacher"][:2] == views_spec["teacher"] and len(x3_spec["teacher"]) == 3 and x3_spec["seeds"] == views_spec["seeds"]
-    # the shift sweep is the views sweep's `mean` recipe with a 4 px shift, nothing else
-    shift_base, shift_spec = read_sweep(configs / "sweep-ensemble64-lite0-shift.yaml")
-    (shifted,) = point_configs(shift_base, shift_spec["grid"]).values()
-    assert shifted.distill.translate == 4 and mean.distill.translate == 0
-    assert shifted.to_dict() | {"distill": mean.to_dict()["distill"]} == mean.to_dict()
-    assert {**shifted.to_dict()["distill"], "translate": 0} == mean.to_dict()["distill"]
-    assert shift_spec["teacher"] == views_spec["teacher"] and shift_spec["seeds"] == views_spec["seeds"]
-    # the learning-rate sweep is the same recipe at distill.lr 0.001 (the 28 px choice), nothing else
-    lr_base, lr_spec = read_sweep(configs / "sweep-ensemble64-lite0-lr.yaml")
-    (slower,) = point_configs(lr_base, lr_spec["grid"]).values()
-    assert slower.distill.lr == 0.001 and mean.distill.lr == 0.003
-    assert slower.to_dict() | {"distill": mean.to_dict()["distill"]} == mean.to_dict()
-    assert {**slower.to_dict()["distill"], "lr": 0.003} == mean.to_dict()["distill"]
-    assert lr_spec["teacher"] == views_spec["teacher"] and lr_spec["seeds"] == views_spec["seeds"]
+    # the one-point probes are the views sweep's `mean` recipe with one distillation setting changed, nothing else:
+    # a 4 px shift, and the 28 px recipe's learning rate 0.001
+    for probe, field, tried in [("shift", "translate", 4), ("lr", "lr", 0.001)]:
+        probe_base, probe_spec = read_sweep(configs / f"sweep-ensemble64-lite0-{probe}.yaml")
+        (point,) = point_configs(probe_base, probe_spec["grid"]).values()
+        point, compared = point.to_dict(), mean.to_dict()
+        assert point["distill"].pop(field) == tried and compared["distill"].pop(field) != tried
+        assert point == compared
+        assert probe_spec["teacher"] == views_spec["teacher"] and probe_spec["seeds"] == views_spec["seeds"]
 
 
 def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
