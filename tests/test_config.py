@@ -198,3 +198,21 @@ def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, re
     with_change, without = points[point_name({key: tried})].to_dict(), points[point_name({key: reused})].to_dict()
     assert with_change["distill"].pop(field) == tried and without["distill"].pop(field) == reused
     assert with_change == without  # the probed setting is the one difference
+
+
+def test_28px_longer_schedule_probe_changes_only_the_epochs_of_the_shift_sweeps_point():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0-shift.yaml")
+    (compared,) = point_configs(base, spec["grid"]).values()
+    probe_base, probe_spec = read_sweep(configs / "sweep-ensemble-lite0-e300.yaml")
+    (point,) = point_configs(probe_base, probe_spec["grid"]).values()
+    point, compared = point.to_dict(), compared.to_dict()
+    assert probe_spec["teacher"] == spec["teacher"] and probe_spec["seeds"] == spec["seeds"]
+    assert point["distill"].pop("epochs") == 300 and compared["distill"].pop("epochs") == 200
+    for config in (point, compared):
+        config.pop("student")  # a sweep distils only; the student-alone settings play no part
+    assert point == compared  # the schedule's length is the one difference
