@@ -162,16 +162,20 @@ def test_ensemble_lite0_is_the_point_its_sweeps_chose():
     assert (named.student.epochs, named.student.lr, named.student.translate) == (200, 0.001, 2)  # results/alone200-lr1e-3-shift2
 
 
-@pytest.mark.parametrize("probe, section, field, tried", [("ls", "kd", "standardize", True), ("t", "kd", "temperature", 2.0),
-                                                          ("shift", "distill", "translate", 2), ("shift3", "distill", "translate", 3)])
-def test_28px_one_point_sweeps_change_one_setting_of_the_lr_sweeps_choice(probe, section, field, tried):
+# each probe against the point it was compared with: the lr sweep's choice, or (for the schedule) the 2 px shift point
+@pytest.mark.parametrize("probe, against, section, field, tried", [
+    ("ls", "lr", "kd", "standardize", True), ("t", "lr", "kd", "temperature", 2.0),
+    ("shift", "lr", "distill", "translate", 2), ("shift3", "lr", "distill", "translate", 3),
+    ("e300", "shift", "distill", "epochs", 300)])
+def test_28px_one_point_sweeps_change_one_setting_of_the_point_they_are_compared_with(probe, against, section, field, tried):
     from pathlib import Path
 
     from dermkd.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
-    base, spec = read_sweep(configs / "sweep-ensemble-lite0-lr.yaml")
-    compared = point_configs(base, spec["grid"])[point_name({"distill.lr": 0.001})].to_dict()
+    base, spec = read_sweep(configs / f"sweep-ensemble-lite0-{against}.yaml")
+    points = point_configs(base, spec["grid"])
+    compared = (points[point_name({"distill.lr": 0.001})] if against == "lr" else next(iter(points.values()))).to_dict()
     probe_base, probe_spec = read_sweep(configs / f"sweep-ensemble-lite0-{probe}.yaml")
     (point,) = point_configs(probe_base, probe_spec["grid"]).values()
     point = point.to_dict()
@@ -198,21 +202,3 @@ def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, re
     with_change, without = points[point_name({key: tried})].to_dict(), points[point_name({key: reused})].to_dict()
     assert with_change["distill"].pop(field) == tried and without["distill"].pop(field) == reused
     assert with_change == without  # the probed setting is the one difference
-
-
-def test_28px_longer_schedule_probe_changes_only_the_epochs_of_the_shift_sweeps_point():
-    from pathlib import Path
-
-    from dermkd.sweep import point_configs, read_sweep
-
-    configs = Path(__file__).parent.parent / "configs"
-    base, spec = read_sweep(configs / "sweep-ensemble-lite0-shift.yaml")
-    (compared,) = point_configs(base, spec["grid"]).values()
-    probe_base, probe_spec = read_sweep(configs / "sweep-ensemble-lite0-e300.yaml")
-    (point,) = point_configs(probe_base, probe_spec["grid"]).values()
-    point, compared = point.to_dict(), compared.to_dict()
-    assert probe_spec["teacher"] == spec["teacher"] and probe_spec["seeds"] == spec["seeds"]
-    assert point["distill"].pop("epochs") == 300 and compared["distill"].pop("epochs") == 200
-    for config in (point, compared):
-        config.pop("student")  # a sweep distils only; the student-alone settings play no part
-    assert point == compared  # the schedule's length is the one difference
