@@ -102,6 +102,19 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     assert result.returncode == 0, result.stderr
     student = json.loads((out / "results.json").read_text())["models"]["student"]["test"]
     assert json.loads(result.stdout)["test"]["acc"] == pytest.approx(student["acc"])
+    # --views mean: the same weights scored on the mean logits of the 8 flips/rotations.
+    result = dermkd("evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "val", "--views", "mean")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    from dermkd.data import load_dermamnist
+    from dermkd.inference import predict_probs
+    from dermkd.metrics import classification_metrics
+    from dermkd.models import load_model
+
+    images, labels = load_dermamnist(synthetic_root, 28)["val"]
+    expected = classification_metrics(predict_probs(load_model(out / "student.safetensors"), images, views="mean"), labels.numpy())
+    assert record["views"] == "mean" and "test" not in record
+    assert record["val"]["loss"] == pytest.approx(expected["loss"]) and record["val"]["acc"] == pytest.approx(expected["acc"])
     # Several files: their ensemble, the same numbers `distill` recorded for it.
     result = dermkd("evaluate", out / "teacher.safetensors", out / "student.safetensors", "--data-root", synthetic_root)
     assert result.returncode == 0, result.stderr

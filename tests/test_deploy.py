@@ -7,10 +7,13 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dermkd import DermkdError
 from dermkd.cli import main
-from dermkd.data import CLASS_NAMES
+from dermkd.data import CLASS_NAMES, dihedral, to_float
+from dermkd.inference import predict_probs
 from dermkd.models import create_model, save_weights
 
 
@@ -128,3 +131,20 @@ def test_server_rejects_oversized_upload_without_reading_it(weights):
         assert conn.getresponse().status == 200
     finally:
         server.shutdown()
+
+
+def test_mean_views_is_the_softmax_of_the_logits_averaged_over_the_8_flips_rotations():
+    torch.manual_seed(0)
+    # A linear model on raw pixels: far from invariant, so one view and the mean of 8 differ clearly.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, len(CLASS_NAMES)))
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        by_hand = torch.softmax(torch.stack([model(to_float(dihedral(images, view))) for view in range(8)]).mean(0), dim=1)
+    mean_views = predict_probs(model, images, batch_size=4, views="mean")
+    np.testing.assert_allclose(mean_views, by_hand.numpy(), atol=1e-6)
+    # Invariant to a flip/rotation of the input; the image as it is is not.
+    turned = dihedral(images, 5)
+    np.testing.assert_allclose(predict_probs(model, turned, views="mean"), mean_views, atol=1e-6)
+    assert np.abs(predict_probs(model, turned) - predict_probs(model, images)).max() > 0.05
+    with pytest.raises(DermkdError, match="views must be one of one, mean"):
+        predict_probs(model, images, views="all")

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", type=Path, nargs="+", help="a .safetensors file written by dermkd (several: their ensemble, mean logits)")
     p.add_argument("--data-root", help="folder with dermamnist.npz")
     p.add_argument("--split", choices=["val", "test", "both"], default="both")
+    p.add_argument("--views", choices=["one", "mean"], default="one",
+                   help="mean: test-time augmentation, logits averaged over the 8 flips/rotations (default: the image as it is)")
 
     p = sub.add_parser("predict", help="classify image files or folders (JPEG/PNG of any size and mode)")
     p.add_argument("weights", type=Path, help="model weights (.safetensors written by dermkd), e.g. RUN/distilled.safetensors")
@@ -314,10 +316,11 @@ def evaluate_weights(args) -> dict:
         raise DermkdError(f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately")
     model = load_teacher(args.weights)
     splits = load_dermamnist(args.data_root, sizes.pop())
-    out = {"weights": [str(path) for path in args.weights] if len(args.weights) > 1 else str(args.weights[0]), "arch": model.arch}
+    out = {"weights": [str(path) for path in args.weights] if len(args.weights) > 1 else str(args.weights[0]), "arch": model.arch,
+           "views": args.views}
     for split in ("val", "test") if args.split == "both" else (args.split,):
         images, labels = splits[split]
-        metrics = classification_metrics(predict_probs(model, images), labels.numpy())
+        metrics = classification_metrics(predict_probs(model, images, views=args.views), labels.numpy())
         out[split] = {key: value for key, value in metrics.items() if key != "per_class"}
     return out
 

@@ -10,21 +10,30 @@ import numpy as np
 import torch
 
 from . import DermkdError
+from .cache import logits_for_all_views
 from .data import CLASS_NAMES, to_float
 from .files import atomic_output
 from .models import load_model, read_metadata
 from .preprocess import collect_images, load_image, to_batch
 
 
+VIEWS = ("one", "mean")
+
+
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Softmax probabilities for uint8 NCHW images, in large batches."""
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, views: str = "one") -> np.ndarray:
+    """Softmax probabilities for uint8 NCHW images, in large batches. views="mean" is test-time
+    augmentation: the softmax of the logits averaged over the 8 flips/rotations that training shows
+    (the teachers' `kd.teacher_views: mean`), which makes the prediction invariant to them."""
+    if views not in VIEWS:
+        raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
     device = next(model.parameters()).device
     model.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = to_float(images[start : start + batch_size].to(device))
-        chunks.append(torch.softmax(model(batch).float(), dim=1).cpu())
+        logits = logits_for_all_views(model, batch).mean(dim=1) if views == "mean" else model(batch)
+        chunks.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
 
 
