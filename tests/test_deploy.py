@@ -57,6 +57,22 @@ def test_predict_json_and_a_bad_file(tmp_path, weights, lesion_images, capsys):
     assert main(["predict", str(weights / "student.safetensors"), str(bad), "--out", str(tmp_path / "q.csv")]) == 2
 
 
+def test_predict_mean_views_is_blind_to_a_rotated_photo(tmp_path, weights, capsys):
+    image = np.random.default_rng(1).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(image))).save(tmp_path / "b.png")
+
+    def probs(*views):
+        out = tmp_path / "p.csv"
+        assert main(["predict", str(weights / "student.safetensors"), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(out), *views]) == 0
+        rows = list(csv.DictReader(open(out)))
+        return np.array([[float(row[f"prob_{c}"]) for c in CLASS_NAMES] for row in rows])
+
+    plain, mean_views = probs(), probs("--views", "mean")
+    assert np.abs(plain[0] - plain[1]).max() > 1e-3  # one view: the rotation shows
+    np.testing.assert_allclose(mean_views[0], mean_views[1], atol=2e-6)
+
+
 def test_export_onnx_matches_pytorch(tmp_path, weights, real_root, capsys):
     out = tmp_path / "student.onnx"
     code = main(["export", str(weights / "student.safetensors"), "--onnx", str(out), "--data-root", str(real_root), "--check-images", "256"])

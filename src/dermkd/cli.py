@@ -73,14 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", type=Path, nargs="+", help="a .safetensors file written by dermkd (several: their ensemble, mean logits)")
     p.add_argument("--data-root", help="folder with dermamnist.npz")
     p.add_argument("--split", choices=["val", "test", "both"], default="both")
-    p.add_argument("--views", choices=["one", "mean"], default="one",
-                   help="mean: test-time augmentation, logits averaged over the 8 flips/rotations (default: the image as it is)")
+    _views(p)
 
     p = sub.add_parser("predict", help="classify image files or folders (JPEG/PNG of any size and mode)")
     p.add_argument("weights", type=Path, help="model weights (.safetensors written by dermkd), e.g. RUN/distilled.safetensors")
     p.add_argument("paths", type=Path, nargs="+", help="image files and/or folders")
     p.add_argument("--teacher", type=Path, help="teacher weights: add its prediction beside the student's")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output .csv (default) or .json")
+    _views(p)
     p.add_argument("--batch-size", type=int, default=256)
 
     p = sub.add_parser("export", help="export weights to ONNX and check it against PyTorch on real test images")
@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate report.md of a run folder from its results.json")
     p.add_argument("run_dir", type=Path)
     return parser
+
+
+def _views(p) -> None:
+    p.add_argument("--views", choices=["one", "mean"], default="one",
+                   help="mean: test-time augmentation, logits averaged over the 8 flips/rotations (default: the image as it is)")
 
 
 def _val_only(p) -> None:
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
         elif args.command == "predict":
             from .inference import predict_files, write_predictions
 
-            rows, errors = predict_files(args.weights, args.paths, args.teacher, args.batch_size)
+            rows, errors = predict_files(args.weights, args.paths, args.teacher, args.batch_size, views=args.views)
             for error in errors:
                 print(f"dermkd: skipped {error}", file=sys.stderr)
             if rows:

@@ -43,8 +43,9 @@ def data_size(weights: Path) -> int:
 
 
 def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None, batch_size: int = 256,
-                  progress: bool = True) -> tuple[list[dict], list[str]]:
-    """Rows of {file, predicted, prob_<class>...} (and teacher_* columns); plus one error line per unreadable file."""
+                  progress: bool = True, views: str = "one") -> tuple[list[dict], list[str]]:
+    """Rows of {file, predicted, prob_<class>...} (and teacher_* columns); plus one error line per unreadable file.
+    `views` as in predict_probs, for every model."""
     models = {"": load_model(weights)}
     if teacher:
         models["teacher_"] = load_model(teacher)
@@ -73,7 +74,7 @@ def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None,
         batch = to_batch(arrays)
         chunk_rows = [{"file": str(path)} for path in good]
         for prefix, model in models.items():
-            for row, probs in zip(chunk_rows, predict_probs(model, batch)):
+            for row, probs in zip(chunk_rows, predict_probs(model, batch, views=views)):
                 row[f"{prefix}predicted"] = CLASS_NAMES[int(probs.argmax())]
                 row.update({f"{prefix}prob_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
         rows += chunk_rows
