@@ -88,6 +88,34 @@ def test_export_onnx_matches_pytorch(tmp_path, weights, real_root, capsys):
         assert probs.shape == (batch, 7)
 
 
+
+def test_export_and_serve_mean_views_match_evaluate(tmp_path, weights, real_root, capsys):
+    """--views mean in ONNX and in serve: the mean of the 8 flips/rotations, as predict_probs computes it."""
+    out = tmp_path / "student-mean.onnx"
+    assert main(["export", str(weights / "student.safetensors"), "--onnx", str(out), "--data-root", str(real_root),
+                 "--check-images", "64", "--views", "mean"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["views"] == "mean" and report["max_abs_diff_probabilities"] < 1e-4
+
+    import io
+
+    import onnxruntime
+    from dermkd.serve import Classifier
+
+    images = np.random.default_rng(2).random((3, 3, 28, 28), dtype=np.float32)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    straight, turned = (session.run(None, {"images": x})[0] for x in (images, np.ascontiguousarray(np.rot90(images, 1, (2, 3)))))
+    np.testing.assert_allclose(straight, turned, atol=1e-5)
+
+    photo = np.random.default_rng(3).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    answers = []
+    for array in (photo, np.ascontiguousarray(np.rot90(photo))):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        answers.append(Classifier(weights / "student.safetensors", views="mean").classify(buffer.getvalue())["student"]["probabilities"])
+    assert answers[0] == pytest.approx(answers[1], abs=2e-6)
+
+
 CHROMIUM = shutil.which("chromium")
 
 

@@ -88,12 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, required=True, help="output .onnx file")
     p.add_argument("--data-root", help="folder with dermamnist.npz, for the check on test images")
     p.add_argument("--check-images", type=int, default=512, help="test images to compare on (0: skip the check)")
+    _views(p)
 
     p = sub.add_parser("serve", help="a local web page to try the model on an uploaded image")
     p.add_argument("weights", type=Path, help="e.g. RUN/distilled.safetensors")
     p.add_argument("--teacher", type=Path, help="teacher weights: show its probabilities too")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    _views(p)
 
     p = sub.add_parser("bench", help="speed figures: data path, cached vs online distillation, latency, FLOPs")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per throughput figure")
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
         elif args.command == "serve":
             from .serve import make_server
 
-            server = make_server(args.weights, args.teacher, args.host, args.port)
+            server = make_server(args.weights, args.teacher, args.host, args.port, views=args.views)
             print(f"serving on http://{args.host}:{server.server_address[1]}/  (Ctrl-C stops)", flush=True)
             server.serve_forever()
         elif args.command == "export":
@@ -302,7 +304,7 @@ def export_weights(args) -> dict:
     images = None
     if args.check_images:
         images = load_dermamnist(args.data_root, data_size(args.weights))["test"][0][: args.check_images]
-    report = export_onnx(args.weights, args.onnx, images)
+    report = export_onnx(args.weights, args.onnx, images, views=args.views)
     if images is not None and report["max_abs_diff_probabilities"] >= 1e-4:
         raise DermkdError(f"ONNX and PyTorch disagree: max abs difference {report['max_abs_diff_probabilities']:.2e} >= 1e-4")
     return report

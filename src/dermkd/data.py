@@ -132,9 +132,16 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
-    """View 0..7 of the square's symmetry group: rotate by 90*(view % 4) degrees, then mirror if view >= 4."""
-    out = torch.rot90(images, view % 4, dims=(2, 3))
-    return out.flip(3) if view >= 4 else out
+    """View 0..7 of the square's symmetry group: rotate by 90*(view % 4) degrees (as torch.rot90 on the
+    last two dims), then mirror if view >= 4. Written with flip/transpose, which ONNX can export."""
+    turns = view % 4
+    if turns == 1:
+        images = images.flip(3).transpose(2, 3)
+    elif turns == 2:
+        images = images.flip(2).flip(3)
+    elif turns == 3:
+        images = images.transpose(2, 3).flip(3)
+    return images.flip(3) if view >= 4 else images
 
 
 def apply_views(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:

@@ -94,14 +94,16 @@ def write_predictions(rows: list[dict], out: Path) -> None:
 
 
 class WithSoftmax(torch.nn.Module):
-    """The exported graph returns probabilities, so every runtime gets the same output as predict."""
+    """The exported graph returns probabilities, so every runtime gets the same output as predict
+    (views="mean": of the logits averaged over the 8 flips/rotations, as predict --views mean)."""
 
-    def __init__(self, model):
+    def __init__(self, model, views: str = "one"):
         super().__init__()
-        self.model = model
+        self.model, self.views = model, views
 
     def forward(self, images):
-        return torch.softmax(self.model(images), dim=1)
+        logits = logits_for_all_views(self.model, images).mean(dim=1) if self.views == "mean" else self.model(images)
+        return torch.softmax(logits, dim=1)
 
 
 def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
@@ -112,19 +114,21 @@ def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
                           opset_version=17)
 
 
-def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None) -> dict:
+def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None, views: str = "one") -> dict:
     """ONNX with a dynamic batch axis; input float RGB [0, 1] NCHW, output 7 probabilities.
     When `check_images` (uint8 NCHW) are given, compares ONNX Runtime with PyTorch on them."""
-    model = WithSoftmax(load_model(weights).to(memory_format=torch.contiguous_format)).eval()
+    if views not in VIEWS:
+        raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
+    model = WithSoftmax(load_model(weights).to(memory_format=torch.contiguous_format), views).eval()
     size = data_size(weights)
     out = Path(out)
     write_onnx(model, size, out)
-    report = {"onnx": str(out), "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]", "classes": CLASS_NAMES}
+    report = {"onnx": str(out), "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]", "classes": CLASS_NAMES, "views": views}
     if check_images is not None:
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        expected = predict_probs(model.model, check_images)
+        expected = predict_probs(model.model, check_images, views=views)
         got = session.run(None, {"images": to_float(check_images).contiguous().numpy()})[0]
         report["checked_images"] = len(check_images)
         report["max_abs_diff_probabilities"] = float(np.abs(got - expected).max())

@@ -60,8 +60,8 @@ document.getElementById('file').addEventListener('change', async (event) => {
 class Classifier:
     """The loaded model(s); one lock so concurrent requests don't share the CPU threads badly."""
 
-    def __init__(self, weights: Path, teacher: Path | None = None):
-        self.size = data_size(weights)
+    def __init__(self, weights: Path, teacher: Path | None = None, views: str = "one"):
+        self.size, self.views = data_size(weights), views
         self.models = {"student": load_model(weights)}
         if teacher:
             self.models["teacher"] = load_model(teacher)
@@ -72,7 +72,7 @@ class Classifier:
         out = {}
         with self.lock:
             for role, model in self.models.items():
-                probs = predict_probs(model, batch)[0]
+                probs = predict_probs(model, batch, views=self.views)[0]
                 out[role] = {"predicted": CLASS_NAMES[int(probs.argmax())],
                              "probabilities": {name: round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)}}
         return out
@@ -122,5 +122,6 @@ def make_handler(classifier: Classifier):
     return Handler
 
 
-def make_server(weights: Path, teacher: Path | None = None, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    return ThreadingHTTPServer((host, port), make_handler(Classifier(weights, teacher)))
+def make_server(weights: Path, teacher: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
+                views: str = "one") -> ThreadingHTTPServer:
+    return ThreadingHTTPServer((host, port), make_handler(Classifier(weights, teacher, views)))
