@@ -192,4 +192,4 @@ def test_val_only_training_run_never_touches_test(tmp_path, synthetic_root, caps
     assert set(np.load(out / "predictions" / "student.npz")) == {"val_probs", "val_labels"}
     assert main(["report", str(out)]) == 2 and "val-only" in capsys.readouterr().err  # no test table to draw
     assert main(["evaluate", str(out / "student.safetensors"), "--split", "test", "--data-root", str(synthetic_root)]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"weights", "arch", "test"}
+    assert set(json.loads(capsys.readouterr().out)) == {"weights", "arch", "views", "test"}
