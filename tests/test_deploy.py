@@ -88,7 +88,6 @@ def test_export_onnx_matches_pytorch(tmp_path, weights, real_root, capsys):
         assert probs.shape == (batch, 7)
 
 
-
 def test_export_and_serve_mean_views_match_evaluate(tmp_path, weights, real_root, capsys):
     """--views mean in ONNX and in serve: the mean of the 8 flips/rotations, as predict_probs computes it."""
     out = tmp_path / "student-mean.onnx"

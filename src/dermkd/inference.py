@@ -20,13 +20,17 @@ from .preprocess import collect_images, load_image, to_batch
 VIEWS = ("one", "mean")
 
 
+def check_views(views: str) -> None:
+    if views not in VIEWS:
+        raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
+
+
 @torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, views: str = "one") -> np.ndarray:
     """Softmax probabilities for uint8 NCHW images, in large batches. views="mean" is test-time
     augmentation: the softmax of the logits averaged over the 8 flips/rotations that training shows
     (the teachers' `kd.teacher_views: mean`), which makes the prediction invariant to them."""
-    if views not in VIEWS:
-        raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
+    check_views(views)
     device = next(model.parameters()).device
     model.eval()
     chunks = []
@@ -117,8 +121,7 @@ def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
 def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None, views: str = "one") -> dict:
     """ONNX with a dynamic batch axis; input float RGB [0, 1] NCHW, output 7 probabilities.
     When `check_images` (uint8 NCHW) are given, compares ONNX Runtime with PyTorch on them."""
-    if views not in VIEWS:
-        raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
+    check_views(views)
     model = WithSoftmax(load_model(weights).to(memory_format=torch.contiguous_format), views).eval()
     size = data_size(weights)
     out = Path(out)
