@@ -25,6 +25,11 @@ def check_views(views: str) -> None:
         raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
 
 
+def view_logits(model: torch.nn.Module, images: torch.Tensor, views: str) -> torch.Tensor:
+    """The model's logits for float images: as they are ("one"), or averaged over the 8 flips/rotations ("mean")."""
+    return logits_for_all_views(model, images).mean(dim=1) if views == "mean" else model(images)
+
+
 @torch.inference_mode()
 def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, views: str = "one") -> np.ndarray:
     """Softmax probabilities for uint8 NCHW images, in large batches. views="mean" is test-time
@@ -36,8 +41,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = to_float(images[start : start + batch_size].to(device))
-        logits = logits_for_all_views(model, batch).mean(dim=1) if views == "mean" else model(batch)
-        chunks.append(torch.softmax(logits.float(), dim=1).cpu())
+        chunks.append(torch.softmax(view_logits(model, batch, views).float(), dim=1).cpu())
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
 
 
@@ -106,8 +110,7 @@ class WithSoftmax(torch.nn.Module):
         self.model, self.views = model, views
 
     def forward(self, images):
-        logits = logits_for_all_views(self.model, images).mean(dim=1) if self.views == "mean" else self.model(images)
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(view_logits(self.model, images, self.views), dim=1)
 
 
 def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
