@@ -202,3 +202,19 @@ def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, re
     with_change, without = points[point_name({key: tried})].to_dict(), points[point_name({key: reused})].to_dict()
     assert with_change["distill"].pop(field) == tried and without["distill"].pop(field) == reused
     assert with_change == without  # the probed setting is the one difference
+
+
+def test_64px_bf16_sweep_is_the_chosen_64px_point_in_mixed_precision():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    base, spec = read_sweep(configs / "sweep-ensemble64-lite0-lr.yaml")
+    bf16_base, bf16_spec = read_sweep(configs / "sweep-ensemble64-lite0-bf16.yaml")
+    (chosen,) = point_configs(base, spec["grid"]).values()
+    (point,) = point_configs(bf16_base, bf16_spec["grid"]).values()
+    chosen, point = chosen.to_dict(), point.to_dict()
+    assert point["trainer"].pop("precision") == "bf16-mixed" and chosen["trainer"].pop("precision") == "32-true"
+    assert point == chosen  # the precision is the one difference
+    assert (bf16_spec["teacher"], bf16_spec["seeds"], bf16_spec["grid"]) == (spec["teacher"], spec["seeds"], spec["grid"])
