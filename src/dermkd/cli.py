@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     _views(p)
 
-    p = sub.add_parser("bench", help="speed figures: data path, cached vs online distillation, latency, FLOPs")
+    p = sub.add_parser("bench", help="speed figures: data path, cached vs online distillation, 32-bit vs bf16, latency, FLOPs")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per throughput figure")
     p.add_argument("--results", type=Path, default=Path("results/results.json"), help="results.json whose run wall time to report")
     _common(p)
