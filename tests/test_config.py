@@ -204,14 +204,21 @@ def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, re
     assert with_change == without  # the probed setting is the one difference
 
 
-def test_64px_bf16_sweep_is_the_chosen_64px_point_in_mixed_precision():
+@pytest.mark.parametrize(
+    "chosen_sweep, bf16_sweep",
+    [
+        ("sweep-ensemble-lite0-shift.yaml", "sweep-ensemble-lite0-bf16.yaml"),
+        ("sweep-ensemble64-lite0-lr.yaml", "sweep-ensemble64-lite0-bf16.yaml"),
+    ],
+)
+def test_bf16_sweep_is_the_chosen_point_in_mixed_precision(chosen_sweep, bf16_sweep):
     from pathlib import Path
 
     from dermkd.sweep import point_configs, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
-    base, spec = read_sweep(configs / "sweep-ensemble64-lite0-lr.yaml")
-    bf16_base, bf16_spec = read_sweep(configs / "sweep-ensemble64-lite0-bf16.yaml")
+    base, spec = read_sweep(configs / chosen_sweep)
+    bf16_base, bf16_spec = read_sweep(configs / bf16_sweep)
     (chosen,) = point_configs(base, spec["grid"]).values()
     (point,) = point_configs(bf16_base, bf16_spec["grid"]).values()
     chosen, point = chosen.to_dict(), point.to_dict()
