@@ -225,3 +225,15 @@ def test_bf16_sweep_is_the_chosen_point_in_mixed_precision(chosen_sweep, bf16_sw
     assert point["trainer"].pop("precision") == "bf16-mixed" and chosen["trainer"].pop("precision") == "32-true"
     assert point == chosen  # the precision is the one difference
     assert (bf16_spec["teacher"], bf16_spec["seeds"], bf16_spec["grid"]) == (spec["teacher"], spec["seeds"], spec["grid"])
+
+
+@pytest.mark.parametrize("precision, has_bf16, warned", [
+    ("bf16-mixed", False, True), ("bf16-mixed", True, False), ("32-true", False, False), ("32-true", True, False),
+])
+def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(precision, has_bf16, warned):
+    from dermkd.pipeline import cpu_has_bf16, slow_precision_message
+
+    message = slow_precision_message(precision, has_bf16)
+    assert (message is not None) == warned
+    assert message is None or "trainer.precision=32-true" in message
+    assert isinstance(cpu_has_bf16(), bool)  # the oneDNN probe exists in this torch
