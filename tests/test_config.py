@@ -166,7 +166,8 @@ def test_ensemble_lite0_is_the_point_its_sweeps_chose():
 @pytest.mark.parametrize("probe, against, section, field, tried", [
     ("ls", "lr", "kd", "standardize", True), ("t", "lr", "kd", "temperature", 2.0),
     ("shift", "lr", "distill", "translate", 2), ("shift3", "lr", "distill", "translate", 3),
-    ("e300", "shift", "distill", "epochs", 300), ("alpha", "shift", "kd", "alpha", 0.5)])
+    ("e300", "shift", "distill", "epochs", 300), ("alpha", "shift", "kd", "alpha", 0.5),
+    ("hinton", "shift", "kd", "method", "hinton")])
 def test_28px_one_point_sweeps_change_one_setting_of_the_point_they_are_compared_with(probe, against, section, field, tried):
     from pathlib import Path
 
