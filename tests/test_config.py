@@ -145,6 +145,24 @@ def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
     assert len(spec["teacher"]) == 2 and not any("64" in path for path in spec["teacher"])  # teachers of the 28 px file
 
 
+def test_64px_teacher_probe_changes_only_the_teachers_of_the_chosen_28px_point():
+    from pathlib import Path
+
+    from dermkd.sweep import point_configs, read_sweep
+
+    configs = Path(__file__).parent.parent / "configs"
+    base, spec = read_sweep(configs / "sweep-ensemble-lite0-shift.yaml")
+    probe_base, probe_spec = read_sweep(configs / "sweep-ensemble-lite0-teach64.yaml")
+    (chosen,), (probe,) = point_configs(base, spec["grid"]).values(), point_configs(probe_base, probe_spec["grid"]).values()
+    probe_dict, chosen_dict = probe.to_dict(), chosen.to_dict()
+    for config in (probe_dict, chosen_dict):
+        config.pop("student")  # a sweep distils only; the student-alone settings play no part
+    assert probe_dict == chosen_dict and probe.data.size == 28 and probe_spec["seeds"] == spec["seeds"]
+    # the teachers: the 64 px file's pair (the 64 px sweeps' own), where the chosen point has the 28 px pair
+    _, spec64 = read_sweep(configs / "sweep-ensemble64-lite0-lr.yaml")
+    assert probe_spec["teacher"] == spec64["teacher"] != spec["teacher"]
+
+
 def test_ensemble_lite0_is_the_point_its_sweeps_chose():
     from pathlib import Path
 

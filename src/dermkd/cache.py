@@ -5,7 +5,8 @@ is only ever shown in one of 8 views: computing the teacher's logits for all of 
 the cache exact, and distillation then costs about as much as training the student alone.
 (A stage with `translate` > 0 also shifts images by a few pixels; the cache then gives the teacher's
 output on the unshifted view, an approximation; `kd.teacher_mode: online` gives the exact one.)
-The cache file is keyed by a hash of the teacher weights, the train images/labels and the
+A teacher trained on another data file (e.g. 64 px teaching a 28 px student) is cached on the train
+images of its own file (pipeline.distill_stage). The cache file is keyed by a hash of the teacher weights, the train images/labels and the
 preprocessing, and is rebuilt whenever any of them changes.
 """
 

@@ -48,6 +48,7 @@ class DermClassifier(nn.Module):
     def __init__(self, arch: str, mean, std, input_size: int | None = None, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.arch, self.input_size, self.num_classes = arch, input_size, num_classes
+        self.data_size: int | None = None  # the data file's image size it was trained on, once loaded from one
         self.backbone = build_backbone(arch, num_classes)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -93,6 +94,10 @@ class TeacherEnsemble(nn.Module):
         self.arch = "ensemble(" + ", ".join(member.arch for member in members) + ")"
         sizes = sorted({member.input_size for member in members}, key=lambda size: size or 0)
         self.input_size = sizes[0] if len(sizes) == 1 else sizes  # recorded in results.json
+        data_sizes = sorted({member.data_size for member in members}, key=lambda size: size or 0)
+        if len(data_sizes) > 1:  # the ensemble sees one image per sample, so its members must share a size
+            raise DermkdError(f"the teachers were trained on different image sizes {data_sizes}; ensemble teachers of one size")
+        self.data_size = data_sizes[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(images) for member in self.members]).mean(0)
@@ -139,6 +144,7 @@ def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
         raise DermkdError(f"{path} has {meta['num_classes']} classes, DermaMNIST has {NUM_CLASSES}")
     model = create_model(meta["arch"], meta["mean"], meta["std"], meta["input_size"])
     load_state(model, path)
+    model.data_size = int(meta.get("data_size", 28))
     return model.eval()
 
 

@@ -69,6 +69,17 @@ class Study:
             study.save_test_samples()
         return study
 
+    def train_split_at(self, size: int) -> tuple:
+        """The train split (the same images, subset and order) read from the `size` px data file."""
+        cfg = self.cfg
+        if size == cfg.data.size:
+            return self.splits["train"]
+        full = load_dermamnist(cfg.data.root, size, cfg.data.download)
+        images, labels = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)["train"]
+        if not torch.equal(labels, self.splits["train"][1]):
+            raise DermkdError(f"the {size} px and {cfg.data.size} px data files do not hold the same train images in the same order; use files of one DermaMNIST release")
+        return images, labels
+
     def finished(self, name: str) -> bool:
         """A stage is done when its weights and its results entry are both written."""
         return (self.out / f"{name}.safetensors").exists() and recorded(self, name)
@@ -275,10 +286,16 @@ def teacher_stage(study: Study) -> DermClassifier:
 def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
     kd = study.cfg.kd
+    # A teacher loaded from a file sees the train images at the size it was trained on (e.g. the 64 px file
+    # teaching a 28 px student); the student only ever sees its own data.
+    teacher_size = getattr(teacher, "data_size", None) or study.cfg.data.size
+    if teacher_size != study.cfg.data.size and kd.teacher_mode != "cached":
+        raise DermkdError(f"the teacher was trained on {teacher_size} px images and the student's data is {study.cfg.data.size} px; "
+                          "a teacher of another size needs kd.teacher_mode: cached")
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
     if kd.teacher_mode == "cached":
-        images, labels = study.splits["train"]
+        images, labels = study.train_split_at(teacher_size)
         logits = teacher_cache(teacher.to(study.device), images, labels, study.cache_dir or study.out / "cache")
         teacher.cpu()
         study.seed()
@@ -289,7 +306,8 @@ def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     model = fit(study, "distilled", module, study.cfg.distill)
     if not is_rank_zero():
         return model
-    save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__, "teacher": teacher.arch})
+    save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__,
+                                                               "teacher": teacher.arch, "teacher_data_size": teacher_size})
     evaluate(study, "distilled", model)
     return model
 
