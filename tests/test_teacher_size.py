@@ -1,12 +1,17 @@
 """A teacher trained on another data file (e.g. 64 px) distils a student on its own file (e.g. 28 px):
 the teacher's logits come from the train images at the teacher's size, the student sees only its own."""
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 
 from dermkd.cache import cache_key
 from dermkd.cli import main
 from dermkd.data import load_dermamnist, subset
+from dermkd.inference import predict_probs
+from dermkd.metrics import classification_metrics
 from dermkd.models import DermClassifier, load_model, read_metadata, save_weights
 
 from conftest import synthetic_arrays
@@ -37,16 +42,22 @@ def test_a_64px_teacher_is_cached_on_the_64px_images(tmp_path, two_size_root):
     out = tmp_path / "distilled"
     assert main(["distill", "--teacher", str(teacher_path), "--data-root", str(two_size_root), "--out", str(out), *QUICK_DISTILL]) == 0
     # the cache's key hashes the images it was computed on: the 64 px train split, not the 28 px one
-    saved = (out / "config.yaml").read_text()
-    seed, train_n = 0, int(saved.split("train_subset: ")[1].split()[0])
-    train64 = subset(load_dermamnist(two_size_root, 64), train_n, None, seed)["train"]
-    train28 = subset(load_dermamnist(two_size_root, 28), train_n, None, seed)["train"]
+    data = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    sizes = {size: subset(load_dermamnist(two_size_root, size), data["train_subset"], data["val_subset"], 0) for size in (28, 64)}
+    train64, train28 = sizes[64]["train"], sizes[28]["train"]
     teacher = load_model(teacher_path)
     (cache,) = (out / "cache").glob("teacher_logits-*.safetensors")
     assert cache.name == f"teacher_logits-{cache_key(teacher, *train64)}.safetensors"
     assert cache.name != f"teacher_logits-{cache_key(teacher, *train28)}.safetensors"
     meta = read_metadata(out / "distilled.safetensors")
     assert meta["data_size"] == 28 and meta["teacher_data_size"] == 64
+    # the teacher is evaluated beside its student on its own file's images, the student on its own
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert models["teacher"]["data_size"] == 64 and "data_size" not in models["distilled"]
+    for split in ("val", "test"):
+        images64, labels = sizes[64][split]
+        expected = classification_metrics(predict_probs(teacher, images64), labels.numpy())
+        assert models["teacher"][split]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
 def test_online_teaching_across_sizes_is_refused(tmp_path, two_size_root, capsys):

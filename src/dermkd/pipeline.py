@@ -69,15 +69,15 @@ class Study:
             study.save_test_samples()
         return study
 
-    def train_split_at(self, size: int) -> tuple:
-        """The train split (the same images, subset and order) read from the `size` px data file."""
+    def split_at(self, split: str, size: int) -> tuple:
+        """`split` (the same images, subset and order) read from the `size` px data file: for a teacher of that file."""
         cfg = self.cfg
         if size == cfg.data.size:
-            return self.splits["train"]
+            return self.splits[split]
         full = load_dermamnist(cfg.data.root, size, cfg.data.download)
-        images, labels = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)["train"]
-        if not torch.equal(labels, self.splits["train"][1]):
-            raise DermkdError(f"the {size} px and {cfg.data.size} px data files do not hold the same train images in the same order; use files of one DermaMNIST release")
+        images, labels = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)[split]
+        if not torch.equal(labels, self.splits[split][1]):
+            raise DermkdError(f"the {size} px and {cfg.data.size} px data files do not hold the same {split} images in the same order; use files of one DermaMNIST release")
         return images, labels
 
     def finished(self, name: str) -> bool:
@@ -226,9 +226,12 @@ def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
     entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
     if hasattr(model, "train_time_s"):
         entry["train_time_s"] = round(model.train_time_s, 1)
+    size = getattr(model, "data_size", None) or study.cfg.data.size  # a teacher of another file sees that file
+    if size != study.cfg.data.size:
+        entry["data_size"] = size
     arrays = {}
     for split in study.eval_splits:
-        images, labels = study.splits[split]
+        images, labels = study.split_at(split, size)
         probs = predict_probs(model, images)
         arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), labels.numpy()
         entry[split] = classification_metrics(probs, labels.numpy())
@@ -295,7 +298,7 @@ def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
     if kd.teacher_mode == "cached":
-        images, labels = study.train_split_at(teacher_size)
+        images, labels = study.split_at("train", teacher_size)
         logits = teacher_cache(teacher.to(study.device), images, labels, study.cache_dir or study.out / "cache")
         teacher.cpu()
         study.seed()
