@@ -6,8 +6,8 @@ the cache exact, and distillation then costs about as much as training the stude
 (A stage with `translate` > 0 also shifts images by a few pixels; the cache then gives the teacher's
 output on the unshifted view, an approximation; `kd.teacher_mode: online` gives the exact one.)
 A teacher trained on another data file (e.g. 64 px teaching a 28 px student) is cached on the train
-images of its own file (pipeline.distill_stage). The cache file is keyed by a hash of the teacher weights, the train images/labels and the
-preprocessing, and is rebuilt whenever any of them changes.
+images of its own file (pipeline.distill_stage). The cache file is keyed by a hash of the teacher
+weights, the train images/labels and the preprocessing, and is rebuilt whenever any of them changes.
 """
 
 from __future__ import annotations

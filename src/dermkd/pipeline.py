@@ -17,7 +17,7 @@ import platform
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -55,6 +55,7 @@ class Study:
     resume: bool = False
     eval_splits: tuple = ("val", "test")  # a sweep evaluates on val only; test is for the chosen config
     cache_dir: Path | None = None  # teacher-logit caches; default <out>/cache (a sweep shares one)
+    other_sizes: dict = field(default_factory=dict)  # {size: splits} of other data files, for teachers of those files
 
     @classmethod
     def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test")) -> "Study":
@@ -69,13 +70,18 @@ class Study:
             study.save_test_samples()
         return study
 
+    def size_for(self, model) -> int:
+        """The data file size `model` reads: the one it was trained on when loaded from a file, else the study's."""
+        return getattr(model, "data_size", None) or self.cfg.data.size
+
     def split_at(self, split: str, size: int) -> tuple:
-        """`split` (the same images, subset and order) read from the `size` px data file: for a teacher of that file."""
+        """`split` (the same images, subset and order) from the `size` px data file: for a teacher of that file."""
         cfg = self.cfg
         if size == cfg.data.size:
             return self.splits[split]
-        full = load_dermamnist(cfg.data.root, size, cfg.data.download)
-        images, labels = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)[split]
+        if size not in self.other_sizes:  # read each other file once
+            self.other_sizes[size] = subset(load_dermamnist(cfg.data.root, size, cfg.data.download), cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+        images, labels = self.other_sizes[size][split]
         if not torch.equal(labels, self.splits[split][1]):
             raise DermkdError(f"the {size} px and {cfg.data.size} px data files do not hold the same {split} images in the same order; use files of one DermaMNIST release")
         return images, labels
@@ -226,7 +232,7 @@ def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
     entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
     if hasattr(model, "train_time_s"):
         entry["train_time_s"] = round(model.train_time_s, 1)
-    size = getattr(model, "data_size", None) or study.cfg.data.size  # a teacher of another file sees that file
+    size = study.size_for(model)  # a teacher of another file is evaluated on that file
     if size != study.cfg.data.size:
         entry["data_size"] = size
     arrays = {}
@@ -291,7 +297,7 @@ def distill_stage(study: Study, teacher: DermClassifier) -> DermClassifier:
     kd = study.cfg.kd
     # A teacher loaded from a file sees the train images at the size it was trained on (e.g. the 64 px file
     # teaching a 28 px student); the student only ever sees its own data.
-    teacher_size = getattr(teacher, "data_size", None) or study.cfg.data.size
+    teacher_size = study.size_for(teacher)
     if teacher_size != study.cfg.data.size and kd.teacher_mode != "cached":
         raise DermkdError(f"the teacher was trained on {teacher_size} px images and the student's data is {study.cfg.data.size} px; "
                           "a teacher of another size needs kd.teacher_mode: cached")
