@@ -315,10 +315,10 @@ def evaluate_weights(args) -> dict:
     comes from the weights' metadata."""
     from .data import load_dermamnist
     from .metrics import classification_metrics
-    from .models import load_teacher, read_metadata
+    from .models import data_size_of, load_teacher, read_metadata
     from .inference import predict_probs
 
-    sizes = {read_metadata(path).get("data_size", 28) for path in args.weights}
+    sizes = {data_size_of(read_metadata(path)) for path in args.weights}
     if len(sizes) > 1:
         raise DermkdError(f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately")
     model = load_teacher(args.weights)

@@ -13,7 +13,7 @@ from . import DermkdError
 from .cache import logits_for_all_views
 from .data import CLASS_NAMES, to_float
 from .files import atomic_output
-from .models import load_model, read_metadata
+from .models import data_size_of, load_model, read_metadata
 from .preprocess import collect_images, load_image, to_batch
 
 
@@ -47,7 +47,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
 
 def data_size(weights: Path) -> int:
     """The image size the weights were trained on (their input before any in-model upsampling)."""
-    return int(read_metadata(weights).get("data_size", 28))
+    return data_size_of(read_metadata(weights))
 
 
 def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None, batch_size: int = 256,

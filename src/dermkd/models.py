@@ -135,6 +135,11 @@ def read_metadata(path: Path) -> dict:
     return json.loads(header["dermkd"])
 
 
+def data_size_of(meta: dict) -> int:
+    """The data file size weights were trained on (files from before it was recorded: 28 px)."""
+    return int(meta.get("data_size", 28))
+
+
 def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
     """Rebuild a DermClassifier from a dermkd safetensors file. Never unpickles anything."""
     meta = read_metadata(path)
@@ -144,7 +149,7 @@ def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
         raise DermkdError(f"{path} has {meta['num_classes']} classes, DermaMNIST has {NUM_CLASSES}")
     model = create_model(meta["arch"], meta["mean"], meta["std"], meta["input_size"])
     load_state(model, path)
-    model.data_size = int(meta.get("data_size", 28))
+    model.data_size = data_size_of(meta)
     return model.eval()
 
 
