@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dermkd.data import SPLIT_SIZES
+from kdist.data import SPLIT_SIZES
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_ROOT = Path(os.environ.get("DERMKD_DATA_ROOT") or REPO.parent / "shared" / "data")
+REAL_ROOT = Path(os.environ.get("KDIST_DATA_ROOT") or REPO.parent / "shared" / "data")
 
 
 def synthetic_arrays(size: int = 28, seed: int = 0) -> dict[str, np.ndarray]:
@@ -41,11 +41,11 @@ def synthetic_root(tmp_path_factory, base_arrays) -> Path:
 @pytest.fixture(scope="session")
 def real_root() -> Path:
     if not (REAL_ROOT / "dermamnist.npz").exists():
-        pytest.skip(f"real DermaMNIST not found in {REAL_ROOT}; set DERMKD_DATA_ROOT")
+        pytest.skip(f"real DermaMNIST not found in {REAL_ROOT}; set KDIST_DATA_ROOT")
     return REAL_ROOT
 
 
 @pytest.fixture(autouse=True)
 def _no_downloads(monkeypatch):
-    # Tests never reach the network: a missing file fails at once with dermkd's message.
-    monkeypatch.setenv("DERMKD_NO_DOWNLOAD", "1")
+    # Tests never reach the network: a missing file fails at once with kdist's message.
+    monkeypatch.setenv("KDIST_NO_DOWNLOAD", "1")

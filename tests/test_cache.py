@@ -2,11 +2,11 @@
 
 import torch
 
-from dermkd.cache import compute_teacher_logits, teacher_cache
-from dermkd.config import KDConfig, StageConfig
-from dermkd.data import apply_views, to_float
-from dermkd.lit import DistillModule
-from dermkd.models import create_model
+from kdist.cache import compute_teacher_logits, teacher_cache
+from kdist.config import KDConfig, StageConfig
+from kdist.data import apply_views, to_float
+from kdist.engine import Distillation
+from kdist.models import create_model
 
 
 def small_data(n=24):
@@ -20,18 +20,22 @@ def test_cached_and_online_distillation_give_the_same_loss():
     cache = compute_teacher_logits(teacher, images, batch_size=10)
     kd = KDConfig(temperature=3.0, alpha=0.8)
     student = create_model("student")
-    online = DistillModule(student, StageConfig(), kd, teacher=teacher).train()
-    cached = DistillModule(student, StageConfig(), kd, teacher_logits_cache=cache).train()
-    assert not cached.teacher_logits_cache.requires_grad and online.teacher.training is False
+    online = Distillation(StageConfig(), kd, teacher=teacher)
+    cached = Distillation(StageConfig(), kd, teacher_logits_cache=cache)
+    # the online teacher is frozen: eval mode, no gradients
+    assert not cached.cache.requires_grad and online.teacher.training is False
+    assert not any(p.requires_grad for p in online.teacher.parameters())
 
     indices = torch.tensor([3, 0, 17, 9, 22, 5, 11, 1])
     views = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     augmented = apply_views(images[indices], views)
     batch = (to_float(augmented), labels[indices], indices, views)
-    torch.testing.assert_close(cached.teacher_logits(batch), online.teacher_logits(batch), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached.teacher_logits(batch[0], indices, views), online.teacher_logits(batch[0], indices, views), atol=1e-4, rtol=1e-4)
     student.eval()  # same student forward for both (no dropout randomness)
     logits = student(batch[0])
-    torch.testing.assert_close(cached.training_loss(logits, batch), online.training_loss(logits, batch), atol=1e-5, rtol=1e-5)
+    (cached_loss, cached_parts), (online_loss, online_parts) = cached(logits, *batch), online(logits, *batch)
+    torch.testing.assert_close(cached_loss, online_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_loss, 0.8 * cached_parts["kd"] + 0.2 * cached_parts["ce"])
 
 
 def test_view_mean_teacher_is_the_same_cached_and_online_and_for_every_view():
@@ -40,15 +44,15 @@ def test_view_mean_teacher_is_the_same_cached_and_online_and_for_every_view():
     cache = compute_teacher_logits(teacher, images)
     kd = KDConfig(teacher_views="mean")
     student = create_model("student")
-    online = DistillModule(student, StageConfig(), kd, teacher=teacher)
-    cached = DistillModule(student, StageConfig(), kd, teacher_logits_cache=cache)
+    online = Distillation(StageConfig(), kd, teacher=teacher)
+    cached = Distillation(StageConfig(), kd, teacher_logits_cache=cache)
     indices = torch.arange(8)
     expected = cache.mean(dim=1)  # by hand: each image's logits averaged over its 8 views
     for view in range(8):  # whichever view the student sees, the target is the same
         views = torch.full((8,), view)
-        batch = (to_float(apply_views(images, views)), labels, indices, views)
-        torch.testing.assert_close(cached.teacher_logits(batch), expected)
-        torch.testing.assert_close(online.teacher_logits(batch), expected, atol=1e-4, rtol=1e-4)
+        shown = to_float(apply_views(images, views))
+        torch.testing.assert_close(cached.teacher_logits(shown, indices, views), expected)
+        torch.testing.assert_close(online.teacher_logits(shown, indices, views), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, cache[:, 0], atol=1e-3)  # and it differs from the per-view target
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dermkd import DermkdError
-from dermkd.config import Config, load_config, parse_override
+from kdist import KdistError
+from kdist.config import Config, load_config, parse_override
 
 
 def test_defaults_are_valid():
@@ -35,23 +35,23 @@ def test_yaml_and_overrides(tmp_path):
     ],
 )
 def test_bad_values_are_named(override, message):
-    with pytest.raises(DermkdError, match=message):
+    with pytest.raises(KdistError, match=message):
         load_config(None, [parse_override(override)])
 
 
 def test_unknown_key_in_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("teacher:\n  epoch: 3\n")
-    with pytest.raises(DermkdError, match="unknown key teacher.epoch"):
+    with pytest.raises(KdistError, match="unknown key teacher.epoch"):
         load_config(path)
 
 
 def test_bad_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("teacher: [unclosed\n")
-    with pytest.raises(DermkdError, match="not valid YAML"):
+    with pytest.raises(KdistError, match="not valid YAML"):
         load_config(path)
-    with pytest.raises(DermkdError, match="not found"):
+    with pytest.raises(KdistError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 
 
@@ -60,7 +60,7 @@ def test_default_yaml_lists_the_defaults():
     import yaml
     from pathlib import Path
 
-    from dermkd.config import Config
+    from kdist.config import Config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     assert yaml.safe_load(path.read_text()) == Config().to_dict()
@@ -70,7 +70,7 @@ def test_default_yaml_lists_the_defaults():
 def test_named_configs_load():
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, point_name, read_sweep
+    from kdist.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     lite0 = load_config(configs / "lite0.yaml")
@@ -101,7 +101,7 @@ def test_named_configs_load():
 def test_64px_lite0_sweeps_build_on_each_other():
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, point_name, read_sweep
+    from kdist.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     # the views sweep's `same` point is a point of the Lite0 sweep, config for config, so its runs are reused
@@ -131,7 +131,7 @@ def test_64px_lite0_sweeps_build_on_each_other():
 def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, read_sweep
+    from kdist.sweep import point_configs, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
@@ -148,7 +148,7 @@ def test_28px_lite0_sweep_is_the_64px_recipe_on_the_28px_file():
 def test_64px_teacher_probe_changes_only_the_teachers_of_the_chosen_28px_point():
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, read_sweep
+    from kdist.sweep import point_configs, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / "sweep-ensemble-lite0-shift.yaml")
@@ -166,7 +166,7 @@ def test_64px_teacher_probe_changes_only_the_teachers_of_the_chosen_28px_point()
 def test_ensemble_lite0_is_the_point_its_sweeps_chose():
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, point_name, read_sweep
+    from kdist.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     named = load_config(configs / "ensemble-lite0.yaml")
@@ -189,7 +189,7 @@ def test_ensemble_lite0_is_the_point_its_sweeps_chose():
 def test_28px_one_point_sweeps_change_one_setting_of_the_point_they_are_compared_with(probe, against, section, field, tried):
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, point_name, read_sweep
+    from kdist.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / f"sweep-ensemble-lite0-{against}.yaml")
@@ -209,7 +209,7 @@ def test_28px_one_point_sweeps_change_one_setting_of_the_point_they_are_compared
 def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, reused, tried):
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, point_name, read_sweep
+    from kdist.sweep import point_configs, point_name, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / "sweep-ensemble-lite0.yaml")
@@ -233,7 +233,7 @@ def test_28px_probe_sweeps_reuse_the_lite0_sweeps_200_epoch_point(probe, key, re
 def test_bf16_sweep_is_the_chosen_point_in_mixed_precision(chosen_sweep, bf16_sweep):
     from pathlib import Path
 
-    from dermkd.sweep import point_configs, read_sweep
+    from kdist.sweep import point_configs, read_sweep
 
     configs = Path(__file__).parent.parent / "configs"
     base, spec = read_sweep(configs / chosen_sweep)
@@ -241,22 +241,22 @@ def test_bf16_sweep_is_the_chosen_point_in_mixed_precision(chosen_sweep, bf16_sw
     (chosen,) = point_configs(base, spec["grid"]).values()
     (point,) = point_configs(bf16_base, bf16_spec["grid"]).values()
     chosen, point = chosen.to_dict(), point.to_dict()
-    assert point["trainer"].pop("precision") == "bf16-mixed" and chosen["trainer"].pop("precision") == "32-true"
+    assert point["trainer"].pop("mixed_precision") == "bf16" and chosen["trainer"].pop("mixed_precision") is None
     assert point == chosen  # the precision is the one difference
     assert (bf16_spec["teacher"], bf16_spec["seeds"], bf16_spec["grid"]) == (spec["teacher"], spec["seeds"], spec["grid"])
 
 
 @pytest.mark.parametrize("precision, has_bf16, warned", [
-    ("bf16-mixed", False, True), ("bf16-mixed", True, False), ("32-true", False, False), ("32-true", True, False),
+    ("bf16", False, True), ("bf16", True, False), ("no", False, False), ("no", True, False),
 ])
 def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(monkeypatch, precision, has_bf16, warned):
     import warnings
 
-    from dermkd import pipeline
+    from kdist import engine
 
-    assert isinstance(pipeline.cpu_has_bf16(), bool)  # the oneDNN probe exists in this torch
-    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: has_bf16)
+    assert isinstance(engine.cpu_has_bf16(), bool)  # the oneDNN probe exists in this torch
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: has_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipeline.warn_if_bf16_is_emulated(precision)
-    assert [("trainer.precision=32-true" in str(w.message)) for w in caught] == ([True] if warned else [])
+        engine.warn_if_bf16_is_emulated(precision)
+    assert [("--mixed-precision no" in str(w.message)) for w in caught] == ([True] if warned else [])

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dermkd import DermkdError
-from dermkd.data import (
-    DermaDataModule,
+from kdist import KdistError
+from kdist.data import (
+    augment,
+    batch_loader,
     channel_stats,
     dihedral,
     load_dermamnist,
@@ -39,20 +40,20 @@ def test_real_data_matches_medmnist_facts(real_root):
 
 
 def test_data_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("DERMKD_DATA_ROOT", str(tmp_path / "env"))
+    monkeypatch.setenv("KDIST_DATA_ROOT", str(tmp_path / "env"))
     assert resolve_root(tmp_path / "flag") == tmp_path / "flag"
     assert resolve_root(None) == tmp_path / "env"
-    monkeypatch.delenv("DERMKD_DATA_ROOT")
+    monkeypatch.delenv("KDIST_DATA_ROOT")
     assert resolve_root(None).name == ".medmnist"
 
 
 def test_missing_file_names_path_and_fix(tmp_path):
-    with pytest.raises(DermkdError, match=r"dermamnist\.npz not found.*--data-root"):
+    with pytest.raises(KdistError, match=r"dermamnist\.npz not found.*--data-root"):
         load_dermamnist(tmp_path)
 
 
 def test_unsupported_size():
-    with pytest.raises(DermkdError, match="size 30"):
+    with pytest.raises(KdistError, match="size 30"):
         load_dermamnist(None, size=30)
 
 
@@ -71,20 +72,20 @@ def test_unsupported_size():
 def test_validation_errors(tmp_path, base_arrays, change, message):
     arrays = dict(base_arrays)
     change(arrays)
-    with pytest.raises(DermkdError, match=message):
+    with pytest.raises(KdistError, match=message):
         load_npz(write(tmp_path, arrays) / "dermamnist.npz", 28)
 
 
 def test_truncated_npz(tmp_path, synthetic_root):
     data = (synthetic_root / "dermamnist.npz").read_bytes()
     (tmp_path / "dermamnist.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DermkdError, match="not a readable npz"):
+    with pytest.raises(KdistError, match="not a readable npz"):
         load_dermamnist(tmp_path)
 
 
 def test_not_a_zip(tmp_path):
     (tmp_path / "dermamnist.npz").write_bytes(b"this is not an npz")
-    with pytest.raises(DermkdError, match="not a readable npz"):
+    with pytest.raises(KdistError, match="not a readable npz"):
         load_dermamnist(tmp_path)
 
 
@@ -108,17 +109,16 @@ def test_apply_views_turns_each_image_to_its_view():
 
 def test_loader_yields_whole_batches(synthetic_root):
     splits = load_dermamnist(synthetic_root)
-    module = DermaDataModule(splits, batch_size=100)
-    images, labels, indices, views, shifts = next(iter(module.train_dataloader()))
+    images, labels, indices, views, shifts = next(iter(batch_loader(*splits["train"], 100, shuffle=True)))
     assert images.shape == (100, 3, 28, 28) and labels.shape == (100,) and views.shape == (100,)
     assert shifts.shape == (100, 2) and not shifts.any()  # translate is off by default
     torch.testing.assert_close(images, splits["train"][0][indices])
     assert set(views.tolist()) == set(range(8))
-    assert sum(len(b[1]) for b in module.val_dataloader()) == 1003
+    assert sum(len(b[1]) for b in batch_loader(*splits["val"], 1024, shuffle=False)) == 1003
 
 
 def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
-    from dermkd.data import EpochBatchSampler
+    from kdist.data import EpochBatchSampler
 
     def listed(sampler):
         return [(indices.tolist(), views.tolist()) for indices, views, _ in sampler]
@@ -139,7 +139,7 @@ def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
 
 
 def test_constant_images_are_refused_before_they_make_nan():
-    with pytest.raises(DermkdError, match="constant channel"):
+    with pytest.raises(KdistError, match="constant channel"):
         channel_stats(torch.full((10, 3, 4, 4), 7, dtype=torch.uint8))
 
 
@@ -157,13 +157,13 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
     ),
 )
 def test_fuzz_npz_validator(tmp_path_factory, base_arrays, key, array):
-    """Any array in place of any key either loads or raises DermkdError, never anything else."""
+    """Any array in place of any key either loads or raises KdistError, never anything else."""
     arrays = dict(base_arrays, **{key: array})
     path = tmp_path_factory.mktemp("fuzz") / "dermamnist.npz"
     np.savez(path, **arrays)
     try:
         load_npz(path, 28)
-    except DermkdError:
+    except KdistError:
         pass
 
 
@@ -176,12 +176,12 @@ def test_fuzz_npz_random_bytes(data):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "dermamnist.npz"
         path.write_bytes(data)
-        with pytest.raises(DermkdError):
+        with pytest.raises(KdistError):
             load_npz(path, 28)
 
 
 def test_class_weights_golden_values():
-    from dermkd.data import class_weights
+    from kdist.data import class_weights
 
     labels = torch.tensor([0, 0, 0, 1])
     assert class_weights(labels, "none") is None
@@ -196,7 +196,7 @@ def test_class_weights_golden_values():
 
 
 def test_apply_shifts_moves_each_image_and_reflects_the_border():
-    from dermkd.data import apply_shifts
+    from kdist.data import apply_shifts
 
     images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
     shifts = torch.tensor([[1, -2], [0, 0]])
@@ -211,7 +211,7 @@ def test_apply_shifts_moves_each_image_and_reflects_the_border():
 
 
 def test_translate_draws_shifts_within_range_without_changing_order_or_views(synthetic_root):
-    from dermkd.data import EpochBatchSampler
+    from kdist.data import EpochBatchSampler
 
     plain = list(EpochBatchSampler(50, 16, seed=3, epoch=1))
     shifted = list(EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2))
@@ -221,18 +221,17 @@ def test_translate_draws_shifts_within_range_without_changing_order_or_views(syn
     assert torch.cat([s for _, _, s in shifted]).abs().sum() > 0
     assert [s.tolist() for _, _, s in EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2)] == [s.tolist() for _, _, s in shifted]
     splits = load_dermamnist(synthetic_root)
-    module = DermaDataModule(splits, batch_size=64, translate=2)
-    raw = next(iter(module.train_dataloader()))
-    images, labels, indices, views = module.on_after_batch_transfer(raw, 0)
-    assert images.shape == (64, 3, 28, 28) and not torch.equal(images, to_float(apply_views(raw[0], views)))
-    val = module.on_after_batch_transfer(next(iter(module.val_dataloader())), 0)
-    torch.testing.assert_close(val[0], to_float(splits["val"][0][: len(val[0])]))  # evaluation is never shifted
+    raw, labels, indices, views, shifts = next(iter(batch_loader(*splits["train"], 64, shuffle=True, translate=2)))
+    images = augment(raw, views, shifts, 2)
+    assert images.shape == (64, 3, 28, 28) and not torch.equal(images, to_float(apply_views(raw, views)))
+    _, _, _, val_views, val_shifts = next(iter(batch_loader(*splits["val"], 64, shuffle=False, translate=2)))
+    assert not val_views.any() and not val_shifts.any()  # evaluation is never turned or shifted
 
 
 def test_translate_is_validated():
-    from dermkd.config import load_config
+    from kdist.config import load_config
 
     assert load_config(None, [{"distill": {"translate": 2}}]).distill.translate == 2
     for bad in (-1, 8, 1.5):
-        with pytest.raises(DermkdError, match="distill.translate"):
+        with pytest.raises(KdistError, match="distill.translate"):
             load_config(None, [{"distill": {"translate": bad}}])

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dermkd import DermkdError
-from dermkd.cli import main
-from dermkd.data import CLASS_NAMES, dihedral, to_float
-from dermkd.inference import predict_probs
-from dermkd.models import create_model, save_weights
+from kdist import KdistError
+from kdist.cli import main
+from kdist.data import CLASS_NAMES, dihedral, to_float
+from kdist.inference import predict_probs
+from kdist.models import create_model, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_export_and_serve_mean_views_match_evaluate(tmp_path, weights, real_root
     import io
 
     import onnxruntime
-    from dermkd.serve import Classifier
+    from kdist.serve import Classifier
 
     images = np.random.default_rng(2).random((3, 3, 28, 28), dtype=np.float32)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -122,7 +122,7 @@ CHROMIUM = shutil.which("chromium")
 def test_serve_page_end_to_end_in_chromium(tmp_path, weights, lesion_images):
     from playwright.sync_api import sync_playwright
 
-    from dermkd.serve import make_server
+    from kdist.serve import make_server
 
     server = make_server(weights / "student.safetensors", weights / "teacher.safetensors", port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -158,7 +158,7 @@ def test_serve_page_end_to_end_in_chromium(tmp_path, weights, lesion_images):
 def test_server_rejects_oversized_upload_without_reading_it(weights):
     import http.client
 
-    from dermkd.serve import make_server
+    from kdist.serve import make_server
 
     server = make_server(weights / "student.safetensors", port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -189,5 +189,5 @@ def test_mean_views_is_the_softmax_of_the_logits_averaged_over_the_8_flips_rotat
     turned = dihedral(images, 5)
     np.testing.assert_allclose(predict_probs(model, turned, views="mean"), mean_views, atol=1e-6)
     assert np.abs(predict_probs(model, turned) - predict_probs(model, images)).max() > 0.05
-    with pytest.raises(DermkdError, match="views must be one of one, mean"):
+    with pytest.raises(KdistError, match="views must be one of one, mean"):
         predict_probs(model, images, views="all")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dermkd.losses import KD_LOSSES, distillation_loss, dist, dkd, get_kd_loss, hinton, standardize
-from dermkd import DermkdError
+from kdist.losses import KD_LOSSES, distillation_loss, dist, dkd, get_kd_loss, hinton, standardize
+from kdist import KdistError
 
 # Two samples, 3 classes, T = 2, alpha = 0.7. Computed by hand with math.exp/math.log:
 #   row 1: KL(softmax(zt/2) || softmax(zs/2)) = 0.2205144151612286, CE(zs, y=0) = 1.4076059644443804
@@ -61,7 +61,7 @@ def test_every_registered_loss_is_finite_and_differentiable(name):
 
 
 def test_unknown_method_is_a_clear_error():
-    with pytest.raises(DermkdError, match="unknown KD method 'nope'"):
+    with pytest.raises(KdistError, match="unknown KD method 'nope'"):
         get_kd_loss("nope")
 
 
@@ -115,13 +115,13 @@ def test_class_weights_weight_only_the_label_term():
         distillation_loss(logits, teacher, labels, alpha=1.0))
 
 
-def test_supervised_module_uses_the_class_weights():
-    from dermkd.config import StageConfig
-    from dermkd.lit import SupervisedModule
-    from dermkd.models import create_model
+def test_supervised_objective_uses_the_class_weights():
+    from kdist.config import StageConfig
+    from kdist.engine import Supervised
 
     logits, labels = torch.randn(6, 7), torch.tensor([0, 1, 2, 0, 0, 3])
     weights = torch.linspace(0.5, 2.0, 7)
-    module = SupervisedModule(create_model("student"), StageConfig(), class_weights=weights)
+    loss, parts = Supervised(StageConfig(), class_weights=weights)(logits, None, labels, None, None)
     expected = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
-    torch.testing.assert_close(module.training_loss(logits, (None, labels)), expected)
+    torch.testing.assert_close(loss, expected)
+    assert parts == {}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from dermkd.metrics import classification_metrics, majority_baseline
+from kdist.metrics import classification_metrics, majority_baseline
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_headline_metrics_match_sklearn(fixed):
 
 
 def test_majority_baseline_on_real_test_split(real_root):
-    from dermkd.data import load_dermamnist
+    from kdist.data import load_dermamnist
 
     splits = load_dermamnist(real_root)
     m = majority_baseline(splits["train"][1].numpy(), splits["test"][1].numpy())

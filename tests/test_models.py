@@ -7,8 +7,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from dermkd import DermkdError
-from dermkd.models import ROLES, count_params, create_model, load_model, read_metadata, save_weights
+from kdist import KdistError
+from kdist.models import ROLES, count_params, create_model, load_model, read_metadata, save_weights
 
 ARCHS = sorted(ROLES) + ["resnet18", "mobilenet_v3_small", "efficientnet_lite0", "efficientnet_lite2"]
 
@@ -29,7 +29,7 @@ def test_roles_are_the_documented_architectures():
 
 
 def test_unknown_model():
-    with pytest.raises(DermkdError, match="unknown model 'resnet9000'"):
+    with pytest.raises(KdistError, match="unknown model 'resnet9000'"):
         create_model("resnet9000")
 
 
@@ -50,7 +50,7 @@ def test_plain_torchvision_state_dict_loads_into_backbone(tmp_path):
     source = torchvision.models.squeezenet1_1(weights=None, num_classes=1000)
     path = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    from dermkd.models import load_state
+    from kdist.models import load_state
 
     model = create_model("student")
     load_state(model, path)
@@ -61,27 +61,27 @@ def test_plain_state_dict_of_another_model_is_refused(tmp_path):
     source = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    from dermkd.models import load_state
+    from kdist.models import load_state
 
-    with pytest.raises(DermkdError, match=r"resnet.safetensors do not fit the SqueezeNet definition"):
+    with pytest.raises(KdistError, match=r"resnet.safetensors do not fit the SqueezeNet definition"):
         load_state(create_model("student"), path)
 
 
 def test_pretrained_load_allows_only_the_head_to_differ():
-    from dermkd.pretrained import load_matching
+    from kdist.pretrained import load_matching
 
     source = torchvision.models.squeezenet1_1(weights=None, num_classes=1000).state_dict()
     backbone = create_model("student").backbone
     assert load_matching(backbone, source, "ImageNet weights", max_left_out=2) == len(source) - 2
     del source["features.0.weight"]  # one more tensor missing than the head: not the same network
-    with pytest.raises(DermkdError, match="3 of its 52 tensors missing"):
+    with pytest.raises(KdistError, match="3 of its 52 tensors missing"):
         load_matching(backbone, source, "ImageNet weights", max_left_out=2)
 
 
 def test_mismatched_weights_are_named(tmp_path):
     path = tmp_path / "teacher.safetensors"
     save_weights(create_model("teacher"), path)
-    with pytest.raises(DermkdError, match="holds a efficientnet_b0, expected squeezenet1_1"):
+    with pytest.raises(KdistError, match="holds a efficientnet_b0, expected squeezenet1_1"):
         load_model(path, expect_arch="student")
 
 
@@ -89,21 +89,21 @@ class Exploit:
     def __reduce__(self):
         import os
 
-        return (os.system, ("touch /tmp/dermkd-pwned",))
+        return (os.system, ("touch /tmp/kdist-pwned",))
 
 
 def test_pickle_is_refused_and_never_run(tmp_path):
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps({"state_dict": Exploit()}))
-    marker = __import__("pathlib").Path("/tmp/dermkd-pwned")
+    marker = __import__("pathlib").Path("/tmp/kdist-pwned")
     marker.unlink(missing_ok=True)
-    with pytest.raises(DermkdError, match="not a dermkd safetensors"):
+    with pytest.raises(KdistError, match="not a kdist safetensors"):
         load_model(path)
     assert not marker.exists()
 
 
 def test_teacher_ensemble_averages_member_logits(tmp_path):
-    from dermkd.models import TeacherEnsemble, load_teacher
+    from kdist.models import TeacherEnsemble, load_teacher
 
     members = [create_model("student", input_size=32).eval(), create_model("resnet18").eval()]
     for i, member in enumerate(members):
@@ -114,5 +114,5 @@ def test_teacher_ensemble_averages_member_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ensemble(x), (members[0](x) + members[1](x)) / 2)
     # one file: that model, checked against the expected architecture
-    with pytest.raises(DermkdError, match="expected efficientnet_b0"):
+    with pytest.raises(KdistError, match="expected efficientnet_b0"):
         load_teacher([tmp_path / "m0.safetensors"], expect_arch="teacher")

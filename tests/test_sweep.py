@@ -1,9 +1,9 @@
-"""dermkd sweep: grid on val, the chosen point tested once."""
+"""kdist sweep: grid on val, the chosen point tested once."""
 
 import json
 import re
 
-from dermkd.cli import main
+from kdist.cli import main
 
 
 def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import yaml
 
-from dermkd.cache import cache_key
-from dermkd.cli import main
-from dermkd.data import load_dermamnist, subset
-from dermkd.inference import predict_probs
-from dermkd.metrics import classification_metrics
-from dermkd.models import DermClassifier, load_model, read_metadata, save_weights
+from kdist.cache import cache_key
+from kdist.cli import main
+from kdist.data import load_dermamnist, subset
+from kdist.inference import predict_probs
+from kdist.metrics import classification_metrics
+from kdist.models import DermClassifier, load_model, read_metadata, save_weights
 
 from conftest import synthetic_arrays
 

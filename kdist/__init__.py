@@ -1,9 +1,9 @@
-"""dermkd: knowledge distillation for skin-lesion classification on DermaMNIST."""
+"""kdist: knowledge distillation for skin-lesion classification on DermaMNIST."""
 
 __version__ = "0.1.0"
 
 
-class DermkdError(Exception):
+class KdistError(Exception):
     """A problem with the user's input (data, config, weights, images).
 
     The CLI prints it as one line and exits with code 2, without a traceback.

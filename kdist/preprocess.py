@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from . import DermkdError
+from . import KdistError
 
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -37,31 +37,31 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         try:
             image = image.convert("RGB")
         except (ValueError, OSError) as exc:
-            raise DermkdError(f"{name}: cannot convert image mode {image.mode} to RGB ({exc})") from None
+            raise KdistError(f"{name}: cannot convert image mode {image.mode} to RGB ({exc})") from None
     return image
 
 
 def decode_image(data: bytes, name: str = "image") -> Image.Image:
-    """Bytes -> RGB PIL image, or DermkdError naming what is wrong."""
+    """Bytes -> RGB PIL image, or KdistError naming what is wrong."""
     if not data:
-        raise DermkdError(f"{name}: empty file; pass a JPEG or PNG image")
+        raise KdistError(f"{name}: empty file; pass a JPEG or PNG image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_PIXELS:
-                raise DermkdError(f"{name}: {image.width}x{image.height} pixels is over the {MAX_PIXELS:,} limit (possible decompression bomb)")
+                raise KdistError(f"{name}: {image.width}x{image.height} pixels is over the {MAX_PIXELS:,} limit (possible decompression bomb)")
             image.load()
-    except DermkdError:
+    except KdistError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DermkdError(f"{name}: image is too large (possible decompression bomb)") from None
+        raise KdistError(f"{name}: image is too large (possible decompression bomb)") from None
     except UnidentifiedImageError:
-        raise DermkdError(f"{name}: not an image file PIL can read; pass a JPEG or PNG") from None
+        raise KdistError(f"{name}: not an image file PIL can read; pass a JPEG or PNG") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DermkdError(f"{name}: broken or truncated image ({exc})") from None
+        raise KdistError(f"{name}: broken or truncated image ({exc})") from None
     if image.width < 1 or image.height < 1:
-        raise DermkdError(f"{name}: image has no pixels")
+        raise KdistError(f"{name}: image has no pixels")
     return _to_rgb(image, name)
 
 
@@ -78,11 +78,11 @@ def load_image(path: Path, size: int) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DermkdError(f"{path}: file not found") from None
+        raise KdistError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise DermkdError(f"{path}: is a folder") from None
+        raise KdistError(f"{path}: is a folder") from None
     except OSError as exc:
-        raise DermkdError(f"{path}: cannot read ({exc.strerror})") from None
+        raise KdistError(f"{path}: cannot read ({exc.strerror})") from None
     return to_model_array(decode_image(data, str(path)), size)
 
 

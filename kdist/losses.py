@@ -24,10 +24,10 @@ def register(name: str):
 
 
 def get_kd_loss(name: str) -> Callable[..., torch.Tensor]:
-    from . import DermkdError
+    from . import KdistError
 
     if name not in KD_LOSSES:
-        raise DermkdError(f"unknown KD method {name!r}; choose one of {sorted(KD_LOSSES)}")
+        raise KdistError(f"unknown KD method {name!r}; choose one of {sorted(KD_LOSSES)}")
     return KD_LOSSES[name]
 
 
@@ -105,21 +105,25 @@ def standardize(logits: torch.Tensor) -> torch.Tensor:
     return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
 
 
-def distillation_loss(
+def distillation_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     method: str = "hinton",
     temperature: float = 4.0,
-    alpha: float = 0.9,
     standardize_logits: bool = False,
     options: dict | None = None,
     class_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """loss = alpha * kd(z_s, z_t, y; T) + (1 - alpha) * CE(z_s, y), z standardised first for kd if asked;
-    `class_weights` weight the CE term only (the teacher's soft targets are left as they are)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd(z_s, z_t, y; T), CE(z_s, y)): the two parts of the distillation loss, z standardised first for
+    kd if asked; `class_weights` weight the CE term only (the teacher's soft targets are left as they are)."""
     z_s, z_t = (standardize(student_logits), standardize(teacher_logits)) if standardize_logits else (student_logits, teacher_logits)
     kd = get_kd_loss(method)(z_s, z_t, labels, temperature, **(options or {}))
-    if alpha == 1.0:
-        return kd
-    return alpha * kd + (1 - alpha) * F.cross_entropy(student_logits, labels, weight=class_weights)
+    return kd, F.cross_entropy(student_logits, labels, weight=class_weights)
+
+
+def distillation_loss(student_logits, teacher_logits, labels, method: str = "hinton", temperature: float = 4.0, alpha: float = 0.9,
+                      standardize_logits: bool = False, options: dict | None = None, class_weights=None) -> torch.Tensor:
+    """loss = alpha * kd(z_s, z_t, y; T) + (1 - alpha) * CE(z_s, y) (see distillation_terms)."""
+    kd, ce = distillation_terms(student_logits, teacher_logits, labels, method, temperature, standardize_logits, options, class_weights)
+    return kd if alpha == 1.0 else alpha * kd + (1 - alpha) * ce

@@ -1,6 +1,6 @@
 """Configuration as plain dataclasses, read from YAML and `--set key=value` overrides.
 
-Unknown keys and out-of-range values are errors (DermkdError), never silently ignored.
+Unknown keys and out-of-range values are errors (KdistError), never silently ignored.
 """
 
 from __future__ import annotations
@@ -10,16 +10,18 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
-from . import DermkdError
+from . import KdistError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "none")
 CLASS_WEIGHTS = ("none", "inverse_sqrt", "inverse")
+TEACHER_MODES = ("auto", "cached", "online")
+MIXED_PRECISIONS = (None, "no", "fp16", "bf16")
 
 
 @dataclass
 class DataConfig:
-    root: str | None = None  # None: $DERMKD_DATA_ROOT, else medmnist's default root
+    root: str | None = None  # None: $KDIST_DATA_ROOT, else medmnist's default root
     size: int = 28
     train_subset: int | None = None  # use a random subset of train/val (for --quick)
     val_subset: int | None = None
@@ -37,9 +39,9 @@ class StageConfig:
     batch_size: int = 128
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
-    ema_decay: float | None = None  # EMA of weights (Lightning's EMAWeightAveraging); None: off
+    ema_decay: float | None = None  # EMA of weights (validation and kept weights use the average); None: off
     class_weights: str = "none"  # label-loss weight per class: none, inverse_sqrt or inverse train frequency
-    gradient_clip: float | None = None  # clip the gradient norm (Lightning's gradient_clip_val); None: off
+    gradient_clip: float | None = None  # clip the gradient norm (accelerator.clip_grad_norm_); None: off
     # Random shift of up to this many pixels (of the data file) on top of the flips/rotations; 0: off.
     # With a cached teacher the target is the teacher's output on the unshifted view (an approximation).
     translate: int = 0
@@ -58,7 +60,10 @@ class KDConfig:
     method: str = "dist"  # chosen on val over hinton and dkd: results/sweep/
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
-    teacher_mode: str = "cached"  # cached: teacher logits computed once per view; online: every step
+    # online: the frozen teacher runs beside the student on every batch (exact for any augmentation);
+    # cached: its logits computed once per dihedral view (cache.py), the fast path on CPUs;
+    # auto: online on GPUs, cached on CPUs.
+    teacher_mode: str = "auto"
     standardize: bool = False  # logit standardisation (Sun et al. 2024) before the KD term
     # same: the teacher sees the student's view of the image; mean: the teacher's logits averaged
     # over all 8 flips/rotations (a test-time-augmented teacher), the same target for every view.
@@ -68,12 +73,14 @@ class KDConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
-    devices: int | str = "auto"
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    progress: bool = True
+    """How Accelerate runs the loops (engine.make_accelerator). Processes and machines come from the
+    launcher (`accelerate launch`, launch/*.yaml), not from here."""
+
+    cpu: bool = False  # run on the CPU even where CUDA is present (Accelerate's cpu=True)
+    mixed_precision: str | None = None  # no, fp16 or bf16; None: the launcher's choice, else no
+    gradient_accumulation_steps: int = 1
+    timeout_s: int = 600  # collective timeout: a hung process fails in minutes
+    progress: bool = True  # one line per epoch
 
 
 @dataclass
@@ -81,7 +88,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     # The default recipe (measured on val, see results/EXPERIMENTS.md): both models see the 28 px images upsampled
-    # to 64 px inside the model; epochs sized so `dermkd run` fits in 30 minutes on 2 CPU cores.
+    # to 64 px inside the model; epochs sized so `kdist run` fits in 30 minutes on 2 CPU cores.
     teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig("teacher", input_size=64))
     student_model: ModelConfig = field(default_factory=lambda: ModelConfig("student", input_size=64))
     teacher: StageConfig = field(default_factory=lambda: StageConfig(epochs=22))
@@ -101,7 +108,7 @@ class Config:
 
         def check(ok: bool, key: str, message: str):
             if not ok:
-                raise DermkdError(f"config: {key} {message}")
+                raise KdistError(f"config: {key} {message}")
 
         for name in ("teacher", "student", "distill"):
             stage: StageConfig = getattr(self, name)
@@ -126,7 +133,11 @@ class Config:
             accepted = list(inspect.signature(KD_LOSSES[self.kd.method]).parameters)[4:]
             unknown = sorted(set(self.kd.options) - set(accepted))
             check(not unknown, "kd.options", f"{unknown} not accepted by {self.kd.method} (accepts {accepted})")
-        check(self.kd.teacher_mode in ("cached", "online"), "kd.teacher_mode", "must be cached or online")
+        check(self.kd.teacher_mode in TEACHER_MODES, "kd.teacher_mode", f"must be one of {TEACHER_MODES}")
+        check(self.trainer.mixed_precision in MIXED_PRECISIONS, "trainer.mixed_precision", f"must be one of no, fp16, bf16 or null (got {self.trainer.mixed_precision!r})")
+        check(isinstance(self.trainer.gradient_accumulation_steps, int) and self.trainer.gradient_accumulation_steps >= 1,
+              "trainer.gradient_accumulation_steps", "must be a whole number >= 1")
+        check(self.trainer.timeout_s >= 10, "trainer.timeout_s", "must be >= 10 seconds")
         check(self.kd.teacher_views in ("same", "mean"), "kd.teacher_views", "must be same or mean")
         check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
         for name in ("teacher_model", "student_model"):
@@ -142,11 +153,11 @@ class Config:
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise DermkdError(f"config: {prefix or 'top level'} must be a mapping, got {type(values).__name__}")
+        raise KdistError(f"config: {prefix or 'top level'} must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise DermkdError(f"config: unknown key {prefix}{unknown[0]}; known keys: {', '.join(known)}")
+        raise KdistError(f"config: unknown key {prefix}{unknown[0]}; known keys: {', '.join(known)}")
     kwargs = {}
     for name, value in values.items():
         default = getattr(cls(), name)
@@ -159,7 +170,7 @@ def _build(cls, values: dict, prefix: str):
                 except ValueError:
                     pass
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise DermkdError(f"config: {prefix}{name} must be a number (got {value!r})")
+                raise KdistError(f"config: {prefix}{name} must be a number (got {value!r})")
             kwargs[name] = value
         else:
             kwargs[name] = value
@@ -176,7 +187,7 @@ def merge(base: dict, update: dict) -> dict:
 def parse_override(text: str) -> dict:
     """'distill.kd.temperature=2' -> nested dict; the value is parsed as YAML (numbers, null, true)."""
     if "=" not in text:
-        raise DermkdError(f"--set {text!r}: expected key=value, e.g. --set teacher.epochs=5")
+        raise KdistError(f"--set {text!r}: expected key=value, e.g. --set teacher.epochs=5")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw else None
     for part in reversed(key.strip().split(".")):
@@ -203,11 +214,11 @@ def load_config(path=None, overrides: list[dict] | None = None) -> Config:
             with open(path) as handle:
                 loaded = yaml.safe_load(handle) or {}
         except FileNotFoundError:
-            raise DermkdError(f"config file {path} not found") from None
+            raise KdistError(f"config file {path} not found") from None
         except yaml.YAMLError as exc:
-            raise DermkdError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise KdistError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
-            raise DermkdError(f"config file {path} must hold a mapping of settings")
+            raise KdistError(f"config file {path} must hold a mapping of settings")
         _build(Config, loaded, "")  # reject unknown keys before merging
         values = merge(values, loaded)
     for update in overrides or []:
@@ -220,4 +231,4 @@ def config_from_dict(values: dict) -> Config:
     try:
         return _build(Config, values, "").validate()
     except TypeError as exc:  # e.g. a string where a number belongs
-        raise DermkdError(f"config: a setting has the wrong type ({exc})") from None
+        raise KdistError(f"config: a setting has the wrong type ({exc})") from None

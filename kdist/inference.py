@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DermkdError
+from . import KdistError
 from .cache import logits_for_all_views
 from .data import CLASS_NAMES, to_float
 from .files import atomic_output
@@ -22,7 +22,7 @@ VIEWS = ("one", "mean")
 
 def check_views(views: str) -> None:
     if views not in VIEWS:
-        raise DermkdError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
+        raise KdistError(f"views must be one of {', '.join(VIEWS)}, not {views!r}")
 
 
 def view_logits(model: torch.nn.Module, images: torch.Tensor, views: str) -> torch.Tensor:
@@ -59,10 +59,10 @@ def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None,
         models["teacher_"] = load_model(teacher)
     size = data_size(weights)
     if teacher and data_size(teacher) != size:
-        raise DermkdError(f"{teacher} was trained on {data_size(teacher)} px images, {weights} on {size} px")
+        raise KdistError(f"{teacher} was trained on {data_size(teacher)} px images, {weights} on {size} px")
     files = collect_images(paths)
     if not files:
-        raise DermkdError(f"no image files found in {', '.join(map(str, paths))}")
+        raise KdistError(f"no image files found in {', '.join(map(str, paths))}")
     rows, errors = [], []
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     if progress and any(Path(path).is_dir() for path in paths):  # a progress bar for folders
@@ -75,7 +75,7 @@ def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None,
             try:
                 arrays.append(load_image(path, size))
                 good.append(path)
-            except DermkdError as exc:
+            except KdistError as exc:
                 errors.append(str(exc))
         if not arrays:
             continue

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DermkdError
+from . import KdistError
 from . import plots
 from .data import CLASS_NAMES
 from .files import atomic_write_text
@@ -35,7 +35,7 @@ def seed_runs(run_dir: Path) -> list[Path]:
     # A multi-seed folder: its own results.json is the aggregate, rebuilt from the seeds.
     runs = sorted(run_dir.glob("seed*/results.json"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
     if not runs:
-        raise DermkdError(f"no results.json in {run_dir}; pass a run folder written by `dermkd run`")
+        raise KdistError(f"no results.json in {run_dir}; pass a run folder written by `kdist run`")
     return [p.parent for p in runs]
 
 
@@ -188,11 +188,11 @@ def write_report(run_dir: Path) -> Path:
     results = [json.loads((run / "results.json").read_text()) for run in runs]
     for run, result in zip(runs, results):
         if any("test" not in entry for entry in result.get("models", {}).values()):
-            raise DermkdError(f"{run} holds val-only results (a --val-only run); test its chosen model with `dermkd evaluate --split test`")
+            raise KdistError(f"{run} holds val-only results (a --val-only run); test its chosen model with `kdist evaluate --split test`")
     summary = aggregate(results)
     first = results[0]
     seeds = [r["seed"] for r in results]
-    title = f"dermkd: DermaMNIST {first['size']} px, " + (f"seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
+    title = f"kdist: DermaMNIST {first['size']} px, " + (f"seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
     blocks = [
         ("h1", title),
         ("p", "Checkpoints are chosen on val accuracy; test is evaluated once per final model. Loss is the test "
@@ -203,12 +203,12 @@ def write_report(run_dir: Path) -> Path:
         ("h2", "Test"),
         ("table", *main_table(summary, "test")),
         ("p", "Published rows are the MedMNIST v2 benchmark on the official 28 px file (Yang et al., Sci. Data 2023); "
-              "dermkd reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical."),
+              "kdist reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical."),
         ("h2", "Val"),
         ("table", *main_table(summary, "val")),
     ]
     if "wall_time_s" in first:
-        blocks.append(("p", "Wall time of `dermkd run`: " + ", ".join(f"{r['wall_time_s'] / 60:.1f} min" for r in results if "wall_time_s" in r) + "."))
+        blocks.append(("p", "Wall time of `kdist run`: " + ", ".join(f"{r['wall_time_s'] / 60:.1f} min" for r in results if "wall_time_s" in r) + "."))
     if "distilled" in first["models"]:
         blocks += [("h2", f"Per class: distilled student, test (seed {first['seed']})"), ("table", *per_class_table(first, "distilled"))]
     figures = make_figures(runs[0], first, run_dir / "figures")

@@ -25,7 +25,7 @@ def model_card(summary: dict, first: dict, n_seeds: int) -> str:
         if entry:
             compare.append(f"- {label} ({entry['arch']}, {entry['params'] / 1e6:.2f}M params): test accuracy {_pm(entry['test']['acc'])}")
     compare = "\n".join(compare)
-    return f"""# Model card: dermkd distilled student ({distilled['arch']})
+    return f"""# Model card: kdist distilled student ({distilled['arch']})
 
 ## Intended use
 Research and teaching on knowledge distillation for skin-lesion classification. **Not a medical

@@ -1,4 +1,4 @@
-"""`dermkd serve`: a small local web page to try the distilled model on one lesion image.
+"""`kdist serve`: a small local web page to try the distilled model on one lesion image.
 
 Standard library only (http.server): the page posts the raw file to /predict and draws the class
 probabilities as bars. Bad uploads get a message on the page; the server keeps serving.
@@ -11,7 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from . import DermkdError
+from . import KdistError
 from .data import CLASS_NAMES
 from .inference import data_size, predict_probs
 from .models import load_model
@@ -19,12 +19,12 @@ from .preprocess import decode_image, to_batch, to_model_array
 
 MAX_UPLOAD = 10 * 1024 * 1024
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>dermkd</title>
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>kdist</title>
 <style>body{font-family:sans-serif;max-width:760px;margin:2em auto;padding:0 1em}
 .note{background:#fff3cd;padding:.6em;border:1px solid #e0c36c}.row{display:flex;align-items:center;margin:2px 0}
 .label{width:330px;font-size:14px}.bar{height:16px;background:#3b7dd8}.teacher .bar{background:#999}
 .value{margin-left:6px;font-size:13px}#error{color:#b00020;font-weight:bold}img{max-width:160px;margin:1em 0}</style></head>
-<body><h1>dermkd: skin-lesion classifier</h1>
+<body><h1>kdist: skin-lesion classifier</h1>
 <p class="note"><b>Research tool, not a medical device.</b> Do not use it to diagnose or reassure anyone.</p>
 <p>Upload a dermoscopic image (JPEG or PNG, up to 10 MB). It is centre-cropped and resized to SIZE px, as in training.</p>
 <input type="file" id="file" accept="image/*"><div id="error"></div><img id="preview" alt="">
@@ -111,7 +111,7 @@ def make_handler(classifier: Classifier):
             data = self.rfile.read(length) if length > 0 else b""
             try:
                 self._json(200, classifier.classify(data))
-            except DermkdError as exc:
+            except KdistError as exc:
                 self._json(400, {"error": str(exc)})
             except Exception as exc:  # a bad request must never take the server down
                 self._json(500, {"error": f"could not classify this image ({type(exc).__name__})"})

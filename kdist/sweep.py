@@ -1,6 +1,6 @@
-"""`dermkd sweep CONFIG`: an ablation grid of distillation settings, chosen on val, tested once.
+"""`kdist sweep CONFIG`: an ablation grid of distillation settings, chosen on val, tested once.
 
-The config file is a normal dermkd config plus a `sweep:` section:
+The config file is a normal kdist config plus a `sweep:` section:
 
     sweep:
       teacher: runs/full/teacher.safetensors   # optional (a list: an ensemble); otherwise one is trained (val-only)
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import DermkdError
+from . import KdistError
 from .config import config_from_dict, load_config, merge, parse_override
 from .files import atomic_write_text
 from .inference import predict_probs
@@ -39,15 +39,15 @@ def read_sweep(path: Path) -> tuple[dict, dict]:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise DermkdError(f"sweep config {path} not found") from None
+        raise KdistError(f"sweep config {path} not found") from None
     except yaml.YAMLError as exc:
-        raise DermkdError(f"sweep config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise KdistError(f"sweep config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     spec = raw.pop("sweep", None) if isinstance(raw, dict) else None
     if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
-        raise DermkdError(f"{path} needs a `sweep:` section with a non-empty `grid:` of key: [values]")
+        raise KdistError(f"{path} needs a `sweep:` section with a non-empty `grid:` of key: [values]")
     for key, values in spec["grid"].items():
         if not isinstance(values, list) or not values:
-            raise DermkdError(f"sweep grid {key} must be a non-empty list of values")
+            raise KdistError(f"sweep grid {key} must be a non-empty list of values")
     return raw, spec
 
 
@@ -77,29 +77,31 @@ def _check_reusable(cfg, folder: Path) -> None:
             config["trainer"].pop("progress")  # a progress bar changes no result
         differing = [key for key in wanted if saved[key] != wanted[key]]
         if differing:
-            raise DermkdError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
+            raise KdistError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
 
 
 def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_only: bool = False,
               only_seeds: list[int] | None = None) -> dict | None:
     """The sweep's record (also written to out/sweep.json and sweep.md); None when `only_seeds` ran a part."""
+    from .engine import make_accelerator
     from .pipeline import Study, distill_stage, teacher_stage
 
     base, spec = read_sweep(config_path)
     seeds = spec.get("seeds", [0])
     if only_seeds is not None and not set(only_seeds) <= set(seeds):
-        raise DermkdError(f"--seeds {' '.join(map(str, only_seeds))}: the sweep's seeds are {seeds}; pick among them")
+        raise KdistError(f"--seeds {' '.join(map(str, only_seeds))}: the sweep's seeds are {seeds}; pick among them")
     grid = spec["grid"]
     configs = point_configs(base, grid, extra_overrides)  # validate every point before training anything
 
     first_cfg = next(iter(configs.values()))
+    accelerator = make_accelerator(first_cfg.trainer)  # one per command: every point runs on it
     if spec.get("teacher"):  # a path, or a list of paths: an ensemble
         paths = spec["teacher"] if isinstance(spec["teacher"], list) else [spec["teacher"]]
         teacher = load_teacher([Path(path) for path in paths])
     else:
         teacher_cfg = config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]}))
         _check_reusable(teacher_cfg, out / "teacher")
-        teacher_study = Study.open(teacher_cfg, out / "teacher", resume=True, eval_splits=("val",))
+        teacher_study = Study.open(teacher_cfg, out / "teacher", resume=True, eval_splits=("val",), accelerator=accelerator)
         teacher = teacher_stage(teacher_study)  # a rerun (a killed sweep, the test after --val-only) reuses it
 
     rows = {}
@@ -108,7 +110,7 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
         for seed in seeds if only_seeds is None else only_seeds:
             seed_cfg, folder = config_from_dict(merge(cfg.to_dict(), {"seed": seed})), out / name / f"seed{seed}"
             _check_reusable(seed_cfg, folder)
-            study = Study.open(seed_cfg, folder, eval_splits=("val",))
+            study = Study.open(seed_cfg, folder, eval_splits=("val",), accelerator=accelerator)
             study.resume = True  # a rerun of the sweep skips points already distilled
             study.cache_dir = out / "cache"  # one teacher, one cache of its logits for every point
             if not study.finished("distilled"):
@@ -121,7 +123,7 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
     best = max(rows, key=lambda name: rows[name]["acc"]["mean"])
     tests = []
     for seed in [] if val_only else seeds:  # the test split, once per seed, for the chosen point only
-        study = Study.open(configs[best], out / best / f"seed{seed}", eval_splits=("val",))
+        study = Study.open(configs[best], out / best / f"seed{seed}", eval_splits=("val",), accelerator=accelerator)
         images, labels = study.splits["test"]
         model = load_model(study.out / "distilled.safetensors")
         tests.append(classification_metrics(predict_probs(model, images), labels.numpy()))
@@ -138,7 +140,7 @@ def _pm(stat: dict, pct: bool = True) -> str:
 
 def sweep_markdown(record: dict) -> str:
     lines = [
-        "# dermkd sweep (distilled student, val split)",
+        "# kdist sweep (distilled student, val split)",
         "",
         f"Mean ± std over seeds {record['seeds']}; the teacher is fixed. Chosen on val accuracy: **{record['chosen']}**.",
         "",

@@ -13,7 +13,6 @@ import os
 import zipfile
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from medmnist import INFO as MEDMNIST_INFO
 from medmnist.info import DEFAULT_ROOT
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import DermkdError
+from . import KdistError
 
 FLAG = "dermamnist"
 INFO = MEDMNIST_INFO[FLAG]
@@ -38,25 +37,25 @@ def npz_name(size: int) -> str:
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
-    """--data-root, else $DERMKD_DATA_ROOT, else medmnist's default root."""
-    return Path(root or os.environ.get("DERMKD_DATA_ROOT") or DEFAULT_ROOT).expanduser()
+    """--data-root, else $KDIST_DATA_ROOT, else medmnist's default root."""
+    return Path(root or os.environ.get("KDIST_DATA_ROOT") or DEFAULT_ROOT).expanduser()
 
 
 def _download(root: Path, size: int) -> None:
-    """Fetch the file through medmnist; raises DermkdError when that is not possible (offline)."""
+    """Fetch the file through medmnist; raises KdistError when that is not possible (offline)."""
     path = root / npz_name(size)
-    hint = f"put {npz_name(size)} in {root} or point --data-root / $DERMKD_DATA_ROOT at a folder that has it"
-    if os.environ.get("DERMKD_NO_DOWNLOAD"):
-        raise DermkdError(f"data file {path} not found (downloads disabled); {hint}")
+    hint = f"put {npz_name(size)} in {root} or point --data-root / $KDIST_DATA_ROOT at a folder that has it"
+    if os.environ.get("KDIST_NO_DOWNLOAD"):
+        raise KdistError(f"data file {path} not found (downloads disabled); {hint}")
     try:
         from medmnist import DermaMNIST
 
         root.mkdir(parents=True, exist_ok=True)
         DermaMNIST(split="train", root=str(root), download=True, size=size)
     except Exception as exc:  # medmnist/torchvision raise many kinds of network errors
-        raise DermkdError(f"data file {path} not found and download failed ({type(exc).__name__}); {hint}") from None
+        raise KdistError(f"data file {path} not found and download failed ({type(exc).__name__}); {hint}") from None
     if not path.exists():
-        raise DermkdError(f"data file {path} not found after download; {hint}")
+        raise KdistError(f"data file {path} not found after download; {hint}")
 
 
 def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -65,27 +64,27 @@ def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
         archive = np.load(path, allow_pickle=False)
         arrays = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise DermkdError(f"{path} is not a readable npz file ({exc}); re-download it or fix --data-root") from None
+        raise KdistError(f"{path} is not a readable npz file ({exc}); re-download it or fix --data-root") from None
     splits = {}
     for split in SPLITS:
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
         if images is None or labels is None:
-            raise DermkdError(f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file")
+            raise KdistError(f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise DermkdError(
+            raise KdistError(
                 f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 (N, {size}, {size}, 3); "
                 "check --size matches the file"
             )
         if labels.dtype.kind not in "iu" or labels.ndim not in (1, 2) or labels.shape[1:] not in ((), (1,)):
-            raise DermkdError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, expected integers (N, 1)")
+            raise KdistError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, expected integers (N, 1)")
         labels = labels.reshape(-1).astype(np.int64)
         if len(images) != SPLIT_SIZES[split] or len(labels) != SPLIT_SIZES[split]:
-            raise DermkdError(
+            raise KdistError(
                 f"{path}: {split} has {len(images)} images / {len(labels)} labels, "
                 f"medmnist's DermaMNIST has {SPLIT_SIZES[split]}; use the official file"
             )
         if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise DermkdError(f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}")
+            raise KdistError(f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}")
         # NHWC -> NCHW view: the memory stays NHWC, i.e. already channels_last.
         splits[split] = (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels))
     return splits
@@ -94,12 +93,12 @@ def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
 def load_dermamnist(root=None, size: int = 28, download: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Find (or download) and load DermaMNIST at `size` px from the data root."""
     if size not in SIZES:
-        raise DermkdError(f"size {size} is not a DermaMNIST resolution; choose one of {SIZES}")
+        raise KdistError(f"size {size} is not a DermaMNIST resolution; choose one of {SIZES}")
     root = resolve_root(root)
     path = root / npz_name(size)
     if not path.exists():
         if not download:
-            raise DermkdError(f"data file {path} not found; put {npz_name(size)} there or set --data-root")
+            raise KdistError(f"data file {path} not found; put {npz_name(size)} there or set --data-root")
         _download(root, size)
     return load_npz(path, size)
 
@@ -109,7 +108,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     x = images.to(torch.float64) / 255.0
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
     if not (std > 1e-6).all():  # normalising by a zero std would turn every input into NaN
-        raise DermkdError(f"train images have a constant channel (std {std.tolist()}); the data file is broken")
+        raise KdistError(f"train images have a constant channel (std {std.tolist()}); the data file is broken")
     return mean.tolist(), std.tolist()
 
 
@@ -171,6 +170,12 @@ def apply_shifts(images: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.
     return out.permute(0, 3, 1, 2)  # NCHW view of NHWC memory, i.e. channels_last
 
 
+def augment(raw: torch.Tensor, views: torch.Tensor, shifts: torch.Tensor, translate: int) -> torch.Tensor:
+    """A train batch as the model sees it: each uint8 image in its dihedral view, float in [0, 1]
+    (channels_last), then shifted by its (down, right) pixels when `translate` > 0. Runs on the device."""
+    return apply_shifts(to_float(apply_views(raw, views)), shifts, translate)
+
+
 class IndexedBatches(Dataset):
     """A dataset indexed by a whole batch at once, (indices, views, shifts): one tensor gather per batch."""
 
@@ -197,7 +202,7 @@ class EpochBatchSampler(Sampler):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.shuffle, self.epoch, self.translate = shuffle, epoch, translate
 
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning before every training epoch
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
@@ -237,32 +242,3 @@ def subset(splits, train: int | None, val: int | None, seed: int):
             keep = torch.randperm(len(labels), generator=generator)[:n].sort().values
             out[split] = (images[keep], labels[keep])
     return out
-
-
-class DermaDataModule(L.LightningDataModule):
-    """Serves in-memory splits to a Lightning Trainer.
-
-    Loaders yield (uint8 images, labels, indices, view ids, shifts); once on the device, each image is
-    turned to its dihedral view (random per epoch in training, view 0 otherwise), made float and, with
-    `translate` > 0, shifted by up to that many pixels (training only). Steps get (images, labels,
-    indices, views).
-    """
-
-    def __init__(self, splits, batch_size: int, seed: int = 0, eval_batch_size: int = 1024, translate: int = 0):
-        super().__init__()
-        self.splits, self.batch_size, self.seed, self.eval_batch_size = splits, batch_size, seed, eval_batch_size
-        self.translate = translate
-
-    def train_dataloader(self):
-        # Sharded by dermkd's own sampler (the Trainer runs with use_distributed_sampler=False).
-        rank, world, epoch = (self.trainer.global_rank, self.trainer.world_size, self.trainer.current_epoch) if self.trainer else (0, 1, 0)
-        # Lightning makes an epoch's first iterator before it calls set_epoch: the sampler must
-        # already hold the epoch (the Trainer reloads this loader every epoch).
-        return batch_loader(*self.splits["train"], self.batch_size, True, self.seed, rank, world, epoch, self.translate)
-
-    def val_dataloader(self):
-        return batch_loader(*self.splits["val"], self.eval_batch_size, shuffle=False)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels, indices, views, shifts = batch
-        return apply_shifts(to_float(apply_views(images, views)), shifts, self.translate), labels, indices, views

@@ -1,21 +1,26 @@
-"""`dermkd bench`: speed figures measured side by side in one run on this machine.
+"""`kdist bench`: speed figures measured side by side in one run on this machine.
 
-- student training throughput on synthetic tensors (model-only limit) and through dermkd's data
+- student training throughput on synthetic tensors (model-only limit) and through kdist's data
   path (in-memory uint8 batches, batched dihedral augmentation, channels_last);
 - one distillation epoch with the cached teacher, one with the online teacher, one supervised
-  student epoch (Lightning fit, same settings), and the cached one again in bf16 mixed precision
+  student epoch (engine.fit, same settings), and the cached one again in bf16 mixed precision
   (faster on CPUs with AMX, such as Sapphire Rapids, and on GPUs; slower on CPUs without bf16 units);
+- one cached distillation epoch under `accelerate launch` with 1 and with 2 processes (images/s, ratio);
 - inference latency of teacher and student at batch 1 and 256, parameters, FLOPs per image;
-- the wall time of the latest `dermkd run` (from a results.json).
+- the wall time of the latest `kdist run` (from a results.json).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,8 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cache import teacher_cache
 from .config import Config
-from .data import DermaDataModule, apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
-from .lit import DistillModule, SupervisedModule
+from .config import TrainerConfig
+from .data import apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
+from .engine import Distillation, Supervised, fit, make_accelerator
 from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
 
@@ -37,7 +43,7 @@ def _train_step(model, optimizer, images, labels):
 
 
 def throughput(cfg: Config, splits, mean, std, steps: int) -> dict:
-    """Images/s of student training steps: fixed synthetic batch vs dermkd's data path."""
+    """Images/s of student training steps: fixed synthetic batch vs kdist's data path."""
     batch_size = cfg.student.batch_size
     results = {}
     for source in ("synthetic", "data_path"):
@@ -67,12 +73,14 @@ def throughput(cfg: Config, splits, mean, std, steps: int) -> dict:
             "data_path_over_synthetic": round(results["data_path"] / results["synthetic"], 3)}
 
 
-def epoch_seconds(module, splits, batch_size: int, precision: str = "32-true") -> float:
-    trainer = L.Trainer(max_epochs=1, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, precision=precision)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=DermaDataModule(splits, batch_size))
-    return time.perf_counter() - start
+def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no") -> float:
+    """Wall time of one training epoch through engine.fit (validation on a 128-image slice, one checkpoint)."""
+    accelerator = make_accelerator(TrainerConfig(mixed_precision=mixed_precision, progress=False))
+    short = {"train": splits["train"], "val": tuple(t[:128] for t in splits["val"])}
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        fit(accelerator, model, objective, replace(stage, epochs=1), short, Path(folder), seed=0, progress_bar=False)
+        return time.perf_counter() - start
 
 
 def epochs(cfg: Config, splits, mean, std, cache_dir: Path) -> dict:
@@ -86,16 +94,60 @@ def epochs(cfg: Config, splits, mean, std, cache_dir: Path) -> dict:
         torch.manual_seed(0)
         return create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
 
-    student_s = epoch_seconds(SupervisedModule(student(), cfg.student), splits, cfg.student.batch_size)
-    cached_s = epoch_seconds(DistillModule(student(), cfg.distill, cfg.kd, teacher_logits_cache=cache), splits, cfg.distill.batch_size)
-    online_s = epoch_seconds(DistillModule(student(), cfg.distill, cfg.kd, teacher=teacher), splits, cfg.distill.batch_size)
-    cached_bf16_s = epoch_seconds(DistillModule(student(), cfg.distill, cfg.kd, teacher_logits_cache=cache), splits,
-                                  cfg.distill.batch_size, precision="bf16-mixed")
+    student_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, splits)
+    cached_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits)
+    online_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher=teacher), cfg.distill, splits)
+    cached_bf16_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16")
     return {"student_epoch_s": round(student_s, 2), "distill_cached_epoch_s": round(cached_s, 2),
             "distill_online_epoch_s": round(online_s, 2), "teacher_cache_build_s": round(cache_s, 2),
             "distill_cached_over_student": round(cached_s / student_s, 3),
             "distill_online_over_student": round(online_s / student_s, 3),
             "distill_cached_bf16_epoch_s": round(cached_bf16_s, 2), "distill_cached_bf16_over_32": round(cached_bf16_s / cached_s, 3)}
+
+
+def process_scaling(cfg: Config, out: Path) -> dict:
+    """Images/s of one cached distillation epoch under `accelerate launch` with 1 and with 2 CPU processes
+    (launch/cpu.yaml), each timed inside the job (startup excluded), and their ratio."""
+    repo = Path(__file__).resolve().parents[1]
+    figures = {}
+    for processes in (1, 2):
+        result_file = out / f"processes{processes}.json"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch" / "cpu.yaml"),
+                   "--num_processes", str(processes), "-m", "kdist.bench", str(result_file), json.dumps(cfg.to_dict())]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+        if processes == 1:
+            command[command.index("--config_file") : command.index("--config_file") + 2] = []  # one plain process
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench under {processes} processes failed:\n{done.stderr[-2000:]}")
+        figures[processes] = json.loads(result_file.read_text())
+    one, two = figures[1]["img_s"], figures[2]["img_s"]
+    return {"processes1_img_s": one, "processes2_img_s": two, "processes2_over_1": round(two / one, 3),
+            "processes1_threads": figures[1]["threads"], "processes2_threads": figures[2]["threads"]}
+
+
+def _process_worker(result_file: str, cfg_json: str) -> None:
+    """Run by process_scaling under the launcher: time one cached distillation epoch, write img/s from rank 0."""
+    from .config import config_from_dict
+
+    cfg = config_from_dict(json.loads(cfg_json))
+    accelerator = make_accelerator(replace(cfg.trainer, progress=False))
+    full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
+    mean, std = channel_stats(full["train"][0])
+    splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+    splits["val"] = tuple(t[:128] for t in splits["val"])
+    cache = torch.randn(len(splits["train"][1]), 8, 7)  # the cache's cost is a lookup, whatever its values
+    torch.manual_seed(0)
+    student = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
+    objective = Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache)
+    with tempfile.TemporaryDirectory() as folder:
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, Path(folder), seed=0, progress_bar=False)
+        seconds = time.perf_counter() - start
+    if accelerator.is_main_process:
+        Path(result_file).write_text(json.dumps({"img_s": round(len(splits["train"][1]) / seconds, 1), "epoch_s": round(seconds, 2),
+                                                 "processes": accelerator.num_processes, "threads": torch.get_num_threads()}))
 
 
 @torch.inference_mode()
@@ -142,7 +194,7 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
     return out
 
 
-def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None) -> dict:
+def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None, processes: bool = True) -> dict:
     full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
     mean, std = channel_stats(full["train"][0])
     splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
@@ -154,6 +206,8 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
         "epochs": epochs(cfg, splits, mean, std, out / "cache"),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
     }
+    if processes:
+        report["processes"] = process_scaling(cfg, out)
     if results_json and results_json.exists():
         report["run_wall_time_s"] = json.loads(results_json.read_text()).get("wall_time_s")
         report["run_results"] = str(results_json)
@@ -166,7 +220,7 @@ def format_bench(report: dict) -> str:
     lines = [
         "student training throughput (images/s)",
         f"  synthetic tensors   {t['synthetic_img_s']:10.1f}",
-        f"  dermkd data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
+        f"  kdist data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
         "one training epoch (s)",
         f"  student alone       {e['student_epoch_s']:10.2f}",
         f"  distill, cached     {e['distill_cached_epoch_s']:10.2f}   / student {e['distill_cached_over_student']:.3f}",
@@ -178,6 +232,15 @@ def format_bench(report: dict) -> str:
     for role, m in report["models"].items():
         lines.append(f"  {role:8s} {m['arch']:16s} {m['input_size']:3d}px {m['params'] / 1e6:5.2f}M  {m['flops_per_image'] / 1e6:9.1f}  "
                      f"{m['latency_ms_batch1']:10.2f}  {m['latency_ms_batch256']:6.1f}  {m['onnx_latency_ms_batch1']:16.2f}  {m['onnx_latency_ms_batch256']:6.1f}")
+    if report.get("processes"):
+        p = report["processes"]
+        lines += ["one cached distillation epoch under accelerate launch (images/s)",
+                  f"  1 process ({p['processes1_threads']} threads)  {p['processes1_img_s']:8.1f}",
+                  f"  2 processes ({p['processes2_threads']} thread each) {p['processes2_img_s']:6.1f}   ratio {p['processes2_over_1']:.3f}"]
     if report.get("run_wall_time_s"):
-        lines.append(f"dermkd run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
+        lines.append(f"kdist run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _process_worker(*sys.argv[1:3])

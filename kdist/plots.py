@@ -21,7 +21,7 @@ LABELS = {"teacher": "Teacher", "student": "Student (alone)", "distilled": "Stud
 
 
 def read_history(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """A stage's metrics.csv (Lightning's CSVLogger), plus resume-<n>/metrics.csv of resumed runs, later
+    """A stage's metrics.csv (written by engine.fit; old runs also have resume-<n>/metrics.csv of resumed runs, later
     ones winning for the same epoch -> {metric: [(epoch, value), ...]}."""
     history: dict[str, dict[int, float]] = {}
     resumed = sorted(stage_dir.glob("resume-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1]))

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import DermkdError, __version__
+from . import KdistError, __version__
 from .data import CLASS_NAMES, NUM_CLASSES
 from .files import atomic_output
 from .pretrained import EXTRA_ARCHS, build_backbone, load_imagenet, load_matching, pretrained_norm
@@ -38,7 +38,7 @@ def available_archs() -> list[str]:
 def resolve_arch(name: str) -> str:
     arch = ROLES.get(name, name)
     if arch not in available_archs():
-        raise DermkdError(f"unknown model {name!r}; use teacher, student or a torchvision classifier such as resnet18")
+        raise KdistError(f"unknown model {name!r}; use teacher, student or a torchvision classifier such as resnet18")
     return arch
 
 
@@ -67,7 +67,7 @@ class DermClassifier(nn.Module):
             "input_size": self.input_size,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
-            "dermkd_version": __version__,
+            "kdist_version": __version__,
         }
 
 
@@ -96,7 +96,7 @@ class TeacherEnsemble(nn.Module):
         self.input_size = sizes[0] if len(sizes) == 1 else sizes  # recorded in results.json
         data_sizes = sorted({member.data_size for member in members}, key=lambda size: size or 0)
         if len(data_sizes) > 1:  # the ensemble sees one image per sample, so its members must share a size
-            raise DermkdError(f"the teachers were trained on different image sizes {data_sizes}; ensemble teachers of one size")
+            raise KdistError(f"the teachers were trained on different image sizes {data_sizes}; ensemble teachers of one size")
         self.data_size = data_sizes[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ def save_weights(model: DermClassifier, path: Path, extra: dict | None = None) -
     meta = {**model.metadata(), **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_output(path) as tmp:  # a killed run never leaves a half-written weights file
-        save_file(state, str(tmp), metadata={"dermkd": json.dumps(meta)})
+        save_file(state, str(tmp), metadata={"kdist": json.dumps(meta)})
 
 
 def read_metadata(path: Path) -> dict:
@@ -127,12 +127,12 @@ def read_metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except FileNotFoundError:
-        raise DermkdError(f"weights file {path} not found") from None
+        raise KdistError(f"weights file {path} not found") from None
     except Exception as exc:
-        raise DermkdError(f"{path} is not a dermkd safetensors weights file ({exc})") from None
-    if "dermkd" not in header:
-        raise DermkdError(f"{path} has no dermkd metadata; pass a .safetensors file written by dermkd")
-    return json.loads(header["dermkd"])
+        raise KdistError(f"{path} is not a kdist safetensors weights file ({exc})") from None
+    if "kdist" not in header:
+        raise KdistError(f"{path} has no kdist metadata; pass a .safetensors file written by kdist")
+    return json.loads(header["kdist"])
 
 
 def data_size_of(meta: dict) -> int:
@@ -141,12 +141,12 @@ def data_size_of(meta: dict) -> int:
 
 
 def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
-    """Rebuild a DermClassifier from a dermkd safetensors file. Never unpickles anything."""
+    """Rebuild a DermClassifier from a kdist safetensors file. Never unpickles anything."""
     meta = read_metadata(path)
     if expect_arch and meta["arch"] != resolve_arch(expect_arch):
-        raise DermkdError(f"{path} holds a {meta['arch']}, expected {resolve_arch(expect_arch)}")
+        raise KdistError(f"{path} holds a {meta['arch']}, expected {resolve_arch(expect_arch)}")
     if meta["num_classes"] != NUM_CLASSES:
-        raise DermkdError(f"{path} has {meta['num_classes']} classes, DermaMNIST has {NUM_CLASSES}")
+        raise KdistError(f"{path} has {meta['num_classes']} classes, DermaMNIST has {NUM_CLASSES}")
     model = create_model(meta["arch"], meta["mean"], meta["std"], meta["input_size"])
     load_state(model, path)
     model.data_size = data_size_of(meta)
@@ -154,11 +154,11 @@ def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
 
 
 def load_state(model: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict (any file, with or without dermkd metadata) into `model`."""
+    """Load a safetensors state dict (any file, with or without kdist metadata) into `model`."""
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise DermkdError(f"cannot read weights {path} ({exc}); pass a .safetensors state dict") from None
+        raise KdistError(f"cannot read weights {path} ({exc}); pass a .safetensors state dict") from None
     if not any(key.startswith("backbone.") for key in state):
         # A plain torchvision state dict (e.g. pretrained weights): into the backbone, leaving out
         # tensors whose shape differs (the 1000-class ImageNet head).
@@ -168,4 +168,4 @@ def load_state(model: nn.Module, path: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise DermkdError(f"weights {path} do not fit the model: {first}") from None
+        raise KdistError(f"weights {path} do not fit the model: {first}") from None

@@ -1,0 +1,366 @@
+"""The training loop on Hugging Face Accelerate, shared by teacher, student and distillation.
+
+Accelerate owns the device, DDP, mixed precision, gradient accumulation and clipping; `fit` is the plain
+loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.py):
+
+- the model, optimizer and scheduler go through `accelerator.prepare`; val batches come from a prepared
+  loader (each process a shard) and are gathered with `gather_for_metrics`, which drops the padding
+  duplicates, so val metrics under N processes are those of one process;
+- train batches come from kdist's own sampler (data.EpochBatchSampler), not a prepared loader: each
+  process takes a disjoint, equal share of a shuffle that depends only on (seed, epoch), so a resumed run
+  repeats an uninterrupted one and no rank waits on another at the end of an epoch;
+- a distillation teacher is never wrapped in DDP: it sits frozen on every process (eval mode, no grads,
+  same autocast) and sees the same augmented batch as the student (`teacher_mode: online`), or its
+  logits are looked up in the exact cache of cache.py (`teacher_mode: cached`, the fast path on CPUs);
+- every epoch ends with `save_state` into <stage>/checkpoints/last (model, optimizer, scheduler and the
+  progress record); `--resume` loads it and goes on. The best-on-val weights are kept beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from . import KdistError
+from .cache import logits_for_all_views
+from .config import KDConfig, StageConfig, TrainerConfig
+from .data import augment, batch_loader, to_float
+from .files import atomic_output, atomic_write_text
+from .inference import check_views, view_logits
+from .losses import distillation_terms
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AMX or AVX-512 BF16), as oneDNN sees it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def make_accelerator(trainer: TrainerConfig) -> Accelerator:
+    """The one Accelerator of a command. Mixed precision: the config's, else the launcher's
+    (`accelerate launch --mixed_precision bf16`), else none. Without CUDA (or with `trainer.cpu`) the
+    processes run on the CPU with gloo: `accelerate launch --config_file launch/cpu.yaml` gives two."""
+    use_cpu = trainer.cpu or not torch.cuda.is_available()
+    if not torch.distributed.is_initialized():  # a second command in one Python process (tests) starts afresh
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=trainer.mixed_precision,
+        # Steps are counted across epochs (kdist's train loader is not a prepared one); the scheduler is
+        # sized in optimizer steps (see `fit`), so Accelerate must not stretch it.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=trainer.gradient_accumulation_steps,
+                                                                adjust_scheduler=False, sync_with_dataloader=False),
+        # A hung collective fails in minutes, not Accelerate's default 30.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))],
+    )
+    if accelerator.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)  # CPU runs (and resumes) repeat bit for bit
+        warn_if_bf16_is_emulated(accelerator.mixed_precision)
+    return accelerator
+
+
+def warn_if_bf16_is_emulated(mixed_precision: str) -> None:
+    """Warn about bf16 on a CPU that emulates it: measured 35x slower than float32 on an AVX2-only EPYC."""
+    if mixed_precision == "bf16" and not cpu_has_bf16():  # the probe runs only when bf16 is asked for
+        warnings.warn("mixed precision bf16 on a CPU without bf16 hardware (no AMX or AVX-512 BF16) trains far slower "
+                      "than float32 (35x measured); use --mixed-precision no", stacklevel=3)
+
+
+# --- what a batch costs: cross-entropy, or distillation from a frozen teacher ---------------------------
+
+
+class Supervised:
+    """Cross-entropy on the labels (optionally class-weighted and label-smoothed)."""
+
+    def __init__(self, stage: StageConfig, class_weights: torch.Tensor | None = None):
+        self.stage, self.class_weights = stage, class_weights
+
+    def to(self, device):
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.to(device)
+        return self
+
+    def __call__(self, logits, images, labels, indices, views) -> tuple[torch.Tensor, dict]:
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.stage.label_smoothing)
+        return loss, {}
+
+
+class Distillation(Supervised):
+    """alpha * KD(student, teacher; T) + (1 - alpha) * CE, per the KD registry (losses.py).
+
+    The teacher's logits come from `teacher_logits_cache` (N, 8 views, C), looked up by dataset index and
+    dihedral view, or from the frozen `teacher` run on the very batch the student sees (online). With
+    kd.teacher_views = mean the target is the teacher's mean over all 8 views instead.
+    """
+
+    def __init__(self, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None, class_weights=None,
+                 autocast=None):
+        super().__init__(stage, class_weights)
+        if (teacher is None) == (teacher_logits_cache is None):
+            raise ValueError("give exactly one of teacher and teacher_logits_cache")
+        self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
+        self.autocast = autocast or contextlib.nullcontext  # the student's autocast (accelerator.autocast), for the same numerics
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)  # frozen: BatchNorm statistics and weights never change
+
+    def to(self, device):
+        super().to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        if self.cache is not None:
+            self.cache = self.cache.to(device)
+        return self
+
+    def teacher_logits(self, images, indices, views) -> torch.Tensor:
+        mean_over_views = self.kd.teacher_views == "mean"
+        if self.cache is not None:
+            return self.cache[indices].mean(dim=1) if mean_over_views else self.cache[indices, views]
+        with torch.no_grad(), self.autocast():
+            # The 8 views of a view are the 8 views of the original image (a group), so nothing to undo.
+            logits = logits_for_all_views(self.teacher, images).mean(dim=1) if mean_over_views else self.teacher(images)
+        return logits.float()
+
+    def __call__(self, logits, images, labels, indices, views):
+        kd = self.kd
+        kd_term, ce_term = distillation_terms(logits, self.teacher_logits(images, indices, views), labels, kd.method,
+                                              kd.temperature, kd.standardize, kd.options, self.class_weights)
+        loss = kd_term if kd.alpha == 1.0 else kd.alpha * kd_term + (1 - kd.alpha) * ce_term
+        return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
+
+
+# --- the progress record, checkpointed with the model ---------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What a resumed stage needs besides weights and optimizer: where it is, its best epoch, its curves."""
+
+    epoch: int = 0  # the next epoch to run
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Progress":
+        return cls(**json.loads(text))
+
+
+def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=stage.lr, momentum=0.9, nesterov=True, weight_decay=stage.weight_decay)
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
+    if stage.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=stage.lr, total_steps=total_steps, pct_start=0.15)
+    if stage.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def eval_loader(accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> DataLoader:
+    """A prepared loader of (uint8 images, labels): each process a shard, padded to equal length;
+    `gather_for_metrics` drops the padding again."""
+    return accelerator.prepare_data_loader(DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False))
+
+
+@torch.no_grad()
+def gathered_logits(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    views: str = "one") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) float32 logits and (N,) labels of the whole split, in order, on every process: each process
+    runs its shard, then `gather_for_metrics` joins them without duplicates."""
+    check_views(views)
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch_images, batch_labels in eval_loader(accelerator, images, labels):
+        with accelerator.autocast():
+            logits = view_logits(model, to_float(batch_images), views).float()
+        logits, batch_labels = accelerator.gather_for_metrics((logits, batch_labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(batch_labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def predict_probs(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  views: str = "one") -> np.ndarray:
+    """Softmax probabilities of the whole split, computed by every process on its shard."""
+    logits, _ = gathered_logits(accelerator, model, images, labels, views)
+    return torch.softmax(logits, dim=1).numpy()
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def _save_last(accelerator: Accelerator, folder: Path, progress: Progress, ema=None) -> None:
+    """save_state (model, optimizer, scheduler, RNG) plus progress.json and the EMA weights into last.new,
+    then swap it for last: a kill at any moment leaves one whole checkpoint. Nothing of kdist's goes through
+    register_for_checkpointing, whose load_state unpickles; Accelerate reads its own files weights_only."""
+    new, last, old = folder / "last.new", folder / "last", folder / "last.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(new, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(new), safe_serialization=True)
+    accelerator.wait_for_everyone()  # save_state has no barrier of its own
+    if accelerator.is_main_process:
+        if ema is not None:
+            _save_best(ema, new / "ema.safetensors")  # with n_averaged, so a resume averages on
+        (new / "progress.json").write_text(progress.to_json())
+        if last.exists():
+            last.rename(old)
+        new.rename(last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest whole checkpoint of a stage (`last.old` if a kill fell between the two renames)."""
+    for name in ("last", "last.old"):
+        if (folder / name / "progress.json").exists():
+            return folder / name
+    return None
+
+
+def _save_best(model: torch.nn.Module, path: Path) -> None:
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    """metrics.csv: one row per epoch, every metric a column (the report draws its curves from it)."""
+    keys = ["epoch"] + sorted({key for row in history for key in row} - {"epoch"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buffer.getvalue())
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised, stage: StageConfig, splits: dict,
+        folder: Path, seed: int, resume: bool = False, progress_bar: bool = True) -> torch.nn.Module:
+    """Train `model` on `objective`, validating every epoch; return it (unwrapped, on the CPU, eval mode)
+    holding its best-on-val weights. Writes <folder>/metrics.csv and <folder>/checkpoints/."""
+    checkpoints = folder / "checkpoints"
+    if accelerator.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_images, train_labels = splits["train"]
+    batches_per_rank = len(batch_loader(train_images, train_labels, stage.batch_size, True, seed, rank, world))
+    if batches_per_rank == 0:
+        raise KdistError(f"{len(train_labels)} train images make fewer batches of {stage.batch_size} than there are "
+                         f"processes ({world}); lower the batch size or the process count")
+    accumulation = accelerator.gradient_accumulation_steps
+    # Accelerate steps a prepared scheduler once per process at every optimizer step (it expects schedules
+    # sized for one process seeing every batch), so the schedule counts optimizer steps times processes.
+    total_steps = max(1, (batches_per_rank * stage.epochs) // accumulation) * world
+    optimizer = make_optimizer(model, stage)
+    scheduler = make_scheduler(optimizer, stage, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    objective.to(accelerator.device)
+    plain = accelerator.unwrap_model(model)
+    ema = None
+    if stage.ema_decay:  # validation and the kept weights use the exponential moving average
+        ema = torch.optim.swa_utils.AveragedModel(plain, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage.ema_decay),
+                                                  use_buffers=True)
+    progress = Progress()
+    last = last_checkpoint(checkpoints) if resume else None
+    if last is not None:
+        accelerator.load_state(str(last))
+        progress = Progress.from_json((last / "progress.json").read_text())
+        if ema is not None:
+            ema.load_state_dict(load_file(str(last / "ema.safetensors")))
+        accelerator.print(f"resumed {folder.name} at epoch {progress.epoch} from {last}")
+    best_path = checkpoints / "best.safetensors"
+    audit = Path(os.environ["KDIST_AUDIT_SAMPLES"]) if os.environ.get("KDIST_AUDIT_SAMPLES") else None
+    start = time.perf_counter()
+    for epoch in range(progress.epoch, stage.epochs):
+        # Every epoch depends only on (seed, epoch, rank) and the weights, so a resumed run repeats an
+        # uninterrupted one: batch order, views and shifts come from the sampler's (seed, epoch) generator,
+        # dropout from the global RNG reseeded here (nothing else draws from it during training).
+        torch.manual_seed(seed * 100_003 + epoch + rank * 7919)
+        model.train()
+        sums = {"loss": torch.zeros((), device=accelerator.device), "correct": torch.zeros((), device=accelerator.device)}
+        seen = 0
+        loader = batch_loader(train_images, train_labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate)
+        if audit:  # which train samples this process saw this epoch, for tests of the sharding
+            audit.mkdir(parents=True, exist_ok=True)
+            np.save(audit / f"{folder.name}-epoch{epoch}-rank{rank}.npy", torch.cat([batch[0] for batch in loader.sampler]).numpy())
+        for step, (raw, labels, indices, views, shifts) in enumerate(loader):
+            raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
+            images = augment(raw, views, shifts, stage.translate)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    logits = model(images)
+                loss, parts = objective(logits.float(), images, labels, indices, views)
+                if not torch.isfinite(loss):
+                    # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
+                    raise KdistError(f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good checkpoint is kept in "
+                                     f"{checkpoints / 'last'}; lower the learning rate")
+                accelerator.backward(loss)
+                if stage.gradient_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), stage.gradient_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if ema is not None and accelerator.sync_gradients:
+                ema.update_parameters(plain)
+            n = len(labels)
+            seen += n
+            sums["loss"] += loss.detach() * n
+            sums["correct"] += (logits.argmax(1) == labels).sum()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n
+        # Train figures over every process's samples; val over the whole split.
+        totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(seen), device=accelerator.device)]), "sum")
+        row = {"epoch": epoch}
+        for key, value in zip(sums, totals[:-1].tolist()):
+            row["train/acc" if key == "correct" else f"train/{key}"] = value / totals[-1].item()
+        row["lr"] = scheduler.get_last_lr()[0]
+        judged = ema.module if ema is not None else plain
+        logits, labels = gathered_logits(accelerator, judged, *splits["val"])
+        row["val/loss"] = F.cross_entropy(logits, labels).item()
+        row["val/acc"] = (logits.argmax(1) == labels).float().mean().item()
+        progress.history.append(row)
+        progress.epoch = epoch + 1
+        if row["val/acc"] > progress.best_acc:  # the kept weights: best on val, first of ties
+            progress.best_acc, progress.best_epoch = row["val/acc"], epoch
+            if accelerator.is_main_process:
+                _save_best(judged, best_path)
+        if accelerator.is_main_process:
+            _write_history(folder / "metrics.csv", progress.history)
+        _save_last(accelerator, checkpoints, progress, ema)
+        if progress_bar:
+            accelerator.print(f"{folder.name} epoch {epoch + 1}/{stage.epochs}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f}"
+                              f"  val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f}")
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    model.load_state_dict(load_file(str(best_path)))
+    model.train_time_s = time.perf_counter() - start
+    return model.cpu().eval()

@@ -1,0 +1,55 @@
+"""`kdist evaluate W.safetensors [W2 ...]`: metrics of saved weights (several: their ensemble), as JSON.
+
+Also a module for the launcher: `accelerate launch -m kdist.evaluate ...`; every process scores its shard
+of the split and `gather_for_metrics` joins them, so N processes print what one prints.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import KdistError
+from .options import PATH, entry_point, views_option
+
+
+def evaluate_weights(weights: list, data_root: str | None, split: str, views: str, cpu: bool = False) -> dict:
+    """Headline metrics of saved weights; the data size comes from the weights' metadata."""
+    from .config import TrainerConfig
+    from .data import load_dermamnist
+    from .engine import make_accelerator, predict_probs
+    from .metrics import classification_metrics
+    from .models import data_size_of, load_teacher, read_metadata
+
+    sizes = {data_size_of(read_metadata(path)) for path in weights}
+    if len(sizes) > 1:
+        raise KdistError(f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately")
+    model = load_teacher(list(weights))
+    accelerator = make_accelerator(TrainerConfig(cpu=cpu))
+    splits = load_dermamnist(data_root, sizes.pop())
+    out = {"weights": [str(path) for path in weights] if len(weights) > 1 else str(weights[0]), "arch": model.arch, "views": views}
+    model.to(accelerator.device)
+    for name in ("val", "test") if split == "both" else (split,):
+        images, labels = splits[name]
+        metrics = classification_metrics(predict_probs(accelerator, model, images, labels, views), labels.numpy())
+        out[name] = {key: value for key, value in metrics.items() if key != "per_class"}
+    out["num_processes"] = accelerator.num_processes
+    return out if accelerator.is_main_process else {}
+
+
+@click.command("evaluate")
+@click.argument("weights", type=PATH, nargs=-1, required=True)
+@click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT)")
+@click.option("--split", type=click.Choice(["val", "test", "both"]), default="both", show_default=True)
+@click.option("--cpu", is_flag=True, help="run on the CPU even where CUDA is present")
+@views_option
+def command(weights, data_root, split, cpu, views):
+    """Evaluate saved weights (a .safetensors written by kdist; several: their ensemble, mean logits)."""
+    result = evaluate_weights(weights, data_root, split, views, cpu)
+    if result:
+        click.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    entry_point(command, "python -m kdist.evaluate")

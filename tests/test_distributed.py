@@ -1,0 +1,102 @@
+"""The distributed path on this CPU: `accelerate launch` with 2 gloo processes (launch/cpu.yaml), and two
+"machines" on 127.0.0.1. What is checked: the job really has 2 processes, the ranks train on disjoint,
+equal shares of every epoch, and val/test metrics equal a 1-process `kdist evaluate` of the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdist.models import create_model, save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--quick", "--no-progress", "--set", "distill.epochs=2", "--set", "data.train_subset=512", "--set", "data.val_subset=256"]
+
+
+def launch(*args, env=None, config=True):
+    """`accelerate launch [--config_file launch/cpu.yaml] ARGS`, as a user types it."""
+    head = [sys.executable, "-m", "accelerate.commands.launch"] + (["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else [])
+    return [*head, *map(str, args)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """An untrained EfficientNet-B0 as the teacher file: distillation only needs its logits."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_weights(create_model("teacher", input_size=None), path, {"data_size": 28})
+    return path
+
+
+def metrics_of(entry: dict) -> dict:
+    return {key: entry[key] for key in ("n", "acc", "balanced_acc", "macro_f1")}
+
+
+def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_root, teacher):
+    out, audit = tmp_path / "ddp", tmp_path / "audit"
+    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit)}
+    done = subprocess.run(launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--out", out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2  # not two world-size-1 jobs
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]) == ["teacher", "distilled"]
+
+    # Each epoch the two ranks saw disjoint samples, the same number each, and between them all but the
+    # last partial batch's leftovers.
+    for epoch in range(2):
+        rank0, rank1 = (np.load(audit / f"distilled-epoch{epoch}-rank{rank}.npy") for rank in (0, 1))
+        assert len(rank0) == len(rank1) and not set(rank0) & set(rank1)
+        assert len(rank0) + len(rank1) == 512  # 4 batches of 128: 2 each
+    assert not np.array_equal(np.load(audit / "distilled-epoch0-rank0.npy"), np.load(audit / "distilled-epoch1-rank0.npy"))
+
+    # val/test metrics of the 2-process run equal those of one process on the same weights: every sample once
+    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    alone = json.loads(one.stdout)
+    assert alone["num_processes"] == 1
+    distilled = results["models"]["distilled"]
+    assert distilled["test"]["n"] == 2005
+    for split in ("val", "test"):
+        # the val split is the full 1003 for evaluate and a 256 subset inside a --quick run
+        if split == "test":
+            assert metrics_of(distilled[split]) == metrics_of(alone[split])
+            assert distilled[split]["auc"] == pytest.approx(alone[split]["auc"], abs=1e-4)
+
+    # ... and `accelerate launch -m kdist.evaluate` with 2 processes prints what one process prints
+    two = subprocess.run(launch("-m", "kdist.evaluate", out / "distilled.safetensors"), env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    both = json.loads(two.stdout)
+    assert both["num_processes"] == 2
+    for split in ("val", "test"):
+        assert metrics_of(both[split]) == metrics_of(alone[split]) and both[split]["n"] == {"val": 1003, "test": 2005}[split]
+
+
+def test_two_machines_on_localhost_distil_together(tmp_path, real_root, teacher):
+    """Two launches, one per "machine" (--num_machines 2 --machine_rank 0|1), meet on 127.0.0.1 and train as one job."""
+    out, port = tmp_path / "two-machines", free_port()
+    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "ACCELERATE_USE_CPU": "true"}
+    machines = [
+        subprocess.Popen(launch("--multi_gpu", "--num_machines", 2, "--machine_rank", rank, "--num_processes", 2,
+                                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "kdist.distill",
+                                "--teacher", teacher, *QUICK, "--set", "distill.epochs=1", "--out", out, config=False),
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=600) for machine in machines]
+    for machine, (_, err) in zip(machines, outputs):
+        assert machine.returncode == 0, err[-3000:]
+    assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2
+    assert json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]["n"] == 2005
+    assert "results:" in outputs[0][0] and "results:" not in outputs[1][0]  # only the main process reports
