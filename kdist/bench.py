@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,12 +141,14 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
     torch.manual_seed(0)
     student = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
     objective = Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache)
-    with tempfile.TemporaryDirectory() as folder:
-        accelerator.wait_for_everyone()
-        start = time.perf_counter()
-        fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, Path(folder), seed=0, progress_bar=False)
-        seconds = time.perf_counter() - start
+    folder = Path(result_file).with_suffix("")  # one folder for every process: they share its checkpoints
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, folder, seed=0, progress_bar=False)
+    seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()  # every process has read the kept weights back
     if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
         Path(result_file).write_text(json.dumps({"img_s": round(len(splits["train"][1]) / seconds, 1), "epoch_s": round(seconds, 2),
                                                  "processes": accelerator.num_processes, "threads": torch.get_num_threads()}))
 

@@ -169,6 +169,9 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     assert bench["epochs"]["distill_cached_bf16_over_32"] > 0
     assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024
     assert bench["models"]["teacher"]["onnx_latency_ms_batch256"] > 0
+    processes = bench["processes"]  # one cached distillation epoch under accelerate launch, 1 and 2 processes
+    assert processes["processes1_img_s"] > 0 and processes["processes2_img_s"] > 0 and processes["processes2_over_1"] > 0
+    assert "2 processes" in printed
 
 
 def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsys):
