@@ -24,6 +24,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -146,6 +148,44 @@ class Distillation(Supervised):
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
 
 
+# --- stopping early on request (preemption, time limits) ------------------------------------------------
+
+STOP_EXIT_CODE = 75  # "try again later": the state is saved; rerun with --resume
+
+
+class StopRequested(Exception):
+    """Raised once a stop was requested and the state saved: the command exits with STOP_EXIT_CODE."""
+
+
+class StopWatch:
+    """Notices a request to stop: SIGUSR1 or SIGTERM to this process, or the file named by $KDIST_STOP_FILE
+    appearing (Slurm's batch script touches it when its preemption signal arrives: a signal sent to the
+    launcher would not reach the training processes). Every process checks after every step and they agree
+    (all-reduce of max), so all of them stop after the same step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signalled, self.previous = False, {}
+        self.file = Path(os.environ["KDIST_STOP_FILE"]) if os.environ.get("KDIST_STOP_FILE") else None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        local = self.signalled or bool(self.file and self.file.exists())
+        if accelerator.num_processes == 1:
+            return local
+        return accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "max").item() > 0
+
+    def close(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 # --- the progress record, checkpointed with the model ---------------------------------------------------
 
 
@@ -153,7 +193,9 @@ class Distillation(Supervised):
 class Progress:
     """What a resumed stage needs besides weights and optimizer: where it is, its best epoch, its curves."""
 
-    epoch: int = 0  # the next epoch to run
+    epoch: int = 0  # the epoch to run next (or to finish, when step_in_epoch > 0)
+    step_in_epoch: int = 0  # batches of `epoch` already trained: a stop request saved mid-epoch
+    epoch_sums: dict = field(default_factory=dict)  # that epoch's running train sums, and "seen"
     best_acc: float = -1.0
     best_epoch: int = -1
     history: list = field(default_factory=list)  # one dict of metrics per finished epoch
@@ -299,19 +341,46 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
     best_path = checkpoints / "best.safetensors"
     audit = Path(os.environ["KDIST_AUDIT_SAMPLES"]) if os.environ.get("KDIST_AUDIT_SAMPLES") else None
     start = time.perf_counter()
+    watch = StopWatch()
+    try:
+        _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, stage, splits, folder, seed, progress, watch,
+                audit, progress_bar)
+    finally:
+        watch.close()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    model.load_state_dict(load_file(str(best_path)))
+    model.train_time_s = time.perf_counter() - start
+    return model.cpu().eval()
+
+
+def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, stage, splits, folder, seed, progress, watch,
+            audit, progress_bar) -> None:
+    """The epochs of `fit` from where `progress` stands; raises StopRequested after saving, if asked to stop."""
+    checkpoints, best_path = folder / "checkpoints", folder / "checkpoints" / "best.safetensors"
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_images, train_labels = splits["train"]
     for epoch in range(progress.epoch, stage.epochs):
-        # Every epoch depends only on (seed, epoch, rank) and the weights, so a resumed run repeats an
-        # uninterrupted one: batch order, views and shifts come from the sampler's (seed, epoch) generator,
-        # dropout from the global RNG reseeded here (nothing else draws from it during training).
-        torch.manual_seed(seed * 100_003 + epoch + rank * 7919)
+        skip = progress.step_in_epoch  # > 0: this epoch was stopped part-way and resumes after that step
+        if not skip:
+            # Every epoch depends only on (seed, epoch, rank) and the weights, so a resumed run repeats an
+            # uninterrupted one: batch order, views and shifts come from the sampler's (seed, epoch) generator,
+            # dropout from the global RNG reseeded here (nothing else draws from it during training). Part-way
+            # through an epoch, load_state has restored the RNG as it was at the stop instead.
+            torch.manual_seed(seed * 100_003 + epoch + rank * 7919)
         model.train()
-        sums = {"loss": torch.zeros((), device=accelerator.device), "correct": torch.zeros((), device=accelerator.device)}
-        seen = 0
+        saved = dict(progress.epoch_sums) if skip else {}
+        seen = int(saved.pop("seen", 0))
+        sums = {key: torch.tensor(saved.get(key, 0.0), device=accelerator.device) for key in ("loss", "correct")}
+        sums.update({key: torch.tensor(value, device=accelerator.device) for key, value in saved.items() if key not in sums})
         loader = batch_loader(train_images, train_labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate)
         if audit:  # which train samples this process saw this epoch, for tests of the sharding
             audit.mkdir(parents=True, exist_ok=True)
             np.save(audit / f"{folder.name}-epoch{epoch}-rank{rank}.npy", torch.cat([batch[0] for batch in loader.sampler]).numpy())
         for step, (raw, labels, indices, views, shifts) in enumerate(loader):
+            if step < skip:
+                continue
             raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
             images = augment(raw, views, shifts, stage.translate)
             with accelerator.accumulate(model):
@@ -336,6 +405,10 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
             sums["correct"] += (logits.argmax(1) == labels).sum()
             for key, value in parts.items():
                 sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n
+            if watch.requested(accelerator):  # finish this step, save, stop; --resume goes on after it
+                progress.step_in_epoch, progress.epoch_sums = step + 1, {**{k: v.item() for k, v in sums.items()}, "seen": seen}
+                _save_last(accelerator, checkpoints, progress, ema)
+                raise StopRequested(f"stopped on request at epoch {epoch}, step {step}; state saved in {checkpoints / 'last'}")
         # Train figures over every process's samples; val over the whole split.
         totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(seen), device=accelerator.device)]), "sum")
         row = {"epoch": epoch}
@@ -347,7 +420,7 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
         row["val/loss"] = F.cross_entropy(logits, labels).item()
         row["val/acc"] = (logits.argmax(1) == labels).float().mean().item()
         progress.history.append(row)
-        progress.epoch = epoch + 1
+        progress.epoch, progress.step_in_epoch, progress.epoch_sums = epoch + 1, 0, {}
         if row["val/acc"] > progress.best_acc:  # the kept weights: best on val, first of ties
             progress.best_acc, progress.best_epoch = row["val/acc"], epoch
             if accelerator.is_main_process:
@@ -358,9 +431,3 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
         if progress_bar:
             accelerator.print(f"{folder.name} epoch {epoch + 1}/{stage.epochs}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f}"
                               f"  val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f}")
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
-    accelerator.free_memory()
-    model.load_state_dict(load_file(str(best_path)))
-    model.train_time_s = time.perf_counter() - start
-    return model.cpu().eval()

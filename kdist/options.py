@@ -146,6 +146,8 @@ def summary(results_path: Path) -> str:
 
 def invoke(command: click.Command, argv=None, prog_name: str = "kdist") -> int:
     """Run a click command; KdistError and usage errors end in one line and exit code 2."""
+    from .engine import STOP_EXIT_CODE, StopRequested
+
     _quiet_libraries()
     try:
         result = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
@@ -157,6 +159,9 @@ def invoke(command: click.Command, argv=None, prog_name: str = "kdist") -> int:
     except KdistError as exc:
         print(f"kdist: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except StopRequested as exc:
+        print(f"kdist: {exc}; continue with --resume", file=sys.stderr, flush=True)
+        return STOP_EXIT_CODE
     except KeyboardInterrupt:
         print("kdist: interrupted", file=sys.stderr)
         return 130

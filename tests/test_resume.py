@@ -107,3 +107,31 @@ def test_last_checkpoint_is_written_every_epoch(tmp_path, synthetic_root):
     # Accelerate's save_state: model as safetensors, optimizer and scheduler beside it; nothing else of kdist's is pickled
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "progress.json"} <= {p.name for p in (folder / "last").iterdir()}
     assert not list((folder / "last").glob("custom_checkpoint_*"))
+
+
+def test_a_stop_request_mid_epoch_saves_and_resumes_exactly(tmp_path, synthetic_root):
+    """SIGUSR1 (what Slurm sends before preemption or the time limit): the step finishes, the state is saved
+    part-way through the epoch, the command exits with 75, and --resume ends as an uninterrupted run."""
+    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--val-only", "--set", "student.epochs=3",
+              "--set", "student.batch_size=16", "--set", "data.train_subset=512", "--set", "data.val_subset=128"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert subprocess.run(kdist("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
+
+    process = subprocess.Popen(kdist("train", "student", *common, "--out", stopped), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = stopped / "student" / "checkpoints" / "last" / "progress.json"
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 1
+    os.kill(process.pid, signal.SIGUSR1)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err[-2000:]
+    assert "stopped on request" in err and "--resume" in err
+    progress = json.loads(marker.read_text())
+    assert progress["step_in_epoch"] > 0 and progress["epoch"] >= 1, "the stop did not fall part-way through an epoch"
+
+    resumed = subprocess.run(kdist("train", "student", "--resume", stopped, "--val-only", "--no-progress"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert strip_times(json.loads((stopped / "results.json").read_text())) == strip_times(json.loads((whole / "results.json").read_text()))
+    assert (stopped / "student.safetensors").read_bytes() == (whole / "student.safetensors").read_bytes()
+    assert (stopped / "student" / "metrics.csv").read_text() == (whole / "student" / "metrics.csv").read_text()
