@@ -1,4 +1,5 @@
-# `make setup` builds .venv (and installs Debian's chromium for the browser tests where apt is usable);
+# `make setup` builds .venv (and installs Debian's chromium for the browser tests and Slurm for the
+# slurm/ tests where apt is usable as root: the tests start their own one-node cluster);
 # `make test` runs the test suite. The README and .ci/run call exactly these two.
 PY ?= python3.11
 VENV = .venv
@@ -12,6 +13,8 @@ setup:
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q chromium >/dev/null 2>&1; } || echo "note: chromium not installed; browser tests will skip"
+	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; } || echo "note: Slurm not installed; Slurm tests will skip"
 
 test:
 	$(BIN)/python -m pytest -q

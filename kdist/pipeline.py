@@ -11,6 +11,7 @@ A run folder holds everything a stage produced:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -205,16 +206,20 @@ def recorded(study: Study, name: str) -> bool:
 
 
 def record_result(study: Study, name: str, entry: dict) -> None:
+    """Add `name`'s entry to results.json. Locked: separate jobs of one study (slurm/study.sh runs the student
+    and the distilled student side by side) write into the same file."""
     path = study.out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    train_labels = study.splits["train"][1].numpy()
-    results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
-    results["baselines"] = {
-        "majority": {split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits}
-    }
-    results.setdefault("models", {})[name] = entry
-    results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}
-    atomic_write_text(path, json.dumps(results, indent=2))
+    with open(study.out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        train_labels = study.splits["train"][1].numpy()
+        results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
+        results["baselines"] = {
+            "majority": {split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits}
+        }
+        results.setdefault("models", {})[name] = entry
+        results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}
+        atomic_write_text(path, json.dumps(results, indent=2))
 
 
 def _model_order(name: str) -> tuple:
