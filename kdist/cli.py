@@ -18,6 +18,7 @@ from .distill import command as distill_command
 from .evaluate import command as evaluate_command
 from .options import PATH, SEEDS, default_out, flatten_seeds, invoke, open_study, resolve_config, resume_option, study_options, summary, views_option
 from .train import command as train_command
+from .wandb_report import command as wandb_report_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,7 @@ def cli():
 cli.add_command(train_command)
 cli.add_command(distill_command)
 cli.add_command(evaluate_command)
+cli.add_command(wandb_report_command)
 
 
 @cli.command()

@@ -81,6 +81,10 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     timeout_s: int = 600  # collective timeout: a hung process fails in minutes
     progress: bool = True  # one line per epoch
+    # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; csv or none: no tracker
+    # beyond the run folder's metrics.csv and results.json, which are always written (tracking.py)
+    tracker: str = "csv"
+    project: str = "kdist"  # the W&B project
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Config:
         check(self.trainer.mixed_precision in MIXED_PRECISIONS, "trainer.mixed_precision", f"must be one of no, fp16, bf16 or null (got {self.trainer.mixed_precision!r})")
         check(isinstance(self.trainer.gradient_accumulation_steps, int) and self.trainer.gradient_accumulation_steps >= 1,
               "trainer.gradient_accumulation_steps", "must be a whole number >= 1")
+        check(self.trainer.tracker in ("csv", "none", "wandb", "jsonl"), "trainer.tracker", f"must be csv, none, wandb or jsonl (got {self.trainer.tracker!r})")
         check(self.trainer.timeout_s >= 10, "trainer.timeout_s", "must be >= 10 seconds")
         check(self.kd.teacher_views in ("same", "mean"), "kd.teacher_views", "must be same or mean")
         check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")

@@ -63,8 +63,11 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
     if not torch.distributed.is_initialized():  # a second command in one Python process (tests) starts afresh
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    from .tracking import log_with
+
     accelerator = Accelerator(
         cpu=use_cpu,
+        log_with=log_with(trainer.tracker),
         mixed_precision=trainer.mixed_precision,
         # Steps are counted across epochs (kdist's train loader is not a prepared one); the scheduler is
         # sized in optimizer steps (see `fit`), so Accelerate must not stretch it.
@@ -119,6 +122,7 @@ class Distillation(Supervised):
         if (teacher is None) == (teacher_logits_cache is None):
             raise ValueError("give exactly one of teacher and teacher_logits_cache")
         self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
+        self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
         self.autocast = autocast or contextlib.nullcontext  # the student's autocast (accelerator.autocast), for the same numerics
         if teacher is not None:
             teacher.eval().requires_grad_(False)  # frozen: BatchNorm statistics and weights never change
@@ -419,6 +423,11 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
         logits, labels = gathered_logits(accelerator, judged, *splits["val"])
         row["val/loss"] = F.cross_entropy(logits, labels).item()
         row["val/acc"] = (logits.argmax(1) == labels).float().mean().item()
+        teacher_logits = getattr(objective, "val_teacher_logits", None)
+        if teacher_logits is not None:  # how closely the student follows its teacher on val
+            row["val/teacher_agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
+            row["val/teacher_kl"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True,
+                                             reduction="batchmean").item()
         progress.history.append(row)
         progress.epoch, progress.step_in_epoch, progress.epoch_sums = epoch + 1, 0, {}
         if row["val/acc"] > progress.best_acc:  # the kept weights: best on val, first of ties
@@ -427,6 +436,7 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
                 _save_best(judged, best_path)
         if accelerator.is_main_process:
             _write_history(folder / "metrics.csv", progress.history)
+        accelerator.log({key: value for key, value in row.items() if key != "epoch"}, step=epoch)  # trackers, main process only
         _save_last(accelerator, checkpoints, progress, ema)
         if progress_bar:
             accelerator.print(f"{folder.name} epoch {epoch + 1}/{stage.epochs}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f}"

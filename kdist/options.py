@@ -56,6 +56,9 @@ def study_options(command):
                      help="default: the launcher's (accelerate launch --mixed_precision), else no"),
         click.option("--cpu", is_flag=True, default=None, help="run on the CPU even where CUDA is present"),
         click.option("--no-progress", is_flag=True, help="no per-epoch lines"),
+        click.option("--tracker", type=click.Choice(["csv", "none", "wandb", "jsonl"]),
+                     help="experiment tracker: wandb (offline without an API key), jsonl, or csv/none (default: the run "
+                          "folder's metrics.csv and results.json only, which are always written)"),
         click.option("--pretrained", type=click.Choice(["imagenet"]),
                      help="start the teacher (with `train student`: the student) from published ImageNet weights"),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -94,6 +97,7 @@ def config_overrides(opts: dict, role: str | None = None) -> list[dict]:
         ("trainer", "mixed_precision"): opts.get("mixed_precision"),
         ("trainer", "cpu"): opts.get("cpu"),
         ("trainer", "progress"): False if opts.get("no_progress") else None,
+        ("trainer", "tracker"): opts.get("tracker"),
     }
     if opts.get("weights"):
         flags[("teacher_model" if role == "teacher" else "student_model", "weights")] = str(opts["weights"])

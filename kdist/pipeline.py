@@ -31,7 +31,9 @@ from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
 from .data import channel_stats, class_weights, load_dermamnist, subset
-from .engine import Distillation, Supervised, fit, make_accelerator, predict_probs
+from .engine import Distillation, Supervised, fit, gathered_logits, make_accelerator, predict_probs
+from .inference import predict_probs as predict_probs_local
+from .tracking import log_results, stage_run
 from .files import atomic_output, atomic_write_text
 from .metrics import classification_metrics, majority_baseline
 from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
@@ -173,9 +175,10 @@ def fit_stage(study: Study, name: str, model: DermClassifier, objective: Supervi
     return model
 
 
-def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
-    """Evaluate kept weights once on val and test (`study.eval_splits`), save predictions, record them.
-    Every process scores its shard; the main process writes."""
+def evaluate(study: Study, name: str, model: DermClassifier, teacher: torch.nn.Module | None = None) -> dict:
+    """Evaluate kept weights once on val and test (`study.eval_splits`), save predictions, record them, and
+    send them to the stage's tracker (with `teacher`'s predictions on the fixed test samples beside a
+    distilled student's). Every process scores its shard; the main process writes."""
     model = model.to(study.device)
     entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
     if hasattr(model, "train_time_s"):
@@ -183,18 +186,24 @@ def evaluate(study: Study, name: str, model: DermClassifier) -> dict:
     size = study.size_for(model)  # a teacher of another file is evaluated on that file
     if size != study.cfg.data.size:
         entry["data_size"] = size
-    arrays = {}
+    arrays, probs, labels = {}, {}, {}
     for split in study.eval_splits:
-        images, labels = study.split_at(split, size)
-        probs = predict_probs(study.accelerator, model, images, labels)
-        arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs.astype(np.float32), labels.numpy()
-        entry[split] = classification_metrics(probs, labels.numpy())
+        images, split_labels = study.split_at(split, size)
+        probs[split], labels[split] = predict_probs(study.accelerator, model, images, split_labels), split_labels.numpy()
+        arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs[split].astype(np.float32), labels[split]
+        entry[split] = classification_metrics(probs[split], labels[split])
     model.cpu()
     if study.is_main:
         (study.out / "predictions").mkdir(exist_ok=True)
         with atomic_output(study.out / "predictions" / f"{name}.npz") as tmp:
             np.savez(tmp, **arrays)
         record_result(study, name, entry)
+        teacher_sample_probs = None
+        if teacher is not None and (study.out / "predictions" / "test_samples.npz").exists() and "test" in probs:
+            indices = np.load(study.out / "predictions" / "test_samples.npz")["indices"]
+            samples = study.split_at("test", study.size_for(teacher))[0][indices]
+            teacher_sample_probs = predict_probs_local(teacher, samples)
+        log_results(study, name, entry, probs, labels, teacher_sample_probs)
     study.accelerator.wait_for_everyone()
     return entry
 
@@ -232,10 +241,11 @@ def train_stage(study: Study, role: str) -> DermClassifier:
     study.claim(role)
     study.seed()
     weights = class_weights(study.splits["train"][1], stage.class_weights)
-    model = fit_stage(study, role, study.new_model(role), Supervised(stage, weights), stage)
-    if study.is_main:
-        save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
-    evaluate(study, role, model)
+    with stage_run(study, role):
+        model = fit_stage(study, role, study.new_model(role), Supervised(stage, weights), stage)
+        if study.is_main:
+            save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
+        evaluate(study, role, model)
     return model
 
 
@@ -257,22 +267,26 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
                          "a teacher of another size needs kd.teacher_mode: cached")
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
+    teacher.to(study.device)
+    val_teacher_logits, _ = gathered_logits(study.accelerator, teacher, *study.split_at("val", teacher_size))
     if mode == "cached":
         images, labels = study.split_at("train", teacher_size)
         # The main process computes and writes the cache; the others then read the same file.
         with study.accelerator.main_process_first():
-            logits = teacher_cache(teacher.to(study.device), images, labels, study.cache_dir or study.out / "cache")
+            logits = teacher_cache(teacher, images, labels, study.cache_dir or study.out / "cache")
         teacher.cpu()
         objective = Distillation(study.cfg.distill, kd, teacher_logits_cache=logits, class_weights=weights)
     else:  # the frozen teacher beside the student on every process, fed the same augmented batch
         objective = Distillation(study.cfg.distill, kd, teacher=teacher, class_weights=weights, autocast=study.accelerator.autocast)
+    objective.val_teacher_logits = val_teacher_logits
     study.seed()
-    model = fit_stage(study, "distilled", study.new_model("student"), objective, study.cfg.distill)
-    teacher.cpu()
-    if study.is_main:
-        save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__,
-                                                                   "teacher_mode": mode, "teacher": teacher.arch, "teacher_data_size": teacher_size})
-    evaluate(study, "distilled", model)
+    with stage_run(study, "distilled"):
+        model = fit_stage(study, "distilled", study.new_model("student"), objective, study.cfg.distill)
+        teacher.cpu()
+        if study.is_main:
+            save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__,
+                                                                       "teacher_mode": mode, "teacher": teacher.arch, "teacher_data_size": teacher_size})
+        evaluate(study, "distilled", model, teacher=teacher)
     return model
 
 

@@ -1,0 +1,191 @@
+"""Experiment tracking through Accelerate's trackers: W&B (`trainer.tracker: wandb`) or a JSON-lines file
+(`jsonl`); the run folder's metrics.csv and results.json are written whatever the tracker.
+
+Each stage of a study (teacher, student, distilled) is one tracker run: the runs of a study share a group
+(the study folder's name) and carry job_type teacher | student | distilled and the resolved config, so the
+W&B UI groups and filters them; a resumed stage continues its own run (the id is kept in
+<stage>/wandb_run_id). Per epoch the engine logs train/val loss and accuracy, the learning rate, and for
+distillation the KD and CE parts and the teacher-student agreement and KL on val; at the end of a stage
+the test metrics become the run summary, with a confusion matrix and the qualitative panel: a table of the
+same fixed test images for every model (image, true label, prediction, confidence, and the teacher's
+prediction beside a distilled student's) and the grid figure.
+
+Offline first, for cluster nodes without internet: with no API key (or WANDB_MODE=offline) runs are
+written under the run folder (RUN/wandb/offline-run-*) and uploaded later with `wandb sync`; only the main
+process initialises W&B while the others wait, so a slow `wandb.init` cannot trip a collective timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from accelerate.tracking import GeneralTracker, on_main_process
+
+from .data import CLASS_NAMES
+
+TRACKERS = ("csv", "none", "wandb", "jsonl")
+
+
+class JsonlTracker(GeneralTracker):
+    """Every value the engine logs, as JSON lines in <stage>/tracker.jsonl (with the process that logged it):
+    a W&B-free record of the same stream, readable by scripts and tests."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self):
+        super().__init__()
+        self.path: Path | None = None  # set before each stage's init_trackers
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def _write(self, record: dict) -> None:
+        from accelerate import PartialState
+
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({**record, "process_index": PartialState().process_index}) + "\n")
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        self._write({"config": values})
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        self._write({"step": step, "values": values})
+
+    def summary(self, values: dict) -> None:
+        self._write({"summary": values})
+
+
+def log_with(tracker: str):
+    """What `Accelerator(log_with=...)` gets for `trainer.tracker`."""
+    if tracker == "wandb":
+        return "wandb"
+    if tracker == "jsonl":
+        return [JsonlTracker()]
+    return None
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def choose_wandb_mode(out: Path) -> None:
+    """Offline unless there is a key to go online with; say so once."""
+    if os.environ.get("WANDB_MODE"):
+        return
+    if not has_wandb_key():
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"kdist: no W&B API key: W&B runs are written offline under {out / 'wandb'}; upload them later with "
+              f"`wandb sync {out / 'wandb'}/offline-run-*`", file=sys.stderr, flush=True)
+
+
+def group_of(out: Path) -> str:
+    """The study a run folder belongs to: its own name, or its parent's for seed<N>/ folders of `run --seeds`."""
+    return out.parent.name if out.name.startswith("seed") and out.name[4:].isdigit() else out.name
+
+
+def _run_id(folder: Path) -> str:
+    path = folder / "wandb_run_id"
+    if path.exists():
+        return path.read_text().strip()
+    from wandb.sdk.lib.runid import generate_id
+
+    run_id = generate_id()
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+@contextmanager
+def stage_run(study, name: str):
+    """A tracker run around one stage: started on the main process (the others wait), finished at the end."""
+    accelerator, tracker = study.accelerator, study.cfg.trainer.tracker
+    if tracker not in ("wandb", "jsonl"):
+        yield
+        return
+    folder = study.out / name
+    config = {**study.cfg.to_dict(), "stage": name, "run_folder": str(study.out)}
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        init_kwargs = {}
+        if tracker == "wandb":
+            choose_wandb_mode(study.out)
+            init_kwargs = {"wandb": {"dir": str(study.out), "group": group_of(study.out), "job_type": name,
+                                     "name": f"{group_of(study.out)}/{study.out.name}/{name}" if study.out.name != group_of(study.out) else f"{study.out.name}/{name}",
+                                     "id": _run_id(folder), "resume": "allow", "reinit": "finish_previous"}}
+        else:
+            accelerator.log_with[0].path = folder / "tracker.jsonl"
+        try:
+            accelerator.init_trackers(study.cfg.trainer.project, config=config, init_kwargs=init_kwargs)
+        except Exception as exc:  # e.g. a key but no network: never lose the training to the tracker
+            if tracker != "wandb" or os.environ.get("WANDB_MODE") == "offline":
+                raise
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"kdist: W&B could not start online ({type(exc).__name__}); logging offline under {study.out / 'wandb'}",
+                  file=sys.stderr, flush=True)
+            accelerator.trackers = []
+            accelerator.init_trackers(study.cfg.trainer.project, config=config, init_kwargs=init_kwargs)
+    accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            for run in accelerator.trackers:
+                run.finish()
+        accelerator.trackers = []
+
+
+def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teacher_sample_probs=None) -> None:
+    """The end of a stage, on the main process: metrics as the run summary, the confusion matrix, the
+    qualitative table and the grid figure (from the fixed test samples of predictions/test_samples.npz)."""
+    accelerator = study.accelerator
+    if study.cfg.trainer.tracker not in ("wandb", "jsonl") or not accelerator.is_main_process or not accelerator.trackers:
+        return
+    summary = {}
+    for split in ("val", "test"):
+        if split in entry:
+            for key in ("acc", "auc", "balanced_acc", "macro_f1", "ece", "loss"):
+                summary[f"{split}/{key}"] = entry[split][key]
+            summary[f"{split}/melanoma_recall"] = entry[split]["per_class"]["melanoma"]["recall"]
+    if study.cfg.trainer.tracker == "jsonl":
+        accelerator.log_with[0].summary(summary)
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    run.summary.update(summary)
+    split = "test" if "test" in probs else "val"
+    run.log({f"{split}/confusion_matrix": wandb.plot.confusion_matrix(y_true=labels[split].tolist(), preds=probs[split].argmax(1).tolist(),
+                                                                       class_names=CLASS_NAMES, title=f"{name}: {split} confusion")})
+    samples_path = study.out / "predictions" / "test_samples.npz"
+    if split == "test" and samples_path.exists():
+        samples = np.load(samples_path)
+        indices, images = samples["indices"], samples["images"]
+        sample_probs = probs["test"][indices]
+        columns = ["index", "image", "true", "predicted", "confidence"] + (["teacher predicted", "teacher confidence"] if teacher_sample_probs is not None else [])
+        table = wandb.Table(columns=columns)
+        for row, index in enumerate(indices):
+            prob = sample_probs[row]
+            cells = [int(index), wandb.Image(images[row]), CLASS_NAMES[labels["test"][index]], CLASS_NAMES[int(prob.argmax())], float(prob.max())]
+            if teacher_sample_probs is not None:
+                cells += [CLASS_NAMES[int(teacher_sample_probs[row].argmax())], float(teacher_sample_probs[row].max())]
+            table.add_data(*cells)
+        from .plots import prediction_grid
+
+        grid = prediction_grid(images, labels["test"][indices], sample_probs, name, study.out / "predictions")
+        run.log({"qualitative/test_samples": table, "qualitative/test_grid": wandb.Image(str(grid))})
