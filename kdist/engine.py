@@ -19,16 +19,9 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import os
-import shutil
-import signal
-import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,16 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import KdistError
 from .cache import logits_for_all_views
 from .config import KDConfig, StageConfig, TrainerConfig
 from .data import augment, batch_loader, to_float
-from .files import atomic_output, atomic_write_text
+from .checkpoints import Progress, StopRequested, StopWatch, last_checkpoint, save_last, save_weights_file, write_history
 from .inference import check_views, view_logits
 from .losses import distillation_terms
 
@@ -152,66 +145,6 @@ class Distillation(Supervised):
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
 
 
-# --- stopping early on request (preemption, time limits) ------------------------------------------------
-
-STOP_EXIT_CODE = 75  # "try again later": the state is saved; rerun with --resume
-
-
-class StopRequested(Exception):
-    """Raised once a stop was requested and the state saved: the command exits with STOP_EXIT_CODE."""
-
-
-class StopWatch:
-    """Notices a request to stop: SIGUSR1 or SIGTERM to this process, or the file named by $KDIST_STOP_FILE
-    appearing (Slurm's batch script touches it when its preemption signal arrives: a signal sent to the
-    launcher would not reach the training processes). Every process checks after every step and they agree
-    (all-reduce of max), so all of them stop after the same step."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self):
-        self.signalled, self.previous = False, {}
-        self.file = Path(os.environ["KDIST_STOP_FILE"]) if os.environ.get("KDIST_STOP_FILE") else None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.signalled = True
-
-    def requested(self, accelerator: Accelerator) -> bool:
-        local = self.signalled or bool(self.file and self.file.exists())
-        if accelerator.num_processes == 1:
-            return local
-        return accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "max").item() > 0
-
-    def close(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-# --- the progress record, checkpointed with the model ---------------------------------------------------
-
-
-@dataclass
-class Progress:
-    """What a resumed stage needs besides weights and optimizer: where it is, its best epoch, its curves."""
-
-    epoch: int = 0  # the epoch to run next (or to finish, when step_in_epoch > 0)
-    step_in_epoch: int = 0  # batches of `epoch` already trained: a stop request saved mid-epoch
-    epoch_sums: dict = field(default_factory=dict)  # that epoch's running train sums, and "seen"
-    best_acc: float = -1.0
-    best_epoch: int = -1
-    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "Progress":
-        return cls(**json.loads(text))
-
-
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if stage.optimizer == "sgd":
@@ -255,54 +188,6 @@ def predict_probs(accelerator: Accelerator, model: torch.nn.Module, images: torc
     """Softmax probabilities of the whole split, computed by every process on its shard."""
     logits, _ = gathered_logits(accelerator, model, images, labels, views)
     return torch.softmax(logits, dim=1).numpy()
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------
-
-
-def _save_last(accelerator: Accelerator, folder: Path, progress: Progress, ema=None) -> None:
-    """save_state (model, optimizer, scheduler, RNG) plus progress.json and the EMA weights into last.new,
-    then swap it for last: a kill at any moment leaves one whole checkpoint. Nothing of kdist's goes through
-    register_for_checkpointing, whose load_state unpickles; Accelerate reads its own files weights_only."""
-    new, last, old = folder / "last.new", folder / "last", folder / "last.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(new, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(new), safe_serialization=True)
-    accelerator.wait_for_everyone()  # save_state has no barrier of its own
-    if accelerator.is_main_process:
-        if ema is not None:
-            _save_best(ema, new / "ema.safetensors")  # with n_averaged, so a resume averages on
-        (new / "progress.json").write_text(progress.to_json())
-        if last.exists():
-            last.rename(old)
-        new.rename(last)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest whole checkpoint of a stage (`last.old` if a kill fell between the two renames)."""
-    for name in ("last", "last.old"):
-        if (folder / name / "progress.json").exists():
-            return folder / name
-    return None
-
-
-def _save_best(model: torch.nn.Module, path: Path) -> None:
-    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    with atomic_output(path) as tmp:
-        save_file(state, str(tmp))
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    """metrics.csv: one row per epoch, every metric a column (the report draws its curves from it)."""
-    keys = ["epoch"] + sorted({key for row in history for key in row} - {"epoch"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -411,7 +296,7 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
                 sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n
             if watch.requested(accelerator):  # finish this step, save, stop; --resume goes on after it
                 progress.step_in_epoch, progress.epoch_sums = step + 1, {**{k: v.item() for k, v in sums.items()}, "seen": seen}
-                _save_last(accelerator, checkpoints, progress, ema)
+                save_last(accelerator, checkpoints, progress, ema)
                 raise StopRequested(f"stopped on request at epoch {epoch}, step {step}; state saved in {checkpoints / 'last'}")
         # Train figures over every process's samples; val over the whole split.
         totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(seen), device=accelerator.device)]), "sum")
@@ -433,11 +318,11 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
         if row["val/acc"] > progress.best_acc:  # the kept weights: best on val, first of ties
             progress.best_acc, progress.best_epoch = row["val/acc"], epoch
             if accelerator.is_main_process:
-                _save_best(judged, best_path)
+                save_weights_file(judged, best_path)
         if accelerator.is_main_process:
-            _write_history(folder / "metrics.csv", progress.history)
+            write_history(folder / "metrics.csv", progress.history)
         accelerator.log({key: value for key, value in row.items() if key != "epoch"}, step=epoch)  # trackers, main process only
-        _save_last(accelerator, checkpoints, progress, ema)
+        save_last(accelerator, checkpoints, progress, ema)
         if progress_bar:
             accelerator.print(f"{folder.name} epoch {epoch + 1}/{stage.epochs}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f}"
                               f"  val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f}")

@@ -150,7 +150,7 @@ def summary(results_path: Path) -> str:
 
 def invoke(command: click.Command, argv=None, prog_name: str = "kdist") -> int:
     """Run a click command; KdistError and usage errors end in one line and exit code 2."""
-    from .engine import STOP_EXIT_CODE, StopRequested
+    from .checkpoints import STOP_EXIT_CODE, StopRequested
 
     _quiet_libraries()
     try:

@@ -5,7 +5,6 @@ settings that fail at once."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
