@@ -45,6 +45,10 @@ class StageConfig:
     # Random shift of up to this many pixels (of the data file) on top of the flips/rotations; 0: off.
     # With a cached teacher the target is the teacher's output on the unshifted view (an approximation).
     translate: int = 0
+    # Mixup / CutMix (Beta(alpha, alpha) mixing of each batch with a shuffled copy, after the views and shifts);
+    # 0: off. In distillation the teacher sees the same mixed batch (needs kd.teacher_mode online or auto).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
 @dataclass
@@ -69,6 +73,9 @@ class KDConfig:
     # over all 8 flips/rotations (a test-time-augmented teacher), the same target for every view.
     teacher_views: str = "same"
     options: dict = field(default_factory=dict)  # method-specific, e.g. {beta: 8.0} for dkd
+    # With a mixed batch (mixup/cutmix) the loss is the KD term alone (false), or alpha * KD + (1 - alpha) *
+    # the cross-entropy on the mixed labels (true).
+    mixed_ce: bool = False
 
 
 @dataclass
@@ -126,6 +133,7 @@ class Config:
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
             check(stage.class_weights in CLASS_WEIGHTS, f"{name}.class_weights", f"must be one of {CLASS_WEIGHTS}")
             check(stage.gradient_clip is None or stage.gradient_clip > 0, f"{name}.gradient_clip", "must be > 0 or null")
+            check(stage.mixup_alpha >= 0 and stage.cutmix_alpha >= 0, f"{name}.mixup_alpha/cutmix_alpha", "must be >= 0 (0: off)")
             check(isinstance(stage.translate, int) and 0 <= stage.translate <= self.data.size // 4, f"{name}.translate",
                   f"must be a whole number of pixels in 0..{self.data.size // 4} (got {stage.translate!r})")
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")

@@ -176,6 +176,25 @@ def augment(raw: torch.Tensor, views: torch.Tensor, shifts: torch.Tensor, transl
     return apply_shifts(to_float(apply_views(raw, views)), shifts, translate)
 
 
+def mix_batch(images: torch.Tensor, rng: np.random.Generator, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a float batch with a shuffled copy of itself:
+    (mixed images, (lam, perm)), where image i is lam parts of images[i] and 1 - lam parts of images[perm[i]].
+    With both alphas set, each batch is one or the other at even odds (as timm does). Drawn from `rng`, so
+    a run (and a resumed run) repeats its mixing. Applied once per batch, before teacher and student."""
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    if not use_cutmix:
+        return lam * images + (1 - lam) * images[perm], (lam, perm)
+    height, width = images.shape[-2:]
+    cut_h, cut_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
+    top, left = int(rng.integers(0, height - cut_h + 1)), int(rng.integers(0, width - cut_w + 1))
+    mixed = images.clone()
+    mixed[..., top : top + cut_h, left : left + cut_w] = images[perm][..., top : top + cut_h, left : left + cut_w]
+    return mixed, (1 - cut_h * cut_w / (height * width), perm)  # lam of the box actually pasted
+
+
 class IndexedBatches(Dataset):
     """A dataset indexed by a whole batch at once, (indices, views, shifts): one tensor gather per batch."""
 

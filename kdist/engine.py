@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import KdistError
 from .cache import logits_for_all_views
 from .config import KDConfig, StageConfig, TrainerConfig
-from .data import augment, batch_loader, to_float
+from .data import augment, batch_loader, mix_batch, to_float
 from .checkpoints import Progress, StopRequested, StopWatch, last_checkpoint, save_last, save_weights_file, write_history
 from .inference import check_views, view_logits
 from .losses import distillation_terms
@@ -96,9 +96,16 @@ class Supervised:
             self.class_weights = self.class_weights.to(device)
         return self
 
-    def __call__(self, logits, images, labels, indices, views) -> tuple[torch.Tensor, dict]:
-        loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.stage.label_smoothing)
-        return loss, {}
+    def cross_entropy(self, logits, labels, mix=None) -> torch.Tensor:
+        """Cross-entropy on the labels, or on the mixed labels of a mixed batch: lam * CE(y) + (1 - lam) * CE(y[perm])."""
+        ce = lambda targets: F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.stage.label_smoothing)  # noqa: E731
+        if mix is None:
+            return ce(labels)
+        lam, perm = mix
+        return lam * ce(labels) + (1 - lam) * ce(labels[perm])
+
+    def __call__(self, logits, images, labels, indices, views, mix=None) -> tuple[torch.Tensor, dict]:
+        return self.cross_entropy(logits, labels, mix), {}
 
 
 class Distillation(Supervised):
@@ -137,11 +144,17 @@ class Distillation(Supervised):
             logits = logits_for_all_views(self.teacher, images).mean(dim=1) if mean_over_views else self.teacher(images)
         return logits.float()
 
-    def __call__(self, logits, images, labels, indices, views):
+    def __call__(self, logits, images, labels, indices, views, mix=None):
         kd = self.kd
+        if mix is not None and self.cache is not None:
+            raise KdistError("mixup/cutmix needs the teacher online (kd.teacher_mode: online): the cache holds its outputs on unmixed images")
         kd_term, ce_term = distillation_terms(logits, self.teacher_logits(images, indices, views), labels, kd.method,
                                               kd.temperature, kd.standardize, kd.options, self.class_weights)
-        loss = kd_term if kd.alpha == 1.0 else kd.alpha * kd_term + (1 - kd.alpha) * ce_term
+        if mix is not None:  # the teacher saw the mixed batch; the labels only count on request, mixed
+            ce_term = self.cross_entropy(logits, labels, mix)
+            loss = kd.alpha * kd_term + (1 - kd.alpha) * ce_term if kd.mixed_ce else kd_term
+        else:
+            loss = kd_term if kd.alpha == 1.0 else kd.alpha * kd_term + (1 - kd.alpha) * ce_term
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
 
 
@@ -271,11 +284,13 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
             if step < skip:
                 continue
             raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
-            images = augment(raw, views, shifts, stage.translate)
+            images, mix = augment(raw, views, shifts, stage.translate), None
+            if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per batch, the same for teacher and student
+                images, mix = mix_batch(images, np.random.default_rng((seed, epoch, rank, step)), stage.mixup_alpha, stage.cutmix_alpha)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     logits = model(images)
-                loss, parts = objective(logits.float(), images, labels, indices, views)
+                loss, parts = objective(logits.float(), images, labels, indices, views, mix)
                 if not torch.isfinite(loss):
                     # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
                     raise KdistError(f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good checkpoint is kept in "

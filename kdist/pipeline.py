@@ -137,8 +137,9 @@ class Study:
     @property
     def teacher_mode(self) -> str:
         """online or cached: `auto` runs the teacher online on GPUs and uses the exact cache on CPUs."""
-        mode = self.cfg.kd.teacher_mode
-        return mode if mode != "auto" else ("online" if self.device.type == "cuda" else "cached")
+        mode, distill = self.cfg.kd.teacher_mode, self.cfg.distill
+        mixed = bool(distill.mixup_alpha or distill.cutmix_alpha)  # the teacher must see the mixed batch
+        return mode if mode != "auto" else ("online" if self.device.type == "cuda" or mixed else "cached")
 
     def seed(self) -> None:
         """Every stage starts from the same seed, so a stage run alone equals the same stage inside `run`."""
@@ -262,6 +263,8 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     # A teacher loaded from a file sees the train images at the size it was trained on (e.g. the 64 px file
     # teaching a 28 px student); the student only ever sees its own data.
     teacher_size = study.size_for(teacher)
+    if mode == "cached" and (study.cfg.distill.mixup_alpha or study.cfg.distill.cutmix_alpha):
+        raise KdistError("distill.mixup_alpha/cutmix_alpha need kd.teacher_mode online (or auto): the teacher must see the mixed batch")
     if teacher_size != study.cfg.data.size and mode != "cached":
         raise KdistError(f"the teacher was trained on {teacher_size} px images and the student's data is {study.cfg.data.size} px; "
                          "a teacher of another size needs kd.teacher_mode: cached")

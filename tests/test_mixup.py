@@ -1,0 +1,70 @@
+"""Mixup/CutMix on the online path: one mixing per batch, applied before both models, so the teacher's
+targets are for the very images the student sees; the label loss of a mixed batch uses mixed labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdist import KdistError
+from kdist.config import KDConfig, StageConfig, TrainerConfig
+from kdist.data import mix_batch
+from kdist.engine import Distillation, Supervised, fit, make_accelerator
+from kdist.models import create_model
+
+
+def test_mixup_is_a_convex_blend_and_repeats_from_its_seed():
+    images = torch.rand(6, 3, 8, 8)
+    mixed, (lam, perm) = mix_batch(images, np.random.default_rng(3), mixup_alpha=0.4)
+    assert 0 <= lam <= 1 and sorted(perm.tolist()) == list(range(6))
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images[perm])
+    again, (lam2, perm2) = mix_batch(images, np.random.default_rng(3), mixup_alpha=0.4)
+    assert lam2 == lam and torch.equal(perm2, perm) and torch.equal(again, mixed)
+
+
+def test_cutmix_pastes_one_box_and_reports_its_area():
+    images = torch.rand(4, 3, 16, 16)
+    mixed, (lam, perm) = mix_batch(images, np.random.default_rng(0), cutmix_alpha=1.0)
+    from_other = (mixed != images).any(dim=1)  # pixels that came from the partner image
+    pasted = (mixed == images[perm]).all(dim=1) & from_other
+    for i in range(4):
+        if perm[i] != i:
+            assert pasted[i].sum().item() == pytest.approx((1 - lam) * 256, abs=1)
+
+
+def test_mixed_cross_entropy_weights_both_labels():
+    logits, labels = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+    perm = torch.tensor([1, 0, 3, 2])
+    loss, _ = Supervised(StageConfig())(logits, None, labels, None, None, mix=(0.3, perm))
+    torch.testing.assert_close(loss, 0.3 * F.cross_entropy(logits, labels) + 0.7 * F.cross_entropy(logits, labels[perm]))
+
+
+def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
+    torch.manual_seed(0)
+    n = 64
+    images, labels = torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 7, (n,))
+    splits = {"train": (images, labels), "val": (images[:16], labels[:16])}
+    teacher, student = create_model("student").eval(), create_model("student")
+    seen = {"teacher": [], "student": []}
+    teacher.register_forward_pre_hook(lambda module, args: seen["teacher"].append(args[0].detach().clone()))
+    student.register_forward_pre_hook(lambda module, args: seen["student"].append(args[0].detach().clone()) if module.training else None)
+    stage = StageConfig(epochs=1, batch_size=16, mixup_alpha=0.4, cutmix_alpha=1.0)
+    accelerator = make_accelerator(TrainerConfig(progress=False))
+    objective = Distillation(stage, KDConfig(), teacher=teacher, autocast=accelerator.autocast)
+    fit(accelerator, student, objective, stage, splits, tmp_path / "distilled", seed=0, progress_bar=False)
+    # teacher calls: 4 training batches, then none (no val teacher logits given)
+    assert len(seen["student"]) == 4 and len(seen["teacher"]) == 4
+    for shown_to_student, shown_to_teacher in zip(seen["student"], seen["teacher"]):
+        assert torch.equal(shown_to_student, shown_to_teacher)
+    unmixed = [batch for batch in seen["student"] if ((batch * 255).round() - batch * 255).abs().max() < 1e-4]
+    assert len(unmixed) < 4  # the batches really were mixed (not whole uint8 levels any more)
+
+
+def test_mixup_with_the_cached_teacher_is_refused():
+    cache = torch.zeros(8, 8, 7)
+    objective = Distillation(StageConfig(mixup_alpha=0.4), KDConfig(), teacher_logits_cache=cache)
+    with pytest.raises(KdistError, match="teacher_mode: online"):
+        objective(torch.randn(2, 7), torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 0]),
+                  mix=(0.5, torch.tensor([1, 0])))
