@@ -17,6 +17,7 @@ from . import KdistError, __version__
 from .distill import command as distill_command
 from .evaluate import command as evaluate_command
 from .options import PATH, SEEDS, default_out, flatten_seeds, invoke, open_study, resolve_config, resume_option, study_options, summary, views_option
+from .shards import command as shards_command
 from .train import command as train_command
 from .wandb_report import command as wandb_report_command
 
@@ -34,6 +35,7 @@ cli.add_command(train_command)
 cli.add_command(distill_command)
 cli.add_command(evaluate_command)
 cli.add_command(wandb_report_command)
+cli.add_command(shards_command)
 
 
 @cli.command()

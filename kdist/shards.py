@@ -1,0 +1,333 @@
+"""Webdataset shards: written from a MedMNIST file or an image folder / CSV, checked against their manifest,
+and streamed back through webdataset pipelines.
+
+A shard set is a folder of tar files, `<split>-000000.tar ...`, written by webdataset's ShardWriter, and
+`manifest.json` beside them. Each sample holds its key, the image (lossless PNG for MedMNIST arrays; the
+original bytes for JPEG/PNG sources), its integer label (`cls`) and its index in the split (`idx`). The
+manifest records the source, per split the samples per shard, the class histogram and a sha256 per shard,
+the image size and the train split's channel statistics.
+
+Reading (`stream`): shards are given to processes and DataLoader workers by webdataset's split_by_node /
+split_by_worker after a shard shuffle that depends only on (seed, epoch), samples are shuffled in a buffer
+seeded the same way, decoded with the one preprocessing of preprocess.py (centre square crop, bilinear
+resize to the model's data size), and every worker yields exactly the same number of batches (`with_epoch`
+over a repeated stream, as open_clip does), so no process waits on another at the end of an epoch.
+`evaluation_samples` reads a split's shards whole, each sample once, for val/test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from . import KdistError
+from .files import atomic_write_text
+from .options import PATH, entry_point
+from .preprocess import IMAGE_SUFFIXES, decode_image, to_model_array
+
+MANIFEST = "manifest.json"
+FORMAT = "kdist-shards/1"
+
+
+# --- writing --------------------------------------------------------------------------------------------
+
+
+def medmnist_samples(root, flag: str, size: int) -> tuple[dict, dict]:
+    """{split: iterator of (png bytes, label, index)} and facts of a MedMNIST file of any 2D flag and size."""
+    from medmnist import INFO
+
+    from .data import resolve_root
+
+    if flag not in INFO:
+        raise KdistError(f"--flag {flag!r} is not a MedMNIST dataset; choose one of {', '.join(sorted(INFO))}")
+    info = INFO[flag]
+    path = resolve_root(root) / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise KdistError(f"data file {path} not found; put it there or point --data-root / $KDIST_DATA_ROOT at its folder") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise KdistError(f"{path} is not a readable npz file ({exc})") from None
+    classes = [info["label"][str(i)] for i in range(len(info["label"]))]
+    splits = {}
+    for split in ("train", "val", "test"):
+        images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
+        if len(images) != info["n_samples"][split] or images.shape[1:3] != (size, size):
+            raise KdistError(f"{path}: {split} holds {images.shape}, expected {info['n_samples'][split]} images of {size}x{size}")
+        if labels.min() < 0 or labels.max() >= len(classes):
+            raise KdistError(f"{path}: {split} labels {labels.min()}..{labels.max()} outside 0..{len(classes) - 1}")
+        splits[split] = (images, labels)
+    return splits, {"source": str(path), "flag": flag, "classes": classes, "image_size": size}
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def folder_samples(source: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, label) rows of an image folder with one sub-folder per class (sorted names), or of a CSV of path,label."""
+    source = Path(source)
+    if source.is_dir():
+        classes = sorted(p.name for p in source.iterdir() if p.is_dir())
+        if not classes:
+            raise KdistError(f"{source} has no class sub-folders; give one sub-folder per class, or a CSV of path,label")
+        rows = [(path, label) for label, name in enumerate(classes)
+                for path in sorted((source / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
+        return rows, classes
+    import csv
+
+    try:
+        with open(source, newline="") as handle:
+            table = [row for row in csv.reader(handle) if row]
+    except FileNotFoundError:
+        raise KdistError(f"{source} not found; give an image folder or a CSV of path,label") from None
+    if table and not table[0][1].strip().lstrip("-").isdigit():
+        table = table[1:]  # a header line
+    rows = []
+    for number, row in enumerate(table, start=1):
+        if len(row) < 2 or not row[1].strip().lstrip("-").isdigit():
+            raise KdistError(f"{source}, row {number}: expected path,integer label, got {row}")
+        path = Path(row[0]) if Path(row[0]).is_absolute() else source.parent / row[0]
+        rows.append((path, int(row[1])))
+    classes = [str(i) for i in range(max(label for _, label in rows) + 1)] if rows else []
+    return rows, classes
+
+
+def write_split(out: Path, split: str, samples, maxcount: int, maxsize: int) -> dict:
+    """Write one split's samples [(image bytes, extension, label, index)] as shards; their manifest entry."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    histogram: dict[int, int] = {}
+    pattern = str(out / f"{split}-%06d.tar")
+    try:
+        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
+            for data, extension, label, index in samples:
+                writer.write({"__key__": f"{split}-{index:07d}", extension: data, "cls": int(label), "idx.cls": int(index)})
+                histogram[int(label)] = histogram.get(int(label), 0) + 1
+    except BaseException:
+        for path in out.glob(f"{split}-*.tar"):  # a split is written whole or not at all
+            path.unlink()
+        raise
+    shards = []
+    for path in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(path) as tar:
+            count = len({Path(member.name).name.split(".")[0] for member in tar.getmembers()})
+        shards.append({"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256(path)})
+    last = len(shards) - 1
+    return {"count": sum(s["count"] for s in shards), "class_histogram": {str(k): v for k, v in sorted(histogram.items())},
+            "pattern": f"{split}-{{000000..{last:06d}}}.tar", "shards": shards}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_medmnist(root, flag: str, size: int, out: Path, maxcount: int = 2000, maxsize: int = 1 << 30) -> dict:
+    """Shards of every split of a MedMNIST file, and its manifest (written last: a set without one is unfinished)."""
+    splits, facts = medmnist_samples(root, flag, size)
+    _refuse_existing(out)
+    manifest = {"format": FORMAT, **facts, "splits": {}}
+    for split, (images, labels) in splits.items():
+        manifest["splits"][split] = write_split(out, split, ((_png(image), "png", label, i) for i, (image, label) in enumerate(zip(images, labels))),
+                                                maxcount, maxsize)
+    train = splits["train"][0].astype(np.float64) / 255.0
+    manifest["channel_mean"], manifest["channel_std"] = train.mean(axis=(0, 1, 2)).tolist(), train.std(axis=(0, 1, 2), ddof=1).tolist()
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 2000, maxsize: int = 1 << 30) -> dict:
+    """Shards of an image folder or CSV (the original bytes), as one split; added to the folder's manifest."""
+    rows, classes = folder_samples(source)
+    if not rows:
+        raise KdistError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {"format": FORMAT, "splits": {}}
+    if split in manifest["splits"] or list(out.glob(f"{split}-*.tar")):
+        raise KdistError(f"{out} already holds a {split} split; choose another --out or --split")
+
+    def samples():
+        for index, (path, label) in enumerate(rows):
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise KdistError(f"{path}: cannot read ({exc.strerror}); fix or remove that row") from None
+            decode_image(data, str(path))  # an unreadable image is refused now, not mid-training
+            yield data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"), label, index
+
+    manifest.update({"source": str(source), "classes": classes, "image_size": None})
+    manifest["splits"][split] = write_split(out, split, samples(), maxcount, maxsize)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _refuse_existing(out: Path) -> None:
+    if (out / MANIFEST).exists() or list(out.glob("*.tar")):
+        raise KdistError(f"{out} already holds shards; choose another --out (nothing was overwritten)")
+
+
+# --- checking and reading -------------------------------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KdistError(f"{path} not found; write the shards with `kdist shards`") from None
+    except json.JSONDecodeError as exc:
+        raise KdistError(f"{path} is not valid JSON ({exc.msg}); rewrite the shards with `kdist shards`") from None
+    if manifest.get("format") != FORMAT:
+        raise KdistError(f"{path} is not a kdist shard manifest (format {manifest.get('format')!r}, expected {FORMAT})")
+    return manifest
+
+
+def verify(folder: Path, splits=None) -> dict:
+    """Every shard of the manifest is there with its size and sha256; returns the manifest."""
+    manifest = read_manifest(folder)
+    for split, entry in manifest["splits"].items():
+        if splits and split not in splits:
+            continue
+        for shard in entry["shards"]:
+            path = Path(folder) / shard["name"]
+            if not path.exists():
+                raise KdistError(f"shard {path} is missing ({split} split of {folder / MANIFEST}); restore it or rewrite the shards")
+            if path.stat().st_size != shard["bytes"] or sha256(path) != shard["sha256"]:
+                raise KdistError(f"shard {path} does not match its checksum in {MANIFEST} (truncated or corrupt); restore it or rewrite the shards")
+    return manifest
+
+
+def shard_urls(folder: Path, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise KdistError(f"{folder / MANIFEST} has no {split} split (has {', '.join(manifest['splits'])})")
+    return [str(Path(folder) / shard["name"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def decode_sample(sample: dict, size: int, num_classes: int) -> tuple[torch.Tensor, int, int]:
+    """A raw webdataset sample -> (uint8 CHW image at size x size, label, index), or KdistError naming it."""
+    name = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    image_key = next((key for key in ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff") if key in sample), None)
+    if image_key is None:
+        raise KdistError(f"{name} holds no image (keys {sorted(k for k in sample if not k.startswith('__'))})")
+    try:
+        label, index = int(sample["cls"]), int(sample["idx.cls"])
+    except (KeyError, ValueError):
+        raise KdistError(f"{name} lacks an integer cls/idx") from None
+    if not 0 <= label < num_classes:
+        raise KdistError(f"{name}: label {label} outside 0..{num_classes - 1}")
+    array = to_model_array(decode_image(sample[image_key], name), size)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1), label, index
+
+
+def _tar_errors(exn) -> bool:
+    """webdataset's handler: a broken tar or member becomes one KdistError naming the shard."""
+    if isinstance(exn, KdistError):
+        raise exn
+    raise KdistError(f"unreadable shard data ({type(exn).__name__}: {str(exn)[:200]}); check it against {MANIFEST} "
+                     "with `kdist shards --verify`") from None
+
+
+def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+           num_workers: int = 0, buffer: int = 2000):
+    """A webdataset pipeline of training batches (uint8 images, labels, indices) for process `rank` of `world`:
+    a disjoint share of the shards each epoch, the same number of batches on every process and worker."""
+    import webdataset as wds
+
+    manifest = read_manifest(folder)
+    urls = shard_urls(folder, manifest, split)
+    workers = max(1, num_workers)
+    if len(urls) < world * workers:
+        raise KdistError(f"{split} has {len(urls)} shards for {world} processes x {workers} workers; rewrite the shards smaller "
+                         f"(kdist shards --maxcount {max(1, manifest['splits'][split]['count'] // (world * workers))}) or use fewer workers")
+    order = random.Random(f"{seed}-{epoch}").sample(urls, len(urls))  # the same shard order on every process
+    batches_per_worker = manifest["splits"][split]["count"] // (batch_size * world * workers)
+    if batches_per_worker == 0:
+        raise KdistError(f"{split} has too few samples for batches of {batch_size} on {world} x {workers} workers")
+    num_classes = len(manifest["classes"])
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(order[rank::world]),  # this process's shards; workers split them further
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=_tar_errors),
+        wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")),
+        wds.map(lambda sample: decode_sample(sample, size, num_classes)),
+        wds.batched(batch_size, partial=False, collation_fn=_collate),
+    ).repeat(2).with_epoch(batches_per_worker)  # equal batch counts: a short worker wraps around its shards
+    return pipeline, batches_per_worker * workers
+
+
+def _collate(samples):
+    images, labels, indices = zip(*samples)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
+
+
+def evaluation_samples(folder: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split, every sample once, in index order: (uint8 NCHW images, labels), for val and test."""
+    import webdataset as wds
+
+    manifest = verify(folder, [split])
+    num_classes = len(manifest["classes"])
+    images, labels, indices = [], [], []
+    for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(folder, manifest, split)), wds.tarfile_to_samples(handler=_tar_errors)):
+        image, label, index = decode_sample(sample, size, num_classes)
+        images.append(image), labels.append(label), indices.append(index)
+    expected = manifest["splits"][split]["count"]
+    if len(indices) != expected or sorted(indices) != list(range(expected)):
+        raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples, the manifest says {expected}; rewrite the shards")
+    order = np.argsort(indices)
+    return torch.stack(images)[order], torch.tensor(labels)[order]
+
+
+def default_cache(root, flag: str, size: int) -> Path:
+    """Where `kdist run` keeps the shards it writes from a MedMNIST file: beside the data, or in $KDIST_SHARD_CACHE."""
+    from .data import resolve_root
+
+    base = Path(os.environ.get("KDIST_SHARD_CACHE") or resolve_root(root) / "kdist-shards")
+    return base / f"{flag}_{size}"
+
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+@click.command("shards")
+@click.option("--out", type=PATH, required=True, help="folder for the tar shards and manifest.json")
+@click.option("--data-root", help="folder with the MedMNIST npz (default: $KDIST_DATA_ROOT)")
+@click.option("--flag", default="dermamnist", show_default=True, help="MedMNIST dataset (any 2D flag medmnist's INFO knows)")
+@click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size: 28, 64, 128 or 224")
+@click.option("--images", type=PATH, help="instead of a MedMNIST file: an image folder (one sub-folder per class) or a CSV of path,label")
+@click.option("--split", default="train", show_default=True, help="with --images: the split these images form")
+@click.option("--maxcount", type=int, default=2000, show_default=True, help="samples per shard at most")
+@click.option("--maxsize", type=int, default=1 << 30, show_default=True, help="bytes per shard at most")
+@click.option("--verify", "verify_only", is_flag=True, help="check the shards in --out against their manifest and stop")
+def command(out, data_root, flag, size, images, split, maxcount, maxsize, verify_only):
+    """Write webdataset shards from a MedMNIST file or an image folder / CSV, with a manifest of counts,
+    class histograms and sha256 per shard (or check them with --verify)."""
+    if verify_only:
+        manifest = verify(out)
+    elif images:
+        manifest = write_images(images, out, split, maxcount, maxsize)
+    else:
+        manifest = write_medmnist(data_root, flag, size, out, maxcount, maxsize)
+    for name, entry in manifest["splits"].items():
+        click.echo(f"{name:6s} {entry['count']:7d} samples in {len(entry['shards'])} shard(s)  classes {entry['class_histogram']}")
+    click.echo(f"{'verified' if verify_only else 'written'}: {out / MANIFEST}")
+
+
+if __name__ == "__main__":
+    entry_point(command, "python -m kdist.shards")

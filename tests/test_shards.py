@@ -1,0 +1,142 @@
+"""Webdataset shards: written from a MedMNIST file and from an image folder, checked against the manifest,
+streamed as disjoint equal shares per process, and every corruption ends in one KdistError naming the shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from kdist import KdistError
+from kdist.cli import main
+from kdist.data import load_dermamnist
+from kdist.shards import evaluation_samples, read_manifest, stream, verify, write_images
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, synthetic_root):
+    out = tmp_path_factory.mktemp("shards") / "S"
+    assert main(["shards", "--data-root", str(synthetic_root), "--flag", "dermamnist", "--size", "28", "--out", str(out),
+                 "--maxcount", "1000"]) == 0
+    return out
+
+
+def test_manifest_counts_histograms_and_checksums(shards, synthetic_root):
+    manifest = verify(shards)
+    npz = load_dermamnist(synthetic_root)
+    for split, n in (("train", 7007), ("val", 1003), ("test", 2005)):
+        entry = manifest["splits"][split]
+        assert entry["count"] == n == sum(shard["count"] for shard in entry["shards"])
+        histogram = np.bincount(npz[split][1].numpy(), minlength=7)
+        assert entry["class_histogram"] == {str(k): int(v) for k, v in enumerate(histogram) if v}
+    assert len(manifest["splits"]["train"]["shards"]) == 8 and manifest["image_size"] == 28
+    np.testing.assert_allclose(manifest["channel_mean"], (npz["train"][0].double() / 255).mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
+
+
+def test_evaluation_reads_every_sample_once_losslessly(shards, synthetic_root):
+    images, labels = evaluation_samples(shards, "test", 28)
+    npz = load_dermamnist(synthetic_root)["test"]
+    assert torch.equal(images, npz[0].contiguous()) and torch.equal(labels, npz[1])
+
+
+def test_stream_gives_disjoint_equal_shares_repeatable_per_epoch(shards):
+    seen = {}
+    for rank in (0, 1):
+        pipeline, batches = stream(shards, "train", 28, 100, seed=3, epoch=0, rank=rank, world=2)
+        got = list(pipeline)
+        assert len(got) == batches == 7007 // 200  # the same count on both ranks
+        assert got[0][0].shape == (100, 3, 28, 28) and got[0][0].dtype == torch.uint8
+        seen[rank] = [index for _, _, indices in got for index in indices.tolist()]
+    assert not set(seen[0]) & set(seen[1])
+    again = [index for _, _, indices in stream(shards, "train", 28, 100, seed=3, epoch=0, rank=0, world=2)[0] for index in indices.tolist()]
+    other = [index for _, _, indices in stream(shards, "train", 28, 100, seed=3, epoch=1, rank=0, world=2)[0] for index in indices.tolist()]
+    assert again == seen[0] and other != seen[0]
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_named_by_verify_and_the_command(shards, tmp_path, capsys):
+    broken = tmp_path / "S"
+    shutil.copytree(shards, broken)
+    shard = broken / "train-000003.tar"
+    flip_byte(shard, shard.stat().st_size // 2)
+    with pytest.raises(KdistError, match="train-000003.tar does not match its checksum"):
+        verify(broken)
+    assert main(["shards", "--verify", "--out", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-000003.tar" in err
+
+
+def test_missing_shard_and_bad_manifest_are_named(shards, tmp_path):
+    broken = tmp_path / "S"
+    shutil.copytree(shards, broken)
+    (broken / "val-000001.tar").unlink()
+    with pytest.raises(KdistError, match="val-000001.tar is missing"):
+        verify(broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(KdistError, match="manifest.json is not valid JSON"):
+        read_manifest(broken)
+
+
+def test_writing_over_existing_shards_is_refused(shards, synthetic_root):
+    before = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
+    assert main(["shards", "--data-root", str(synthetic_root), "--out", str(shards)]) == 2
+    assert {path.name: path.stat().st_mtime_ns for path in shards.iterdir()} == before
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(min_value=0, max_value=10**7), length=st.integers(min_value=1, max_value=4096), truncate=st.booleans())
+def test_corrupted_shards_end_in_one_named_error_or_valid_samples(shards, tmp_path_factory, offset, length, truncate):
+    """Reading a damaged shard without the manifest check: every outcome is valid samples or a KdistError,
+    never another exception (the checksum check in verify catches all of these first)."""
+    folder = tmp_path_factory.mktemp("corrupt")
+    shutil.copytree(shards, folder / "S")
+    shard = folder / "S" / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    start = offset % len(data)
+    if truncate:
+        data = data[:start]
+    else:
+        data[start : start + length] = bytes(255 - b for b in data[start : start + length])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(KdistError, match="val-000000.tar"):
+        verify(folder / "S")
+    manifest = json.loads((folder / "S" / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0].update(bytes=len(data), sha256=__import__("kdist.shards", fromlist=["sha256"]).sha256(shard))
+    (folder / "S" / "manifest.json").write_text(json.dumps(manifest))  # the manifest now agrees: only reading can tell
+    try:
+        images, labels = evaluation_samples(folder / "S", "val", 28)
+    except KdistError as exc:
+        assert "val" in str(exc) or "shard" in str(exc) or "sample" in str(exc)
+    else:
+        assert len(labels) == 1003 and int(labels.max()) < 7 and images.dtype == torch.uint8
+
+
+def test_image_folder_shards_keep_the_original_bytes_and_resize_on_read(tmp_path):
+    for label, name in enumerate(["benign", "malignant"]):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(3):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((45, 60, 3), 40 * i + 100 * label, dtype=np.uint8)).save(buffer, format="JPEG")
+            (tmp_path / "photos" / name / f"{i}.jpg").write_bytes(buffer.getvalue())
+    manifest = write_images(tmp_path / "photos", tmp_path / "S", split="train", maxcount=4)
+    assert manifest["classes"] == ["benign", "malignant"] and manifest["splits"]["train"]["count"] == 6
+    assert len(manifest["splits"]["train"]["shards"]) == 2
+    images, labels = evaluation_samples(tmp_path / "S", "train", 16)
+    assert images.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "photos" / "benign" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(KdistError, match="bad.jpg"):
+        write_images(tmp_path / "photos", tmp_path / "S2", split="train")
+    assert not (tmp_path / "S2" / "manifest.json").exists() and not list((tmp_path / "S2").glob("*.tar"))  # nothing half-written
