@@ -16,7 +16,7 @@ from kdist.models import create_model, save_weights
 from slurm_cluster import Cluster, ensure_installed
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--quick", "--no-progress", "--set", "distill.epochs=4", "--set", "data.train_subset=512", "--set", "data.val_subset=256"]
+QUICK = ["--quick", "--no-progress", "--set", "distill.epochs=3", "--set", "data.train_subset=512", "--set", "data.val_subset=128"]
 NO_GPUS = ["--gres=none", "--cpus-per-task=2"]  # the test node has 2 CPUs and no GPUs
 
 

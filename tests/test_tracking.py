@@ -26,7 +26,8 @@ def wandb_run(tmp_path_factory, real_root):
     folder = tmp_path_factory.mktemp("wandb")
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     env.update(KDIST_DATA_ROOT=str(real_root), HOME=str(folder), WANDB_CONFIG_DIR=str(folder / "config"))  # no ~/.netrc key
-    done = kdist("run", "--quick", "--no-progress", "--tracker", "wandb", "--out", folder / "R", env=env)
+    done = kdist("run", "--quick", "--no-progress", "--tracker", "wandb", "--set", "data.train_subset=512", "--set", "data.val_subset=128",
+                 "--out", folder / "R", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "R", done.stderr
 
