@@ -260,3 +260,19 @@ def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(monkeypatch, precis
         warnings.simplefilter("always")
         engine.warn_if_bf16_is_emulated(precision)
     assert [("--mixed-precision no" in str(w.message)) for w in caught] == ([True] if warned else [])
+
+
+def test_consistent_mixup_probe_changes_only_the_planned_keys():
+    """Issue 41's stage (a): the chosen 28 px recipe with the online teacher, mixup and 300 epochs, nothing else."""
+    from pathlib import Path
+
+    configs = Path(__file__).parent.parent / "configs"
+    probe, chosen = load_config(configs / "probe-consistent-mixup.yaml").to_dict(), load_config(configs / "ensemble-lite0.yaml").to_dict()
+    assert (probe["distill"]["epochs"], probe["distill"]["mixup_alpha"]) == (300, 1.0)
+    assert (probe["kd"]["teacher_mode"], probe["kd"]["teacher_views"], probe["kd"]["mixed_ce"]) == ("online", "same", False)
+    for section, keys in (("distill", ("epochs", "mixup_alpha")), ("kd", ("teacher_mode", "teacher_views"))):
+        for key in keys:
+            probe[section].pop(key), chosen[section].pop(key)
+    assert probe == chosen
+    alone = load_config(configs / "probe-consistent-mixup-alone.yaml")
+    assert (alone.student.epochs, alone.student.mixup_alpha, alone.student.translate, alone.student.lr) == (300, 1.0, 2, 0.001)
