@@ -17,4 +17,4 @@ setup:
 		apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; } || echo "note: Slurm not installed; Slurm tests will skip"
 
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile

@@ -270,10 +270,10 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
                          "a teacher of another size needs kd.teacher_mode: cached")
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
+    images, labels = study.split_at("train", teacher_size)  # a teacher of another file: the same samples, checked
     teacher.to(study.device)
     val_teacher_logits, _ = gathered_logits(study.accelerator, teacher, *study.split_at("val", teacher_size))
     if mode == "cached":
-        images, labels = study.split_at("train", teacher_size)
         # The main process computes and writes the cache; the others then read the same file.
         with study.accelerator.main_process_first():
             logits = teacher_cache(teacher, images, labels, study.cache_dir or study.out / "cache")
