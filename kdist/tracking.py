@@ -125,8 +125,9 @@ def stage_run(study, name: str):
         init_kwargs = {}
         if tracker == "wandb":
             choose_wandb_mode(study.out)
-            init_kwargs = {"wandb": {"dir": str(study.out), "group": group_of(study.out), "job_type": name,
-                                     "name": f"{group_of(study.out)}/{study.out.name}/{name}" if study.out.name != group_of(study.out) else f"{study.out.name}/{name}",
+            group = group_of(study.out)
+            run_name = f"{group}/{name}" if study.out.name == group else f"{group}/{study.out.name}/{name}"
+            init_kwargs = {"wandb": {"dir": str(study.out), "group": group, "job_type": name, "name": run_name,
                                      "id": _run_id(folder), "resume": "allow", "reinit": "finish_previous"}}
         else:
             accelerator.log_with[0].path = folder / "tracker.jsonl"
