@@ -43,35 +43,60 @@ def _train_step(model, optimizer, images, labels):
     optimizer.step()
 
 
-def throughput(cfg: Config, splits, mean, std, steps: int) -> dict:
-    """Images/s of student training steps: fixed synthetic batch vs kdist's data path."""
+def _batches(make_loader):
+    """Train batches without end: a new epoch (seed 0, epochs 0, 1, ...) whenever one runs out."""
+    epoch = 0
+    while True:
+        yield from make_loader(epoch)
+        epoch += 1
+
+
+def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) -> dict:
+    """Images/s of student training steps fed by a fixed synthetic batch (the model-step limit), by the
+    in-memory data path and, with `shard_images`, by webdataset shards (decoded in data.num_workers
+    DataLoader workers); and of the shard path's data alone (decode + collate + augment, no model)."""
     batch_size = cfg.student.batch_size
+    sources = {
+        "synthetic": None,
+        "data_path": lambda epoch: batch_loader(*splits["train"], batch_size, shuffle=True, epoch=epoch),
+    }
+    if shard_images is not None:
+        sources["shards"] = lambda epoch: shard_images.loader(batch_size, seed=0, epoch=epoch)
     results = {}
-    for source in ("synthetic", "data_path"):
+    for source, make_loader in sources.items():
         torch.manual_seed(0)
         model = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        size = splits["train"][0].shape[-1]
+        size = splits["val"][0].shape[-1]
         fixed = (torch.rand(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last), torch.randint(0, 7, (batch_size,)))
-        loader = iter(batch_loader(*splits["train"], batch_size, shuffle=True))
+        batches = _batches(make_loader) if make_loader else None
         done, start = 0, None
         for step in range(steps + 3):
-            if step == 3:  # warm-up steps are not timed
+            if step == 3:  # warm-up steps (and worker start-up) are not timed
                 start, done = time.perf_counter(), 0
-            if source == "synthetic":
+            if batches is None:
                 images, labels = fixed
             else:
-                try:
-                    raw, labels, _, views, _ = next(loader)
-                except StopIteration:
-                    loader = iter(batch_loader(*splits["train"], batch_size, shuffle=True))
-                    raw, labels, _, views, _ = next(loader)
+                raw, labels, _, views, _ = next(batches)
                 images = to_float(apply_views(raw, views))
             _train_step(model, optimizer, images, labels)
             done += len(labels)
         results[source] = done / (time.perf_counter() - start)
-    return {"synthetic_img_s": round(results["synthetic"], 1), "data_path_img_s": round(results["data_path"], 1),
-            "data_path_over_synthetic": round(results["data_path"] / results["synthetic"], 3)}
+    out = {"synthetic_img_s": round(results["synthetic"], 1), "data_path_img_s": round(results["data_path"], 1),
+           "data_path_over_synthetic": round(results["data_path"] / results["synthetic"], 3)}
+    if shard_images is not None:
+        batches, done = _batches(lambda epoch: shard_images.loader(batch_size, seed=0, epoch=epoch)), 0
+        next(batches)
+        start = time.perf_counter()
+        for _ in range(steps):
+            raw, labels, _, views, _ = next(batches)
+            to_float(apply_views(raw, views))
+            done += len(labels)
+        data_only = done / (time.perf_counter() - start)
+        out.update({"shard_workers": shard_images.num_workers, "shard_path_img_s": round(results["shards"], 1),
+                    "shard_path_over_synthetic": round(results["shards"] / results["synthetic"], 3),
+                    "shard_data_only_img_s": round(data_only, 1), "shard_data_only_over_synthetic": round(data_only / results["synthetic"], 3)})
+    return out
 
 
 def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no") -> float:
@@ -197,6 +222,15 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
     return out
 
 
+def shard_train(cfg: Config):
+    """The train split as shards (data.shards, else the data file's cached shards), as the engine reads it."""
+    from .shard_data import ShardImages, auto_shards, read_manifest, verify
+
+    folder = Path(cfg.data.shards) if cfg.data.shards not in (None, "auto") else auto_shards(cfg.data.root, cfg.data.size)
+    manifest = verify(folder, ["train"]) if not cfg.data.shard_url else read_manifest(folder)
+    return ShardImages(folder, manifest, "train", cfg.data.size, url_template=cfg.data.shard_url, num_workers=cfg.data.num_workers)
+
+
 def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None, processes: bool = True) -> dict:
     full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
     mean, std = channel_stats(full["train"][0])
@@ -205,7 +239,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
     report = {
         "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "train_images": len(splits["train"][1]),
-        "throughput": throughput(cfg, splits, mean, std, steps),
+        "throughput": throughput(cfg, splits, mean, std, steps, shard_train(cfg)),
         "epochs": epochs(cfg, splits, mean, std, out / "cache"),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
     }
@@ -224,6 +258,8 @@ def format_bench(report: dict) -> str:
         "student training throughput (images/s)",
         f"  synthetic tensors   {t['synthetic_img_s']:10.1f}",
         f"  kdist data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
+        f"  shards, {t['shard_workers']} workers  {t['shard_path_img_s']:10.1f}   ratio {t['shard_path_over_synthetic']:.3f}",
+        f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio {t['shard_data_only_over_synthetic']:.3f}  (decode + collate + augment)",
         "one training epoch (s)",
         f"  student alone       {e['student_epoch_s']:10.2f}",
         f"  distill, cached     {e['distill_cached_epoch_s']:10.2f}   / student {e['distill_cached_over_student']:.3f}",

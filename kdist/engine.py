@@ -6,9 +6,10 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
 - the model, optimizer and scheduler go through `accelerator.prepare`; val batches come from a prepared
   loader (each process a shard) and are gathered with `gather_for_metrics`, which drops the padding
   duplicates, so val metrics under N processes are those of one process;
-- train batches come from kdist's own sampler (data.EpochBatchSampler), not a prepared loader: each
-  process takes a disjoint, equal share of a shuffle that depends only on (seed, epoch), so a resumed run
-  repeats an uninterrupted one and no rank waits on another at the end of an epoch;
+- train batches come from kdist's own sampler (data.EpochBatchSampler) or webdataset shards
+  (shard_data.ShardImages), not a prepared loader: each process takes a disjoint, equal share of a shuffle
+  that depends only on (seed, epoch), so a resumed run repeats an uninterrupted one and no rank waits on
+  another at the end of an epoch;
 - a distillation teacher is never wrapped in DDP: it sits frozen on every process (eval mode, no grads,
   same autocast) and sees the same augmented batch as the student (`teacher_mode: online`), or its
   logits are looked up in the exact cache of cache.py (`teacher_mode: cached`, the fast path on CPUs);
@@ -41,6 +42,7 @@ from .data import augment, batch_loader, mix_batch, to_float
 from .checkpoints import Progress, StopRequested, StopWatch, last_checkpoint, save_last, save_weights_file, write_history
 from .inference import check_views, view_logits
 from .losses import distillation_terms
+from .shard_data import ShardImages
 
 
 def cpu_has_bf16() -> bool:
@@ -158,6 +160,14 @@ class Distillation(Supervised):
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
 
 
+def train_loader(images, labels, stage: StageConfig, seed: int, rank: int = 0, world: int = 1, epoch: int = 0):
+    """One epoch of train batches (uint8 images, labels, positions, views, shifts) for process `rank`: from
+    memory (data.EpochBatchSampler) or streamed from shards (shard_data.ShardImages)."""
+    if isinstance(images, ShardImages):
+        return images.loader(stage.batch_size, seed, rank, world, epoch, stage.translate)
+    return batch_loader(images, labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate)
+
+
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if stage.optimizer == "sgd":
@@ -215,7 +225,7 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
         checkpoints.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_images, train_labels = splits["train"]
-    batches_per_rank = len(batch_loader(train_images, train_labels, stage.batch_size, True, seed, rank, world))
+    batches_per_rank = len(train_loader(train_images, train_labels, stage, seed, rank, world))
     if batches_per_rank == 0:
         raise KdistError(f"{len(train_labels)} train images make fewer batches of {stage.batch_size} than there are "
                          f"processes ({world}); lower the batch size or the process count")
@@ -276,11 +286,10 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
         seen = int(saved.pop("seen", 0))
         sums = {key: torch.tensor(saved.get(key, 0.0), device=accelerator.device) for key in ("loss", "correct")}
         sums.update({key: torch.tensor(value, device=accelerator.device) for key, value in saved.items() if key not in sums})
-        loader = batch_loader(train_images, train_labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate)
-        if audit:  # which train samples this process saw this epoch, for tests of the sharding
-            audit.mkdir(parents=True, exist_ok=True)
-            np.save(audit / f"{folder.name}-epoch{epoch}-rank{rank}.npy", torch.cat([batch[0] for batch in loader.sampler]).numpy())
+        loader = train_loader(train_images, train_labels, stage, seed, rank, world, epoch)
+        seen_indices = []  # for KDIST_AUDIT_SAMPLES: which train samples this process saw this epoch
         for step, (raw, labels, indices, views, shifts) in enumerate(loader):
+            seen_indices.append(indices)
             if step < skip:
                 continue
             raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
@@ -313,6 +322,9 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
                 progress.step_in_epoch, progress.epoch_sums = step + 1, {**{k: v.item() for k, v in sums.items()}, "seen": seen}
                 save_last(accelerator, checkpoints, progress, ema)
                 raise StopRequested(f"stopped on request at epoch {epoch}, step {step}; state saved in {checkpoints / 'last'}")
+        if audit:  # tests of the sharding read these
+            audit.mkdir(parents=True, exist_ok=True)
+            np.save(audit / f"{folder.name}-epoch{epoch}-rank{rank}.npy", torch.cat(seen_indices).numpy())
         # Train figures over every process's samples; val over the whole split.
         totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(seen), device=accelerator.device)]), "sum")
         row = {"epoch": epoch}

@@ -47,6 +47,9 @@ def study_options(command):
         click.option("--out", type=PATH, help="run folder (default: runs/<timestamp>)"),
         click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT, else ~/.medmnist)"),
         click.option("--size", type=int, help="image size of the data file: 28 (default), 64, 128 or 224"),
+        click.option("--shards", metavar="FOLDER|auto",
+                     help="train and evaluate from webdataset shards: a folder written by `kdist shards`, or auto (write the data "
+                          "file's shards once into $KDIST_SHARD_CACHE, else ~/.cache/kdist/shards, and read them)"),
         click.option("--seed", type=int, help="random seed (default 0)"),
         click.option("--quick", is_flag=True, help="2 epochs per model on a subset: a smoke run of about a minute"),
         click.option("--teacher-mode", type=click.Choice(["auto", "cached", "online"]),
@@ -92,6 +95,7 @@ def config_overrides(opts: dict, role: str | None = None) -> list[dict]:
     flags = {
         ("data", "root"): opts.get("data_root"),
         ("data", "size"): opts.get("size"),
+        ("data", "shards"): str(opts["shards"]) if opts.get("shards") else None,
         ("seed",): opts.get("seed"),
         ("kd", "teacher_mode"): opts.get("teacher_mode"),
         ("trainer", "mixed_precision"): opts.get("mixed_precision"),

@@ -33,6 +33,7 @@ from .config import Config
 from .data import channel_stats, class_weights, load_dermamnist, subset
 from .engine import Distillation, Supervised, fit, gathered_logits, make_accelerator, predict_probs
 from .inference import predict_probs as predict_probs_local
+from .shard_data import ShardImages, open_shard_splits
 from .tracking import log_results, stage_run
 from .files import atomic_output, atomic_write_text
 from .metrics import classification_metrics, majority_baseline
@@ -60,9 +61,12 @@ class Study:
     def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test"),
              accelerator: Accelerator | None = None) -> "Study":
         accelerator = accelerator or make_accelerator(cfg.trainer)
-        with accelerator.main_process_first():  # a download, if any, happens once
-            full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
-        mean, std = channel_stats(full["train"][0])  # normalisation comes from the whole train split
+        if cfg.data.shards:  # train images streamed from shards (ShardImages), val/test read whole
+            full, mean, std, _ = open_shard_splits(cfg.data, accelerator)
+        else:
+            with accelerator.main_process_first():  # a download, if any, happens once
+                full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
+            mean, std = channel_stats(full["train"][0])  # normalisation comes from the whole train split
         splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +275,8 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
     images, labels = study.split_at("train", teacher_size)  # a teacher of another file: the same samples, checked
+    if mode == "cached" and isinstance(images, ShardImages):
+        images = images.load()  # the cache needs every train image once, in order
     teacher.to(study.device)
     val_teacher_logits, _ = gathered_logits(study.accelerator, teacher, *study.split_at("val", teacher_size))
     if mode == "cached":

@@ -4,38 +4,29 @@ and streamed back through webdataset pipelines.
 A shard set is a folder of tar files, `<split>-000000.tar ...`, written by webdataset's ShardWriter, and
 `manifest.json` beside them. Each sample holds its key, the image (lossless PNG for MedMNIST arrays; the
 original bytes for JPEG/PNG sources), its integer label (`cls`) and its index in the split (`idx`). The
-manifest records the source, per split the samples per shard, the class histogram and a sha256 per shard,
+manifest records the source, per split the samples per shard, the class histogram, the labels in index order
+and a sha256 per shard,
 the image size and the train split's channel statistics.
 
-Reading (`stream`): shards are given to processes and DataLoader workers by webdataset's split_by_node /
-split_by_worker after a shard shuffle that depends only on (seed, epoch), samples are shuffled in a buffer
-seeded the same way, decoded with the one preprocessing of preprocess.py (centre square crop, bilinear
-resize to the model's data size), and every worker yields exactly the same number of batches (`with_epoch`
-over a repeated stream, as open_clip does), so no process waits on another at the end of an epoch.
-`evaluation_samples` reads a split's shards whole, each sample once, for val/test.
+Reading them back (checks, streaming to processes and workers, a study's data) is shard_data.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
-import random
 import tarfile
 from pathlib import Path
 
 import click
 import numpy as np
-import torch
 
 from . import KdistError
 from .files import atomic_write_text
 from .options import PATH, entry_point
-from .preprocess import IMAGE_SUFFIXES, decode_image, to_model_array
+from .preprocess import IMAGE_SUFFIXES, decode_image
+from .shard_data import FORMAT, MANIFEST, read_manifest, sha256, verify
 
-MANIFEST = "manifest.json"
-FORMAT = "kdist-shards/1"
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -112,12 +103,14 @@ def write_split(out: Path, split: str, samples, maxcount: int, maxsize: int) -> 
 
     out.mkdir(parents=True, exist_ok=True)
     histogram: dict[int, int] = {}
+    labels: dict[int, int] = {}
     pattern = str(out / f"{split}-%06d.tar")
     try:
         with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
             for data, extension, label, index in samples:
                 writer.write({"__key__": f"{split}-{index:07d}", extension: data, "cls": int(label), "idx.cls": int(index)})
                 histogram[int(label)] = histogram.get(int(label), 0) + 1
+                labels[int(index)] = int(label)
     except BaseException:
         for path in out.glob(f"{split}-*.tar"):  # a split is written whole or not at all
             path.unlink()
@@ -129,15 +122,8 @@ def write_split(out: Path, split: str, samples, maxcount: int, maxsize: int) -> 
         shards.append({"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256(path)})
     last = len(shards) - 1
     return {"count": sum(s["count"] for s in shards), "class_histogram": {str(k): v for k, v in sorted(histogram.items())},
-            "pattern": f"{split}-{{000000..{last:06d}}}.tar", "shards": shards}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            "pattern": f"{split}-{{000000..{last:06d}}}.tar", "shards": shards,
+            "labels": [labels[i] for i in sorted(labels)]}  # in index order: a study's train labels without reading the shards
 
 
 def write_medmnist(root, flag: str, size: int, out: Path, maxcount: int = 2000, maxsize: int = 1 << 30) -> dict:
@@ -159,9 +145,11 @@ def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 
     rows, classes = folder_samples(source)
     if not rows:
         raise KdistError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {"format": FORMAT, "splits": {}}
+    manifest = read_manifest(out) if (out / MANIFEST).exists() else {"format": FORMAT, "splits": {}}
     if split in manifest["splits"] or list(out.glob(f"{split}-*.tar")):
         raise KdistError(f"{out} already holds a {split} split; choose another --out or --split")
+
+    moments = np.zeros((3, 3))  # per channel: pixel count, sum, sum of squares (in [0, 1] units), for normalisation
 
     def samples():
         for index, (path, label) in enumerate(rows):
@@ -169,11 +157,15 @@ def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 
                 data = path.read_bytes()
             except OSError as exc:
                 raise KdistError(f"{path}: cannot read ({exc.strerror}); fix or remove that row") from None
-            decode_image(data, str(path))  # an unreadable image is refused now, not mid-training
+            pixels = np.asarray(decode_image(data, str(path)), dtype=np.float64).reshape(-1, 3) / 255.0  # unreadable: refused now
+            moments[:] += [[len(pixels)] * 3, pixels.sum(0), (pixels**2).sum(0)]
             yield data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"), label, index
 
     manifest.update({"source": str(source), "classes": classes, "image_size": None})
     manifest["splits"][split] = write_split(out, split, samples(), maxcount, maxsize)
+    if split == "train":
+        mean = moments[1] / moments[0]
+        manifest["channel_mean"], manifest["channel_std"] = mean.tolist(), np.sqrt(moments[2] / moments[0] - mean**2).tolist()
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
@@ -181,126 +173,6 @@ def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 
 def _refuse_existing(out: Path) -> None:
     if (out / MANIFEST).exists() or list(out.glob("*.tar")):
         raise KdistError(f"{out} already holds shards; choose another --out (nothing was overwritten)")
-
-
-# --- checking and reading -------------------------------------------------------------------------------
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KdistError(f"{path} not found; write the shards with `kdist shards`") from None
-    except json.JSONDecodeError as exc:
-        raise KdistError(f"{path} is not valid JSON ({exc.msg}); rewrite the shards with `kdist shards`") from None
-    if manifest.get("format") != FORMAT:
-        raise KdistError(f"{path} is not a kdist shard manifest (format {manifest.get('format')!r}, expected {FORMAT})")
-    return manifest
-
-
-def verify(folder: Path, splits=None) -> dict:
-    """Every shard of the manifest is there with its size and sha256; returns the manifest."""
-    manifest = read_manifest(folder)
-    for split, entry in manifest["splits"].items():
-        if splits and split not in splits:
-            continue
-        for shard in entry["shards"]:
-            path = Path(folder) / shard["name"]
-            if not path.exists():
-                raise KdistError(f"shard {path} is missing ({split} split of {folder / MANIFEST}); restore it or rewrite the shards")
-            if path.stat().st_size != shard["bytes"] or sha256(path) != shard["sha256"]:
-                raise KdistError(f"shard {path} does not match its checksum in {MANIFEST} (truncated or corrupt); restore it or rewrite the shards")
-    return manifest
-
-
-def shard_urls(folder: Path, manifest: dict, split: str) -> list[str]:
-    if split not in manifest["splits"]:
-        raise KdistError(f"{folder / MANIFEST} has no {split} split (has {', '.join(manifest['splits'])})")
-    return [str(Path(folder) / shard["name"]) for shard in manifest["splits"][split]["shards"]]
-
-
-def decode_sample(sample: dict, size: int, num_classes: int) -> tuple[torch.Tensor, int, int]:
-    """A raw webdataset sample -> (uint8 CHW image at size x size, label, index), or KdistError naming it."""
-    name = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    image_key = next((key for key in ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff") if key in sample), None)
-    if image_key is None:
-        raise KdistError(f"{name} holds no image (keys {sorted(k for k in sample if not k.startswith('__'))})")
-    try:
-        label, index = int(sample["cls"]), int(sample["idx.cls"])
-    except (KeyError, ValueError):
-        raise KdistError(f"{name} lacks an integer cls/idx") from None
-    if not 0 <= label < num_classes:
-        raise KdistError(f"{name}: label {label} outside 0..{num_classes - 1}")
-    array = to_model_array(decode_image(sample[image_key], name), size)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1), label, index
-
-
-def _tar_errors(exn) -> bool:
-    """webdataset's handler: a broken tar or member becomes one KdistError naming the shard."""
-    if isinstance(exn, KdistError):
-        raise exn
-    raise KdistError(f"unreadable shard data ({type(exn).__name__}: {str(exn)[:200]}); check it against {MANIFEST} "
-                     "with `kdist shards --verify`") from None
-
-
-def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-           num_workers: int = 0, buffer: int = 2000):
-    """A webdataset pipeline of training batches (uint8 images, labels, indices) for process `rank` of `world`:
-    a disjoint share of the shards each epoch, the same number of batches on every process and worker."""
-    import webdataset as wds
-
-    manifest = read_manifest(folder)
-    urls = shard_urls(folder, manifest, split)
-    workers = max(1, num_workers)
-    if len(urls) < world * workers:
-        raise KdistError(f"{split} has {len(urls)} shards for {world} processes x {workers} workers; rewrite the shards smaller "
-                         f"(kdist shards --maxcount {max(1, manifest['splits'][split]['count'] // (world * workers))}) or use fewer workers")
-    order = random.Random(f"{seed}-{epoch}").sample(urls, len(urls))  # the same shard order on every process
-    batches_per_worker = manifest["splits"][split]["count"] // (batch_size * world * workers)
-    if batches_per_worker == 0:
-        raise KdistError(f"{split} has too few samples for batches of {batch_size} on {world} x {workers} workers")
-    num_classes = len(manifest["classes"])
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(order[rank::world]),  # this process's shards; workers split them further
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_tar_errors),
-        wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")),
-        wds.map(lambda sample: decode_sample(sample, size, num_classes)),
-        wds.batched(batch_size, partial=False, collation_fn=_collate),
-    ).repeat(2).with_epoch(batches_per_worker)  # equal batch counts: a short worker wraps around its shards
-    return pipeline, batches_per_worker * workers
-
-
-def _collate(samples):
-    images, labels, indices = zip(*samples)
-    return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
-
-
-def evaluation_samples(folder: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split, every sample once, in index order: (uint8 NCHW images, labels), for val and test."""
-    import webdataset as wds
-
-    manifest = verify(folder, [split])
-    num_classes = len(manifest["classes"])
-    images, labels, indices = [], [], []
-    for sample in wds.DataPipeline(wds.SimpleShardList(shard_urls(folder, manifest, split)), wds.tarfile_to_samples(handler=_tar_errors)):
-        image, label, index = decode_sample(sample, size, num_classes)
-        images.append(image), labels.append(label), indices.append(index)
-    expected = manifest["splits"][split]["count"]
-    if len(indices) != expected or sorted(indices) != list(range(expected)):
-        raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples, the manifest says {expected}; rewrite the shards")
-    order = np.argsort(indices)
-    return torch.stack(images)[order], torch.tensor(labels)[order]
-
-
-def default_cache(root, flag: str, size: int) -> Path:
-    """Where `kdist run` keeps the shards it writes from a MedMNIST file: beside the data, or in $KDIST_SHARD_CACHE."""
-    from .data import resolve_root
-
-    base = Path(os.environ.get("KDIST_SHARD_CACHE") or resolve_root(root) / "kdist-shards")
-    return base / f"{flag}_{size}"
-
 
 
 # --- the command ----------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def real_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_downloads(monkeypatch):
+def _no_downloads(monkeypatch, tmp_path_factory):
     # Tests never reach the network: a missing file fails at once with kdist's message.
     monkeypatch.setenv("KDIST_NO_DOWNLOAD", "1")
+    # ... and `--shards auto` writes its shards under the test session's temporary folder, not in ~/.cache.
+    monkeypatch.setenv("KDIST_SHARD_CACHE", str(tmp_path_factory.getbasetemp() / "shard-cache"))

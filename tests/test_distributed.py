@@ -83,6 +83,26 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
         assert metrics_of(both[split]) == metrics_of(alone[split]) and both[split]["n"] == {"val": 1003, "test": 2005}[split]
 
 
+def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, real_root, teacher):
+    """`--shards auto`: the data file's shards are written once, each rank streams its own shards (two
+    DataLoader workers each), and test metrics equal a 1-process evaluation from the npz (PNG is lossless)."""
+    out, audit = tmp_path / "ddp-shards", tmp_path / "audit"
+    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit), "KDIST_SHARD_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--set", "distill.batch_size=64", "--shards", "auto",
+                                 "--out", out), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2
+    assert len(list((tmp_path / "cache").glob("dermamnist_28-*/train-*.tar"))) == 16
+    for epoch in range(2):
+        rank0, rank1 = (np.load(audit / f"distilled-epoch{epoch}-rank{rank}.npy") for rank in (0, 1))
+        assert len(rank0) == len(rank1) == 4 * 64 and not set(rank0) & set(rank1)  # 512 // (64 x 2 ranks x 2 workers) = 2 batches per worker
+    distilled = json.loads((out / "results.json").read_text())["models"]["distilled"]
+    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--split", "test"], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert distilled["test"]["n"] == 2005 and metrics_of(distilled["test"]) == metrics_of(json.loads(one.stdout)["test"])
+
+
 def test_two_machines_on_localhost_distil_together(tmp_path, real_root, teacher):
     """Two launches, one per "machine" (--num_machines 2 --machine_rank 0|1), meet on 127.0.0.1 and train as one job."""
     out, port = tmp_path / "two-machines", free_port()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 
 def strip_times(results):
@@ -109,11 +111,16 @@ def test_last_checkpoint_is_written_every_epoch(tmp_path, synthetic_root):
     assert not list((folder / "last").glob("custom_checkpoint_*"))
 
 
-def test_a_stop_request_mid_epoch_saves_and_resumes_exactly(tmp_path, synthetic_root):
+@pytest.mark.parametrize("source", ["npz", "shards"])
+def test_a_stop_request_mid_epoch_saves_and_resumes_exactly(tmp_path, synthetic_root, source, monkeypatch):
     """SIGUSR1 (what Slurm sends before preemption or the time limit): the step finishes, the state is saved
-    part-way through the epoch, the command exits with 75, and --resume ends as an uninterrupted run."""
+    part-way through the epoch, the command exits with 75, and --resume ends as an uninterrupted run; from
+    the npz in memory and from shards streamed by two DataLoader workers."""
     common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--val-only", "--set", "student.epochs=3",
               "--set", "student.batch_size=16", "--set", "data.train_subset=512", "--set", "data.val_subset=128"]
+    if source == "shards":
+        monkeypatch.setenv("KDIST_SHARD_CACHE", str(tmp_path / "cache"))
+        common += ["--shards", "auto"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert subprocess.run(kdist("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
 

@@ -18,7 +18,8 @@ from PIL import Image
 from kdist import KdistError
 from kdist.cli import main
 from kdist.data import load_dermamnist
-from kdist.shards import evaluation_samples, read_manifest, stream, verify, write_images
+from kdist.shard_data import ShardImages, evaluation_samples, read_manifest, stream, verify
+from kdist.shards import write_images
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,61 @@ def test_a_flipped_byte_is_named_by_verify_and_the_command(shards, tmp_path, cap
     assert err.count("\n") == 1 and "train-000003.tar" in err
 
 
+def test_training_from_a_flipped_shard_exits_2_naming_it_and_writes_nothing(shards, tmp_path, capsys):
+    broken = tmp_path / "S"
+    shutil.copytree(shards, broken)
+    flip_byte(broken / "train-000005.tar", (broken / "train-000005.tar").stat().st_size // 2)
+    assert main(["train", "student", "--shards", str(broken), "--quick", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-000005.tar" in err and "checksum" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_undecodable_image_in_training_ends_in_one_line_naming_shard_and_sample(shards, tmp_path, capsys):
+    """A shard whose checksum agrees but whose images do not decode (written so): the DataLoader worker's
+    error comes back as one line naming the shard and the sample."""
+    import webdataset as wds
+
+    from kdist.shard_data import sha256
+
+    broken = tmp_path / "S"
+    shutil.copytree(shards, broken)
+    shard = broken / "train-000002.tar"
+    samples = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
+    with wds.TarWriter(str(shard)) as writer:
+        for sample in samples:
+            writer.write({"__key__": sample["__key__"], "png": b"not a png", "cls": sample["cls"], "idx.cls": sample["idx.cls"]})
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][2].update(bytes=shard.stat().st_size, sha256=sha256(shard))
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "student", "--shards", str(broken), "--quick", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-000002.tar: sample train-" in err, err
+
+
+def test_the_train_loader_repeats_itself_and_reads_the_stored_pixels(shards, synthetic_root):
+    """Two DataLoader workers, a --quick-like subset: the same (seed, epoch) gives the same batches, views and
+    shifts; another epoch another order; every image is the stored one at its position; equal batch counts."""
+    train = ShardImages(shards, read_manifest(shards), "train", 28, num_workers=2)[torch.arange(0, 7007, 3)]
+    npz_images = load_dermamnist(synthetic_root)["train"][0][::3]
+    first = list(train.loader(64, seed=1, epoch=0, translate=2))
+    again = list(train.loader(64, seed=1, epoch=0, translate=2))
+    assert len(first) == len(train.loader(64, seed=1)) == 2 * (len(train) // 128)
+    assert all(torch.equal(a, b) for one, two in zip(first, again) for a, b in zip(one, two))
+    later = list(train.loader(64, seed=1, epoch=1, translate=2))
+    assert not torch.equal(first[0][2], later[0][2])
+    for images, labels, positions, views, shifts in first:
+        assert torch.equal(images, npz_images[positions]) and views.max() < 8 and shifts.abs().max() <= 2
+    ranks = [torch.cat([batch[2] for batch in train.loader(64, seed=1, rank=rank, world=2)]) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) and not set(ranks[0].tolist()) & set(ranks[1].tolist())
+
+
+def test_pipe_urls_read_the_same_samples_as_local_paths(shards):
+    local = evaluation_samples(shards, "val", 28)
+    piped = evaluation_samples(shards, "val", 28, url_template=f"pipe:cat {shards}/{{name}}")
+    assert torch.equal(local[0], piped[0]) and torch.equal(local[1], piped[1])
+
+
 def test_missing_shard_and_bad_manifest_are_named(shards, tmp_path):
     broken = tmp_path / "S"
     shutil.copytree(shards, broken)
@@ -114,7 +170,7 @@ def test_corrupted_shards_end_in_one_named_error_or_valid_samples(shards, tmp_pa
     with pytest.raises(KdistError, match="val-000000.tar"):
         verify(folder / "S")
     manifest = json.loads((folder / "S" / "manifest.json").read_text())
-    manifest["splits"]["val"]["shards"][0].update(bytes=len(data), sha256=__import__("kdist.shards", fromlist=["sha256"]).sha256(shard))
+    manifest["splits"]["val"]["shards"][0].update(bytes=len(data), sha256=__import__("kdist.shard_data", fromlist=["sha256"]).sha256(shard))
     (folder / "S" / "manifest.json").write_text(json.dumps(manifest))  # the manifest now agrees: only reading can tell
     try:
         images, labels = evaluation_samples(folder / "S", "val", 28)
