@@ -14,8 +14,9 @@ from . import KdistError
 from .options import PATH, entry_point, views_option
 
 
-def evaluate_weights(weights: list, data_root: str | None, split: str, views: str, cpu: bool = False) -> dict:
-    """Headline metrics of saved weights; the data size comes from the weights' metadata."""
+def evaluate_weights(weights: list, data_root: str | None, split: str, views: str, cpu: bool = False, shards=None) -> dict:
+    """Headline metrics of saved weights; the data size comes from the weights' metadata. `shards`: read
+    val/test from that shard folder (`auto`: the data file's cached shards) instead of the npz."""
     from .config import TrainerConfig
     from .data import load_dermamnist
     from .engine import make_accelerator, predict_probs
@@ -27,10 +28,20 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
         raise KdistError(f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately")
     model = load_teacher(list(weights))
     accelerator = make_accelerator(TrainerConfig(cpu=cpu))
-    splits = load_dermamnist(data_root, sizes.pop())
+    size = sizes.pop()
+    names = ("val", "test") if split == "both" else (split,)
+    if shards:
+        from .shard_data import auto_shards, evaluation_samples, verify
+
+        with accelerator.main_process_first():
+            folder = auto_shards(data_root, size) if str(shards) == "auto" else shards
+            manifest = verify(folder, names)
+        splits = {name: evaluation_samples(folder, name, size, manifest=manifest) for name in names}
+    else:
+        splits = load_dermamnist(data_root, size)
     out = {"weights": [str(path) for path in weights] if len(weights) > 1 else str(weights[0]), "arch": model.arch, "views": views}
     model.to(accelerator.device)
-    for name in ("val", "test") if split == "both" else (split,):
+    for name in names:
         images, labels = splits[name]
         metrics = classification_metrics(predict_probs(accelerator, model, images, labels, views), labels.numpy())
         out[name] = {key: value for key, value in metrics.items() if key != "per_class"}
@@ -43,10 +54,11 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
 @click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT)")
 @click.option("--split", type=click.Choice(["val", "test", "both"]), default="both", show_default=True)
 @click.option("--cpu", is_flag=True, help="run on the CPU even where CUDA is present")
+@click.option("--shards", metavar="FOLDER|auto", help="read val/test from webdataset shards (see `kdist shards`) instead of the npz")
 @views_option
-def command(weights, data_root, split, cpu, views):
+def command(weights, data_root, split, cpu, shards, views):
     """Evaluate saved weights (a .safetensors written by kdist; several: their ensemble, mean logits)."""
-    result = evaluate_weights(weights, data_root, split, views, cpu)
+    result = evaluate_weights(weights, data_root, split, views, cpu, shards)
     if result:
         click.echo(json.dumps(result, indent=2))
 

@@ -97,10 +97,16 @@ def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, rea
         rank0, rank1 = (np.load(audit / f"distilled-epoch{epoch}-rank{rank}.npy") for rank in (0, 1))
         assert len(rank0) == len(rank1) == 4 * 64 and not set(rank0) & set(rank1)  # 512 // (64 x 2 ranks x 2 workers) = 2 batches per worker
     distilled = json.loads((out / "results.json").read_text())["models"]["distilled"]
-    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--split", "test"], env=env,
-                         capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors"], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert distilled["test"]["n"] == 2005 and metrics_of(distilled["test"]) == metrics_of(json.loads(one.stdout)["test"])
+    alone = json.loads(one.stdout)  # one process, the npz
+    assert distilled["test"]["n"] == 2005 and metrics_of(distilled["test"]) == metrics_of(alone["test"])
+    # 2 processes evaluating from the shards count every val and test sample once, as one process on the npz
+    two = subprocess.run(launch("-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "auto"), env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    both = json.loads(two.stdout)
+    assert both["num_processes"] == 2 and both["val"]["n"] == 1003 and both["test"]["n"] == 2005
+    assert all(metrics_of(both[split]) == metrics_of(alone[split]) for split in ("val", "test"))
 
 
 def test_two_machines_on_localhost_distil_together(tmp_path, real_root, teacher):
