@@ -26,8 +26,9 @@ class DataConfig:
     train_subset: int | None = None  # use a random subset of train/val (for --quick)
     val_subset: int | None = None
     download: bool = True
-    # Train and evaluate from webdataset shards: a folder written by `kdist shards`, or `auto` (the shards of
-    # the DermaMNIST file, written once into $KDIST_SHARD_CACHE or ~/.cache/kdist/shards); null: the npz in memory.
+    # Where train/val/test are read from: null / none (the default: the npz in memory), `auto` (the DermaMNIST
+    # file's webdataset shards, written once into $KDIST_SHARD_CACHE or ~/.cache/kdist/shards), or a folder
+    # written by `kdist shards`.
     shards: str | None = None
     shard_url: str | None = None  # shards elsewhere: a URL template with {name}, e.g. "pipe:aws s3 cp s3://b/derma/{name} -"
     num_workers: int = 2  # DataLoader workers decoding train shards, per process
@@ -163,6 +164,8 @@ class Config:
             resolve_arch(model.arch)
             check(model.input_size is None or model.input_size >= 16, f"{name}.input_size", "must be >= 16 or null")
             check(model.pretrained in (None, "imagenet"), f"{name}.pretrained", f"must be imagenet or null (got {model.pretrained!r})")
+        if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
+            self.data.shards = None
         check(isinstance(self.data.num_workers, int) and self.data.num_workers >= 0, "data.num_workers", "must be a whole number >= 0")
         check(self.data.shard_url is None or "{name}" in str(self.data.shard_url), "data.shard_url",
               "must contain {name}, where each shard's file name goes")

@@ -5,8 +5,9 @@ Training (`ShardImages.loader`): shards are dealt to processes and DataLoader wo
 that depends only on (seed, epoch) (the same order on every process, as open_clip does), samples are shuffled
 in a buffer seeded the same way and decoded in the workers with the one preprocessing of preprocess.py
 (centre square crop, bilinear resize to the data size). Every worker yields exactly the same number of
-batches (`with_epoch` over a repeated stream), so no process waits on another at the end of an epoch; a
-worker whose shards run short wraps around them, one with more drops its last samples of that epoch.
+batches (its pass over its shards read again and again as one stream, cut at the count), so no process
+waits on another at the end of an epoch; a worker whose shards run short wraps around them, one with more
+leaves its last samples out of that epoch.
 The dihedral views and shifts of a batch are drawn in the main process from (seed, epoch, rank, step), and
 augmentation runs on the device as for in-memory data, so a resumed run repeats an uninterrupted one.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from . import KdistError
 from .preprocess import decode_image, to_model_array
@@ -148,10 +149,32 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
         wanted = frozenset(int(i) for i in keep)
         stages.append(wds.select(lambda sample: sample_label_index(sample)[1] in wanted))  # before decoding: skipped samples cost no decode
     stages += [wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")),
-               wds.map(lambda sample: decode_sample(sample, size, num_classes)),
-               wds.batched(batch_size, partial=False, collation_fn=_collate)]
-    # with_epoch repeats the stream, so a worker whose shards run short wraps around them: equal batch counts.
-    return wds.DataPipeline(*stages).with_epoch(batches_per_worker), batches_per_worker * workers
+               wds.map(lambda sample: decode_sample(sample, size, num_classes))]
+    return WorkerBatches(wds.DataPipeline(*stages), batch_size, batches_per_worker, split), batches_per_worker * workers
+
+
+class WorkerBatches(IterableDataset):
+    """Exactly `batches` batches from each DataLoader worker: its pass over its shards (`one_pass`) is read again
+    and again as one stream, so a worker whose shards hold fewer samples wraps around them (and one with more
+    leaves its last samples out of this epoch); every process then runs the same number of steps."""
+
+    def __init__(self, one_pass, batch_size: int, batches: int, split: str):
+        self.one_pass, self.batch_size, self.batches, self.split = one_pass, batch_size, batches, split
+
+    def _samples(self):
+        while True:
+            count = 0
+            for sample in self.one_pass:  # its shuffle buffer's generator goes on from pass to pass
+                count += 1
+                yield sample
+            if count == 0:
+                raise KdistError(f"a DataLoader worker's {self.split} shards hold none of the samples to train on; lower "
+                                 "data.num_workers or write more, smaller shards")
+
+    def __iter__(self):
+        samples = self._samples()
+        for _ in range(self.batches):
+            yield _collate([next(samples) for _ in range(self.batch_size)])
 
 
 def evaluation_samples(folder: Path, split: str, size: int, url_template: str | None = None,
@@ -263,6 +286,7 @@ def auto_shards(root, size: int) -> Path:
     folder = cache_folder(npz, FLAG, size)
     if (folder / MANIFEST).exists():
         return folder
+    load_dermamnist(root, size, download=False)  # a broken file is named as the in-memory path names it, before any writing
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

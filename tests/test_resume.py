@@ -118,9 +118,8 @@ def test_a_stop_request_mid_epoch_saves_and_resumes_exactly(tmp_path, synthetic_
     the npz in memory and from shards streamed by two DataLoader workers."""
     common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--val-only", "--set", "student.epochs=3",
               "--set", "student.batch_size=16", "--set", "data.train_subset=512", "--set", "data.val_subset=128"]
-    if source == "shards":
-        monkeypatch.setenv("KDIST_SHARD_CACHE", str(tmp_path / "cache"))
-        common += ["--shards", "auto"]
+    monkeypatch.setenv("KDIST_SHARD_CACHE", str(tmp_path / "cache"))
+    common += ["--shards", "auto" if source == "shards" else "none"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert subprocess.run(kdist("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
 

@@ -62,6 +62,15 @@ def test_stream_gives_disjoint_equal_shares_repeatable_per_epoch(shards):
     assert again == seen[0] and other != seen[0]
 
 
+def test_workers_with_few_samples_per_pass_still_give_equal_batch_counts(shards):
+    """A subset that leaves one worker fewer samples than a batch per pass over its shards (a --quick run
+    on 2 processes did this): it wraps around them rather than ending early, which would hang the others."""
+    keep = np.sort(np.concatenate([np.arange(1000), np.arange(1000, 7007, 100)]))  # shard 0 whole, a few from the rest
+    pipeline, batches = stream(shards, "train", 28, 128, seed=0, epoch=0, num_workers=2, keep=keep)
+    got = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2))
+    assert batches == len(got) == 2 * (len(keep) // 256) and all(len(labels) == 128 for _, labels, _ in got)
+
+
 def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset % len(data)] ^= 0xFF
