@@ -224,10 +224,9 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
 
 def shard_train(cfg: Config):
     """The train split as shards (data.shards, else the data file's cached shards), as the engine reads it."""
-    from .shard_data import ShardImages, auto_shards, read_manifest, verify
+    from .shard_data import ShardImages, locate_shards
 
-    folder = Path(cfg.data.shards) if cfg.data.shards not in (None, "auto") else auto_shards(cfg.data.root, cfg.data.size)
-    manifest = verify(folder, ["train"]) if not cfg.data.shard_url else read_manifest(folder)
+    folder, manifest = locate_shards(cfg.data)
     return ShardImages(folder, manifest, "train", cfg.data.size, url_template=cfg.data.shard_url, num_workers=cfg.data.num_workers)
 
 

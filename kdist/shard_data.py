@@ -299,14 +299,20 @@ def auto_shards(root, size: int) -> Path:
     return folder
 
 
+def locate_shards(data, check: bool = True) -> tuple[Path, dict]:
+    """The shard folder of a data config (`auto` or unset: the data file's cached shards) and its manifest,
+    each local shard checked against it when `check` (remote ones, data.shard_url, cannot be)."""
+    folder = auto_shards(data.root, data.size) if data.shards in (None, "auto") else Path(data.shards)
+    return folder, verify(folder) if check and not data.shard_url else read_manifest(folder)
+
+
 def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float], Path]:
     """A study's splits from shards (data.shards: a folder, or `auto`): train as ShardImages, val/test in
     memory; the normalisation from the manifest. The main process writes (auto) and checks the shards first."""
     from .data import NUM_CLASSES
 
     with accelerator.main_process_first():
-        folder = auto_shards(data.root, data.size) if data.shards == "auto" else Path(data.shards)
-        manifest = verify(folder) if accelerator.is_main_process and not data.shard_url else read_manifest(folder)
+        folder, manifest = locate_shards(data, check=accelerator.is_main_process)
     if len(manifest["classes"]) != NUM_CLASSES:
         raise KdistError(f"{folder / MANIFEST} has {len(manifest['classes'])} classes; kdist trains DermaMNIST's {NUM_CLASSES}")
     for split in ("train", "val", "test"):
