@@ -26,10 +26,10 @@ class DataConfig:
     train_subset: int | None = None  # use a random subset of train/val (for --quick)
     val_subset: int | None = None
     download: bool = True
-    # Where train/val/test are read from: null / none (the default: the npz in memory), `auto` (the DermaMNIST
-    # file's webdataset shards, written once into $KDIST_SHARD_CACHE or ~/.cache/kdist/shards), or a folder
-    # written by `kdist shards`.
-    shards: str | None = None
+    # Where train/val/test are read from: `auto` (the default: the DermaMNIST file's webdataset shards, written
+    # once into $KDIST_SHARD_CACHE or ~/.cache/kdist/shards), a folder written by `kdist shards`, or null / none
+    # (the npz in memory, as every run before shards became the data path).
+    shards: str | None = "auto"
     shard_url: str | None = None  # shards elsewhere: a URL template with {name}, e.g. "pipe:aws s3 cp s3://b/derma/{name} -"
     num_workers: int = 2  # DataLoader workers decoding train shards, per process
 

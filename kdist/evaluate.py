@@ -15,8 +15,8 @@ from .options import PATH, entry_point, views_option
 
 
 def evaluate_weights(weights: list, data_root: str | None, split: str, views: str, cpu: bool = False, shards=None) -> dict:
-    """Headline metrics of saved weights; the data size comes from the weights' metadata. `shards`: read
-    val/test from that shard folder (`auto`: the data file's cached shards) instead of the npz."""
+    """Headline metrics of saved weights; the data size comes from the weights' metadata. `shards`: the shard
+    folder to read val/test from (`auto`: the data file's cached shards), or None / "none": the npz."""
     from .config import TrainerConfig
     from .data import load_dermamnist
     from .engine import make_accelerator, predict_probs
@@ -30,7 +30,7 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
     accelerator = make_accelerator(TrainerConfig(cpu=cpu))
     size = sizes.pop()
     names = ("val", "test") if split == "both" else (split,)
-    if shards:
+    if shards and str(shards).lower() != "none":
         from .shard_data import auto_shards, evaluation_samples, verify
 
         with accelerator.main_process_first():
@@ -54,7 +54,8 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
 @click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT)")
 @click.option("--split", type=click.Choice(["val", "test", "both"]), default="both", show_default=True)
 @click.option("--cpu", is_flag=True, help="run on the CPU even where CUDA is present")
-@click.option("--shards", metavar="FOLDER|auto", help="read val/test from webdataset shards (see `kdist shards`) instead of the npz")
+@click.option("--shards", metavar="auto|FOLDER|none", default="auto", show_default=True,
+              help="read val/test from webdataset shards: the data file's (auto), a folder from `kdist shards`, or none (the npz in memory)")
 @views_option
 def command(weights, data_root, split, cpu, shards, views):
     """Evaluate saved weights (a .safetensors written by kdist; several: their ensemble, mean logits)."""

@@ -48,8 +48,8 @@ def study_options(command):
         click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT, else ~/.medmnist)"),
         click.option("--size", type=int, help="image size of the data file: 28 (default), 64, 128 or 224"),
         click.option("--shards", metavar="auto|FOLDER|none",
-                     help="where the data is read from: none (default: the npz in memory), auto (the data file's webdataset shards, "
-                          "written once into $KDIST_SHARD_CACHE, else ~/.cache/kdist/shards) or a folder written by `kdist shards`"),
+                     help="where the data is read from: auto (default: the data file's webdataset shards, written once into "
+                          "$KDIST_SHARD_CACHE, else ~/.cache/kdist/shards), a folder written by `kdist shards`, or none (the npz in memory)"),
         click.option("--seed", type=int, help="random seed (default 0)"),
         click.option("--quick", is_flag=True, help="2 epochs per model on a subset: a smoke run of about a minute"),
         click.option("--teacher-mode", type=click.Choice(["auto", "cached", "online"]),

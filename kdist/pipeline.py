@@ -56,13 +56,15 @@ class Study:
     eval_splits: tuple = ("val", "test")  # a sweep evaluates on val only; test is for the chosen config
     cache_dir: Path | None = None  # teacher-logit caches; default <out>/cache (a sweep shares one)
     other_sizes: dict = field(default_factory=dict)  # {size: splits} of other data files, for teachers of those files
+    shard_folder: Path | None = None  # where the data is read from, when from shards
 
     @classmethod
     def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test"),
              accelerator: Accelerator | None = None) -> "Study":
         accelerator = accelerator or make_accelerator(cfg.trainer)
+        shard_folder = None
         if cfg.data.shards:  # train images streamed from shards (ShardImages), val/test read whole
-            full, mean, std, _ = open_shard_splits(cfg.data, accelerator)
+            full, mean, std, shard_folder = open_shard_splits(cfg.data, accelerator)
         else:
             with accelerator.main_process_first():  # a download, if any, happens once
                 full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
@@ -70,7 +72,7 @@ class Study:
         splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-        study = cls(cfg, out, accelerator, splits, mean, std, resume, eval_splits)
+        study = cls(cfg, out, accelerator, splits, mean, std, resume, eval_splits, shard_folder=shard_folder)
         if accelerator.is_main_process and not (out / "config.yaml").exists():  # the first command into a folder describes the run
             study.write_run_info()
         if accelerator.is_main_process and not (out / "predictions" / "test_samples.npz").exists():
@@ -124,6 +126,7 @@ class Study:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.accelerator.mixed_precision,
+            "data": str(self.shard_folder) if self.shard_folder else "npz in memory",
             "packages": {name: version(name) for name in packages},
         }
         atomic_write_text(self.out / "run_info.json", json.dumps(info, indent=2))

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,22 +125,23 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
            num_workers: int = 0, buffer: int = 2000, keep: np.ndarray | None = None, url_template: str | None = None,
            manifest: dict | None = None):
     """A webdataset pipeline of training batches (uint8 images, labels, split indices) for process `rank` of
-    `world` and its `num_workers` workers, and the number of batches it yields: a disjoint share of the shards
-    each epoch, the same number of batches on every process and worker. `keep`: the split indices to use
-    (sorted; a subset for --quick), else all."""
+    `world`, the number of batches it yields and the number of DataLoader workers to read it with (up to
+    `num_workers`): a disjoint share of the shards each epoch, the same number of batches on every process and
+    worker. `keep`: the split indices to use (sorted; a subset for --quick), else all."""
     import webdataset as wds
 
     manifest = manifest or read_manifest(folder)
     urls = shard_urls(folder, manifest, split, url_template)
-    workers = max(1, num_workers)
     count = manifest["splits"][split]["count"] if keep is None else len(keep)
-    if len(urls) < world * workers:
-        raise KdistError(f"{split} has {len(urls)} shards for {world} processes x {workers} workers; rewrite the shards smaller "
-                         f"(kdist shards --maxcount {max(1, count // (world * workers))}) or lower data.num_workers")
+    if len(urls) < world:
+        raise KdistError(f"{split} has {len(urls)} shards for {world} processes; rewrite the shards smaller "
+                         f"(kdist shards --maxcount {max(1, count // world)})")
+    if count < batch_size * world:
+        raise KdistError(f"{split} has {count} samples, too few for a batch of {batch_size} on each of {world} processes; "
+                         "lower the batch size")
+    # Fewer workers than asked where the shards or samples cannot give each one a whole share (a small subset).
+    workers = max(1, min(num_workers, len(urls) // world, count // (batch_size * world)))
     batches_per_worker = count // (batch_size * world * workers)
-    if batches_per_worker == 0:
-        raise KdistError(f"{split} has {count} samples, too few for batches of {batch_size} on {world} processes x {workers} workers; "
-                         "lower the batch size or data.num_workers")
     order = random.Random(f"{seed}-{epoch}").sample(urls, len(urls))  # the same shard order on every process
     num_classes = len(manifest["classes"])
     stages = [wds.SimpleShardList(order[rank::world]),  # this process's shards; workers split them further
@@ -150,7 +152,8 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
         stages.append(wds.select(lambda sample: sample_label_index(sample)[1] in wanted))  # before decoding: skipped samples cost no decode
     stages += [wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")),
                wds.map(lambda sample: decode_sample(sample, size, num_classes))]
-    return WorkerBatches(wds.DataPipeline(*stages), batch_size, batches_per_worker, split), batches_per_worker * workers
+    return (WorkerBatches(wds.DataPipeline(*stages), batch_size, batches_per_worker, split), batches_per_worker * workers,
+            workers if num_workers else 0)
 
 
 class WorkerBatches(IterableDataset):
@@ -229,9 +232,10 @@ class ShardImages:
     def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, translate: int = 0):
         """An epoch of (uint8 images, labels, positions, views, shifts) batches for process `rank`, like
         data.batch_loader's; positions index the kept images (the teacher cache's rows)."""
-        pipeline, batches = stream(self.folder, self.split, self.size, batch_size, seed, epoch, rank, world, self.num_workers,
-                                   keep=None if self.is_whole() else self.keep, url_template=self.url_template, manifest=self.manifest)
-        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers, generator=torch.Generator())
+        pipeline, batches, workers = stream(self.folder, self.split, self.size, batch_size, seed, epoch, rank, world, self.num_workers,
+                                            keep=None if self.is_whole() else self.keep, url_template=self.url_template,
+                                            manifest=self.manifest)
+        loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=torch.Generator())
         return AugmentDraws(loader, batches, self.keep, seed, epoch, rank, translate)
 
 
@@ -288,6 +292,7 @@ def auto_shards(root, size: int) -> Path:
         return folder
     load_dermamnist(root, size, download=False)  # a broken file is named as the in-memory path names it, before any writing
     folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"kdist: writing the webdataset shards of {npz} once, into {folder}", file=sys.stderr, flush=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     # 16 equal train shards: up to 16 processes x workers each read a whole one, and ranks get equal shares.

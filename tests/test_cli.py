@@ -1,6 +1,7 @@
 """The kdist command end to end: help, bad arguments, and full quick runs."""
 
 import json
+from pathlib import Path
 import re
 import subprocess
 import sys
@@ -80,6 +81,9 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     out = tmp_path / "run"
     assert main(["run", "--quick", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) == 0
     check_run_folder(out)
+    # by default the data comes from the file's shards, written once into the cache the run names
+    shards = Path(json.loads((out / "run_info.json").read_text())["data"])
+    assert (shards / "manifest.json").exists() and shards.parent.name == "shard-cache"
 
     # Each stage also runs alone from saved weights.
     again = tmp_path / "distill-only"

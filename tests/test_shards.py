@@ -51,8 +51,9 @@ def test_evaluation_reads_every_sample_once_losslessly(shards, synthetic_root):
 def test_stream_gives_disjoint_equal_shares_repeatable_per_epoch(shards):
     seen = {}
     for rank in (0, 1):
-        pipeline, batches = stream(shards, "train", 28, 100, seed=3, epoch=0, rank=rank, world=2)
+        pipeline, batches, workers = stream(shards, "train", 28, 100, seed=3, epoch=0, rank=rank, world=2)
         got = list(pipeline)
+        assert workers == 0  # num_workers=0: read in the calling process
         assert len(got) == batches == 7007 // 200  # the same count on both ranks
         assert got[0][0].shape == (100, 3, 28, 28) and got[0][0].dtype == torch.uint8
         seen[rank] = [index for _, _, indices in got for index in indices.tolist()]
@@ -66,9 +67,21 @@ def test_workers_with_few_samples_per_pass_still_give_equal_batch_counts(shards)
     """A subset that leaves one worker fewer samples than a batch per pass over its shards (a --quick run
     on 2 processes did this): it wraps around them rather than ending early, which would hang the others."""
     keep = np.sort(np.concatenate([np.arange(1000), np.arange(1000, 7007, 100)]))  # shard 0 whole, a few from the rest
-    pipeline, batches = stream(shards, "train", 28, 128, seed=0, epoch=0, num_workers=2, keep=keep)
-    got = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2))
+    pipeline, batches, workers = stream(shards, "train", 28, 128, seed=0, epoch=0, num_workers=2, keep=keep)
+    got = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers))
     assert batches == len(got) == 2 * (len(keep) // 256) and all(len(labels) == 128 for _, labels, _ in got)
+    assert workers == 2
+
+
+def test_a_subset_smaller_than_a_batch_per_worker_is_read_by_fewer_workers(shards):
+    """128 samples in batches of 128: one worker reads them all (two could not each fill a batch), as the
+    npz path trains one batch; fewer samples than a batch per process is named."""
+    keep = np.arange(0, 7007, 7007 // 128)[:128]
+    pipeline, batches, workers = stream(shards, "train", 28, 128, seed=0, epoch=0, num_workers=2, keep=keep)
+    got = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers))
+    assert workers == 1 and batches == len(got) == 1 and sorted(got[0][2].tolist()) == keep.tolist()
+    with pytest.raises(KdistError, match="too few for a batch of 128 on each of 2 processes"):
+        stream(shards, "train", 28, 128, seed=0, epoch=0, world=2, num_workers=2, keep=keep)
 
 
 def flip_byte(path: Path, offset: int) -> None:
