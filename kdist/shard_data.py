@@ -187,14 +187,19 @@ def evaluation_samples(folder: Path, split: str, size: int, url_template: str | 
 
     manifest = manifest or verify(folder, [split])
     num_classes = len(manifest["classes"])
-    images, labels, indices = [], [], []
+    images, labels, indices, per_shard = [], [], [], {}
     urls = shard_urls(folder, manifest, split, url_template)
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_tar_errors)):
         image, label, index = decode_sample(sample, size, num_classes)
         images.append(image), labels.append(label), indices.append(index)
+        per_shard[sample["__url__"]] = per_shard.get(sample["__url__"], 0) + 1
+    for url, shard in zip(urls, manifest["splits"][split]["shards"]):
+        if per_shard.get(url, 0) != shard["count"]:
+            raise KdistError(f"shard {url} holds {per_shard.get(url, 0)} samples, {MANIFEST} says {shard['count']}; rewrite the shards")
     expected = manifest["splits"][split]["count"]
     if len(indices) != expected or sorted(indices) != list(range(expected)):
-        raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples, the manifest says {expected}; rewrite the shards")
+        raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples with indices other than 0..{expected - 1}, "
+                         f"as {MANIFEST} says; rewrite the shards")
     order = np.argsort(indices)
     return torch.stack(images)[order].contiguous(), torch.tensor(labels)[order]
 

@@ -168,6 +168,39 @@ def test_missing_shard_and_bad_manifest_are_named(shards, tmp_path):
         read_manifest(broken)
 
 
+def rewrite_val_shard(folder: Path, change) -> None:
+    """Rewrites val-000000.tar with `change` applied to each sample (None: left out), and the manifest's size
+    and sha256 to match: a shard that passes the checksum check but holds bad content."""
+    import webdataset as wds
+
+    from kdist.shard_data import sha256
+
+    shard = folder / "val-000000.tar"
+    samples = [dict(sample) for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples())]
+    with wds.TarWriter(str(shard)) as writer:
+        for sample in samples:
+            changed = change({key: value for key, value in sample.items() if key not in ("__url__", "__local_path__")})
+            if changed is not None:
+                writer.write(changed)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0].update(bytes=shard.stat().st_size, sha256=sha256(shard))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_label_out_of_range_or_a_lost_sample_is_named(shards, tmp_path):
+    broken = tmp_path / "labels"
+    shutil.copytree(shards, broken)
+    rewrite_val_shard(broken, lambda sample: {**sample, "cls": b"9"} if sample["__key__"] == "val-0000005" else sample)
+    verify(broken)  # the checksums agree: only decoding can tell
+    with pytest.raises(KdistError, match=r"val-000000.tar: sample val-0000005: label 9 outside 0..6"):
+        evaluation_samples(broken, "val", 28)
+    short = tmp_path / "short"
+    shutil.copytree(shards, short)
+    rewrite_val_shard(short, lambda sample: None if sample["__key__"] == "val-0000005" else sample)
+    with pytest.raises(KdistError, match=r"val-000000.tar holds 999 samples, manifest.json says 1000"):
+        evaluation_samples(short, "val", 28)
+
+
 def test_writing_over_existing_shards_is_refused(shards, synthetic_root):
     before = {path.name: path.stat().st_mtime_ns for path in shards.iterdir()}
     assert main(["shards", "--data-root", str(synthetic_root), "--out", str(shards)]) == 2
@@ -200,6 +233,30 @@ def test_corrupted_shards_end_in_one_named_error_or_valid_samples(shards, tmp_pa
         assert "val" in str(exc) or "shard" in str(exc) or "sample" in str(exc)
     else:
         assert len(labels) == 1003 and int(labels.max()) < 7 and images.dtype == torch.uint8
+
+
+def test_any_medmnist_flag_is_written_with_its_classes_and_counts(tmp_path):
+    """A grayscale flag medmnist's INFO knows (PneumoniaMNIST, 2 classes, 1 channel): its counts, class
+    names and histograms in the manifest; the pixels read back lossless (gray in all three channels)."""
+    from medmnist import INFO
+
+    info, rng = INFO["pneumoniamnist"], np.random.default_rng(0)
+    arrays = {}
+    for split, n in info["n_samples"].items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1), dtype=np.uint8)
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+    assert main(["shards", "--data-root", str(tmp_path), "--flag", "pneumoniamnist", "--out", str(tmp_path / "P")]) == 0
+    manifest = verify(tmp_path / "P")
+    assert manifest["classes"] == [info["label"]["0"], info["label"]["1"]]
+    for split, n in info["n_samples"].items():
+        labels = arrays[f"{split}_labels"].ravel()
+        assert manifest["splits"][split]["count"] == n
+        assert manifest["splits"][split]["class_histogram"] == {str(c): int((labels == c).sum()) for c in (0, 1)}
+    images, labels = evaluation_samples(tmp_path / "P", "val", 28)
+    assert torch.equal(images, torch.from_numpy(arrays["val_images"])[:, None].expand(-1, 3, -1, -1))
+    assert labels.tolist() == arrays["val_labels"].ravel().tolist()
+    assert main(["shards", "--data-root", str(tmp_path), "--flag", "nosuchmnist", "--out", str(tmp_path / "Q")]) == 2
 
 
 def test_image_folder_shards_keep_the_original_bytes_and_resize_on_read(tmp_path):
