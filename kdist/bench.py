@@ -109,8 +109,9 @@ def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no") 
         return time.perf_counter() - start
 
 
-def epochs(cfg: Config, splits, mean, std, cache_dir: Path) -> dict:
-    """One epoch each: supervised student, distillation with cached teacher, with online teacher."""
+def epochs(cfg: Config, splits, mean, std, cache_dir: Path, shard_split=None) -> dict:
+    """One epoch each: supervised student (from memory and, with `shard_split` (ShardImages, labels), from
+    shards, as engine.fit reads them), distillation with cached teacher, with online teacher."""
     teacher = create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval()
     start = time.perf_counter()
     cache = teacher_cache(teacher, *splits["train"], cache_dir)
@@ -121,10 +122,16 @@ def epochs(cfg: Config, splits, mean, std, cache_dir: Path) -> dict:
         return create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
 
     student_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, splits)
+    shard_figures = {}
+    if shard_split is not None:  # the same epoch with the train split streamed from shards: images/s against memory's
+        shard_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, {**splits, "train": shard_split})
+        seen = len(shard_split[0].loader(cfg.student.batch_size, seed=0)) * cfg.student.batch_size  # whole batches only
+        shard_figures = {"student_epoch_shards_s": round(shard_s, 2),
+                         "student_epoch_shards_over_memory": round((seen / shard_s) / (len(splits["train"][1]) / student_s), 3)}
     cached_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits)
     online_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher=teacher), cfg.distill, splits)
     cached_bf16_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16")
-    return {"student_epoch_s": round(student_s, 2), "distill_cached_epoch_s": round(cached_s, 2),
+    return {"student_epoch_s": round(student_s, 2), **shard_figures, "distill_cached_epoch_s": round(cached_s, 2),
             "distill_online_epoch_s": round(online_s, 2), "teacher_cache_build_s": round(cache_s, 2),
             "distill_cached_over_student": round(cached_s / student_s, 3),
             "distill_online_over_student": round(online_s / student_s, 3),
@@ -234,12 +241,14 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
     full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
     mean, std = channel_stats(full["train"][0])
     splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+    shards = shard_train(cfg)  # the same subset as the in-memory split (subset() draws train first)
+    shard_split = subset({**full, "train": (shards, full["train"][1])}, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)["train"]
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "train_images": len(splits["train"][1]),
-        "throughput": throughput(cfg, splits, mean, std, steps, shard_train(cfg)),
-        "epochs": epochs(cfg, splits, mean, std, out / "cache"),
+        "throughput": throughput(cfg, splits, mean, std, steps, shard_split[0]),
+        "epochs": epochs(cfg, splits, mean, std, out / "cache", shard_split),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
     }
     if processes:
@@ -261,6 +270,8 @@ def format_bench(report: dict) -> str:
         f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio {t['shard_data_only_over_synthetic']:.3f}  (decode + collate + augment)",
         "one training epoch (s)",
         f"  student alone       {e['student_epoch_s']:10.2f}",
+        *([f"  student, shards     {e['student_epoch_shards_s']:10.2f}   images/s over memory's {e['student_epoch_shards_over_memory']:.3f}"]
+          if "student_epoch_shards_s" in e else []),
         f"  distill, cached     {e['distill_cached_epoch_s']:10.2f}   / student {e['distill_cached_over_student']:.3f}",
         f"  distill, online     {e['distill_online_epoch_s']:10.2f}   / student {e['distill_online_over_student']:.3f}",
         f"  distill, cached bf16{e['distill_cached_bf16_epoch_s']:10.2f}   / 32-bit {e['distill_cached_bf16_over_32']:.3f}",

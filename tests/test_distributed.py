@@ -45,9 +45,11 @@ def metrics_of(entry: dict) -> dict:
 
 
 def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_root, teacher):
+    """The npz in memory (--shards none) under 2 processes: disjoint equal shares, every test sample once."""
     out, audit = tmp_path / "ddp", tmp_path / "audit"
     env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit)}
-    done = subprocess.run(launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--out", out), env=env, capture_output=True, text=True)
+    done = subprocess.run(launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--shards", "none", "--out", out), env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2  # not two world-size-1 jobs
     results = json.loads((out / "results.json").read_text())
@@ -62,7 +64,8 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
     assert not np.array_equal(np.load(audit / "distilled-epoch0-rank0.npy"), np.load(audit / "distilled-epoch1-rank0.npy"))
 
     # val/test metrics of the 2-process run equal those of one process on the same weights: every sample once
-    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors"], env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"], env=env,
+                         capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     alone = json.loads(one.stdout)
     assert alone["num_processes"] == 1
@@ -74,7 +77,8 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
             assert metrics_of(distilled[split]) == metrics_of(alone[split])
             assert distilled[split]["auc"] == pytest.approx(alone[split]["auc"], abs=1e-4)
 
-    # ... and `accelerate launch -m kdist.evaluate` with 2 processes prints what one process prints
+    # ... and `accelerate launch -m kdist.evaluate` with 2 processes (reading the shards, the default) prints what
+    # one process on the npz prints
     two = subprocess.run(launch("-m", "kdist.evaluate", out / "distilled.safetensors"), env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     both = json.loads(two.stdout)
@@ -97,7 +101,8 @@ def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, rea
         rank0, rank1 = (np.load(audit / f"distilled-epoch{epoch}-rank{rank}.npy") for rank in (0, 1))
         assert len(rank0) == len(rank1) == 4 * 64 and not set(rank0) & set(rank1)  # 512 // (64 x 2 ranks x 2 workers) = 2 batches per worker
     distilled = json.loads((out / "results.json").read_text())["models"]["distilled"]
-    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors"], env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"], env=env,
+                         capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     alone = json.loads(one.stdout)  # one process, the npz
     assert distilled["test"]["n"] == 2005 and metrics_of(distilled["test"]) == metrics_of(alone["test"])

@@ -42,6 +42,16 @@ def test_manifest_counts_histograms_and_checksums(shards, synthetic_root):
     np.testing.assert_allclose(manifest["channel_mean"], (npz["train"][0].double() / 255).mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
 
 
+def test_shards_are_plain_ustar_and_rewritten_byte_for_byte(shards, synthetic_root, tmp_path):
+    """No pax header per member (they doubled the readers' tar parsing) and the same bytes on every write."""
+    import tarfile
+
+    with tarfile.open(shards / "val-000000.tar") as tar:
+        assert not any(member.pax_headers for member in tar.getmembers())
+    assert main(["shards", "--data-root", str(synthetic_root), "--out", str(tmp_path / "again"), "--maxcount", "1000"]) == 0
+    assert read_manifest(tmp_path / "again")["splits"] == read_manifest(shards)["splits"]  # sha256 of every shard included
+
+
 def test_evaluation_reads_every_sample_once_losslessly(shards, synthetic_root):
     images, labels = evaluation_samples(shards, "test", 28)
     npz = load_dermamnist(synthetic_root)["test"]
