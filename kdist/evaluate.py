@@ -31,11 +31,11 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
     size = sizes.pop()
     names = ("val", "test") if split == "both" else (split,)
     if shards and str(shards).lower() != "none":
-        from .shard_data import auto_shards, evaluation_samples, verify
+        from .config import DataConfig
+        from .shard_data import evaluation_samples, locate_shards
 
         with accelerator.main_process_first():
-            folder = auto_shards(data_root, size) if str(shards) == "auto" else shards
-            manifest = verify(folder, names)
+            folder, manifest = locate_shards(DataConfig(root=data_root, size=size, shards=str(shards)), check=accelerator.is_main_process)
         splits = {name: evaluation_samples(folder, name, size, manifest=manifest) for name in names}
     else:
         splits = load_dermamnist(data_root, size)

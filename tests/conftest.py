@@ -40,6 +40,13 @@ def base_arrays():
 def synthetic_root(tmp_path_factory, base_arrays) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     np.savez(root / "dermamnist.npz", **base_arrays)
+    # Its shards are written here, once, into the cache the tests use (_no_downloads): then no test's stderr
+    # depends on whether it happened to be the first to train from them (writing them prints a line).
+    from kdist.shard_data import auto_shards
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDIST_SHARD_CACHE", str(tmp_path_factory.getbasetemp() / "shard-cache"))
+        auto_shards(root, 28)
     return root
 
 
