@@ -32,6 +32,9 @@ class DataConfig:
     shards: str | None = "auto"
     shard_url: str | None = None  # shards elsewhere: a URL template with {name}, e.g. "pipe:aws s3 cp s3://b/derma/{name} -"
     num_workers: int = 2  # DataLoader workers decoding train shards, per process
+    # Train images decoded from shards are kept in memory after their first read when they fit in this many MB
+    # (per process); later epochs then read no shard, in the same order. 0: stream every epoch.
+    memory_mb: int = 1024
 
 
 @dataclass
@@ -167,6 +170,7 @@ class Config:
         if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
             self.data.shards = None
         check(isinstance(self.data.num_workers, int) and self.data.num_workers >= 0, "data.num_workers", "must be a whole number >= 0")
+        check(isinstance(self.data.memory_mb, int) and self.data.memory_mb >= 0, "data.memory_mb", "must be a whole number >= 0")
         check(self.data.shard_url is None or "{name}" in str(self.data.shard_url), "data.shard_url",
               "must contain {name}, where each shard's file name goes")
         check(self.data.shard_url is None or self.data.shards not in (None, "auto"), "data.shard_url",

@@ -123,11 +123,13 @@ def _collate(samples):
 
 def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
            num_workers: int = 0, buffer: int = 2000, keep: np.ndarray | None = None, url_template: str | None = None,
-           manifest: dict | None = None):
+           manifest: dict | None = None, decoded: "DecodedSplit | None" = None):
     """A webdataset pipeline of training batches (uint8 images, labels, split indices) for process `rank` of
     `world`, the number of batches it yields and the number of DataLoader workers to read it with (up to
     `num_workers`): a disjoint share of the shards each epoch, the same number of batches on every process and
-    worker. `keep`: the split indices to use (sorted; a subset for --quick), else all."""
+    worker. `keep`: the split indices to use (sorted; a subset for --quick), else all. `decoded`: the split
+    already decoded in memory; its samples then come in the very order reading the shards gives (the same
+    stages over each shard's indices, without reading or decoding)."""
     import webdataset as wds
 
     manifest = manifest or read_manifest(folder)
@@ -146,12 +148,12 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
     num_classes = len(manifest["classes"])
     stages = [wds.SimpleShardList(order[rank::world]),  # this process's shards; workers split them further
               wds.split_by_worker,
-              wds.tarfile_to_samples(handler=_tar_errors)]
+              wds.tarfile_to_samples(handler=_tar_errors) if decoded is None else decoded.samples_of_shards]
     if keep is not None:
         wanted = frozenset(int(i) for i in keep)
         stages.append(wds.select(lambda sample: sample_label_index(sample)[1] in wanted))  # before decoding: skipped samples cost no decode
     stages += [wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")),
-               wds.map(lambda sample: decode_sample(sample, size, num_classes))]
+               wds.map(lambda sample: decode_sample(sample, size, num_classes) if decoded is None else decoded.sample(sample))]
     return (WorkerBatches(wds.DataPipeline(*stages), batch_size, batches_per_worker, split), batches_per_worker * workers,
             workers if num_workers else 0)
 
@@ -183,6 +185,12 @@ class WorkerBatches(IterableDataset):
 def evaluation_samples(folder: Path, split: str, size: int, url_template: str | None = None,
                        manifest: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split, every sample once, in index order: (uint8 NCHW images, labels), for val and test."""
+    images, labels, _ = read_split(folder, split, size, url_template, manifest)
+    return images, labels
+
+
+def read_split(folder: Path, split: str, size: int, url_template: str | None = None, manifest: dict | None = None):
+    """evaluation_samples, and each shard's split indices in the order its tar holds them."""
     import webdataset as wds
 
     manifest = manifest or verify(folder, [split])
@@ -192,16 +200,34 @@ def evaluation_samples(folder: Path, split: str, size: int, url_template: str | 
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_tar_errors)):
         image, label, index = decode_sample(sample, size, num_classes)
         images.append(image), labels.append(label), indices.append(index)
-        per_shard[sample["__url__"]] = per_shard.get(sample["__url__"], 0) + 1
+        per_shard.setdefault(sample["__url__"], []).append(index)
     for url, shard in zip(urls, manifest["splits"][split]["shards"]):
-        if per_shard.get(url, 0) != shard["count"]:
-            raise KdistError(f"shard {url} holds {per_shard.get(url, 0)} samples, {MANIFEST} says {shard['count']}; rewrite the shards")
+        if len(per_shard.get(url, [])) != shard["count"]:
+            raise KdistError(f"shard {url} holds {len(per_shard.get(url, []))} samples, {MANIFEST} says {shard['count']}; rewrite the shards")
     expected = manifest["splits"][split]["count"]
     if len(indices) != expected or sorted(indices) != list(range(expected)):
         raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples with indices other than 0..{expected - 1}, "
                          f"as {MANIFEST} says; rewrite the shards")
     order = np.argsort(indices)
-    return torch.stack(images)[order].contiguous(), torch.tensor(labels)[order]
+    return torch.stack(images)[order].contiguous(), torch.tensor(labels)[order], per_shard
+
+
+class DecodedSplit:
+    """A split read and decoded once, kept in memory (data.memory_mb): what a worker's shards would yield, by
+    index, shard by shard in tar order, so the shuffle and batches are those of reading the shards."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, layout: dict):
+        self.images, self.labels, self.layout = images, labels, layout
+
+    def samples_of_shards(self, shards):
+        for shard in shards:
+            url = shard["url"]
+            for index in self.layout[url]:
+                yield {"__url__": url, "__key__": str(index), "cls": int(self.labels[index]), "idx.cls": index}
+
+    def sample(self, sample: dict) -> tuple[torch.Tensor, int, int]:
+        index = sample["idx.cls"]
+        return self.images[index], sample["cls"], index
 
 
 class ShardImages:
@@ -210,9 +236,10 @@ class ShardImages:
     `load()` reads the images whole, in order (for the teacher-logit cache); `loader()` streams an epoch."""
 
     def __init__(self, folder: Path, manifest: dict, split: str, size: int, keep=None, url_template: str | None = None,
-                 num_workers: int = 2):
+                 num_workers: int = 2, memory_mb: int = 0, memory: dict | None = None):
         self.folder, self.manifest, self.split, self.size = Path(folder), manifest, split, size
-        self.url_template, self.num_workers = url_template, num_workers
+        self.url_template, self.num_workers, self.memory_mb = url_template, num_workers, memory_mb
+        self.memory = {} if memory is None else memory  # the DecodedSplit, once read; shared with subsets
         self.keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -224,22 +251,32 @@ class ShardImages:
 
     def __getitem__(self, positions) -> "ShardImages":
         return ShardImages(self.folder, self.manifest, self.split, self.size, self.keep[np.asarray(positions)], self.url_template,
-                           self.num_workers)
+                           self.num_workers, self.memory_mb, self.memory)
 
     def is_whole(self) -> bool:
         return len(self.keep) == self.manifest["splits"][self.split]["count"]
 
     def load(self) -> torch.Tensor:
         """Every kept image, uint8 NCHW, in index order."""
-        images, _ = evaluation_samples(self.folder, self.split, self.size, self.url_template, self.manifest)
+        images = self.decoded().images
         return images if self.is_whole() else images[torch.from_numpy(self.keep)]
+
+    def decoded(self) -> DecodedSplit:
+        """The whole split decoded, read once and kept (for the teacher cache, and for training where it fits)."""
+        if "split" not in self.memory:
+            self.memory["split"] = DecodedSplit(*read_split(self.folder, self.split, self.size, self.url_template, self.manifest))
+        return self.memory["split"]
+
+    def fits_in_memory(self) -> bool:
+        count = self.manifest["splits"][self.split]["count"]
+        return "split" in self.memory or count * 3 * self.size * self.size <= self.memory_mb * 2**20
 
     def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, translate: int = 0):
         """An epoch of (uint8 images, labels, positions, views, shifts) batches for process `rank`, like
         data.batch_loader's; positions index the kept images (the teacher cache's rows)."""
         pipeline, batches, workers = stream(self.folder, self.split, self.size, batch_size, seed, epoch, rank, world, self.num_workers,
                                             keep=None if self.is_whole() else self.keep, url_template=self.url_template,
-                                            manifest=self.manifest)
+                                            manifest=self.manifest, decoded=self.decoded() if self.fits_in_memory() else None)
         loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=torch.Generator())
         return AugmentDraws(loader, batches, self.keep, seed, epoch, rank, translate)
 
@@ -329,7 +366,8 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
         if split not in manifest["splits"]:
             raise KdistError(f"{folder / MANIFEST} has no {split} split; write train, val and test shards (kdist shards --images ... --split {split})")
     splits = {split: evaluation_samples(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")}
-    train = ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url, num_workers=data.num_workers)
+    train = ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url, num_workers=data.num_workers,
+                        memory_mb=data.memory_mb)
     splits["train"] = (train, torch.tensor(manifest["splits"]["train"]["labels"]))
     if "channel_mean" not in manifest:
         raise KdistError(f"{folder / MANIFEST} lacks channel statistics; rewrite the shards with `kdist shards`")

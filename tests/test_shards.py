@@ -122,9 +122,10 @@ def test_training_from_a_flipped_shard_exits_2_naming_it_and_writes_nothing(shar
     assert not (tmp_path / "run").exists()
 
 
-def test_an_undecodable_image_in_training_ends_in_one_line_naming_shard_and_sample(shards, tmp_path, capsys):
-    """A shard whose checksum agrees but whose images do not decode (written so): the DataLoader worker's
-    error comes back as one line naming the shard and the sample."""
+@pytest.mark.parametrize("memory_mb", [0, 64])
+def test_an_undecodable_image_in_training_ends_in_one_line_naming_shard_and_sample(shards, tmp_path, capsys, memory_mb):
+    """A shard whose checksum agrees but whose images do not decode (written so): the error, from a DataLoader
+    worker (streamed) or from the first read (kept in memory), is one line naming the shard and the sample."""
     import webdataset as wds
 
     from kdist.shard_data import sha256
@@ -139,7 +140,8 @@ def test_an_undecodable_image_in_training_ends_in_one_line_naming_shard_and_samp
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][2].update(bytes=shard.stat().st_size, sha256=sha256(shard))
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["train", "student", "--shards", str(broken), "--quick", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    assert main(["train", "student", "--shards", str(broken), "--quick", "--no-progress", "--out", str(tmp_path / "run"),
+                 "--set", f"data.memory_mb={memory_mb}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train-000002.tar: sample train-" in err, err
 
@@ -159,6 +161,23 @@ def test_the_train_loader_repeats_itself_and_reads_the_stored_pixels(shards, syn
         assert torch.equal(images, npz_images[positions]) and views.max() < 8 and shifts.abs().max() <= 2
     ranks = [torch.cat([batch[2] for batch in train.loader(64, seed=1, rank=rank, world=2)]) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) and not set(ranks[0].tolist()) & set(ranks[1].tolist())
+
+
+def test_kept_in_memory_the_batches_are_those_of_reading_the_shards(shards):
+    """data.memory_mb: after one read, later epochs take the decoded images from memory in the very order,
+    views and shifts that reading the shards gives (whole split and a subset, two workers)."""
+    manifest = read_manifest(shards)
+    streamed = ShardImages(shards, manifest, "train", 28, num_workers=2, memory_mb=0)
+    kept = ShardImages(shards, manifest, "train", 28, num_workers=2, memory_mb=64)
+    assert not streamed.fits_in_memory() and kept.fits_in_memory()
+    subset = np.arange(0, 7007, 3)
+    for a, b in ((streamed, kept), (streamed[subset], kept[subset])):
+        for epoch in (0, 1):
+            batches_a = list(a.loader(128, seed=2, epoch=epoch, translate=2))
+            batches_b = list(b.loader(128, seed=2, epoch=epoch, translate=2))
+            assert len(batches_a) == len(batches_b) > 0
+            assert all(torch.equal(x, y) for p, q in zip(batches_a, batches_b) for x, y in zip(p, q))
+    assert "split" in kept.memory and not streamed.memory  # read once, shared with the subset
 
 
 def test_pipe_urls_read_the_same_samples_as_local_paths(shards):
