@@ -8,6 +8,8 @@ in a buffer seeded the same way and decoded in the workers with the one preproce
 batches (its pass over its shards read again and again as one stream, cut at the count), so no process
 waits on another at the end of an epoch; a worker whose shards run short wraps around them, one with more
 leaves its last samples out of that epoch.
+Where the decoded split fits data.memory_mb it is read once and kept (`DecodedSplit`): later epochs run the
+same stages over each shard's indices, in tar order, so their batches are those of reading the shards.
 The dihedral views and shifts of a batch are drawn in the main process from (seed, epoch, rank, step), and
 augmentation runs on the device as for in-memory data, so a resumed run repeats an uninterrupted one.
 
@@ -152,8 +154,8 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
     if keep is not None:
         wanted = frozenset(int(i) for i in keep)
         stages.append(wds.select(lambda sample: sample_label_index(sample)[1] in wanted))  # before decoding: skipped samples cost no decode
-    stages += [wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")),
-               wds.map(lambda sample: decode_sample(sample, size, num_classes) if decoded is None else decoded.sample(sample))]
+    to_item = decoded.sample if decoded is not None else lambda sample: decode_sample(sample, size, num_classes)
+    stages += [wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")), wds.map(to_item)]
     return (WorkerBatches(wds.DataPipeline(*stages), batch_size, batches_per_worker, split), batches_per_worker * workers,
             workers if num_workers else 0)
 
