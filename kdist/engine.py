@@ -128,6 +128,8 @@ class Distillation(Supervised):
         self.autocast = autocast or contextlib.nullcontext  # the student's autocast (accelerator.autocast), for the same numerics
         if teacher is not None:
             teacher.eval().requires_grad_(False)  # frozen: BatchNorm statistics and weights never change
+            if kd.compile_teacher:  # compiled lazily, on the first batch, on the device the teacher is then on
+                self.teacher = torch.compile(teacher, options={"freezing": True})
 
     def to(self, device):
         super().to(device)

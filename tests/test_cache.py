@@ -84,3 +84,17 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
     (path,) = tmp_path.glob("teacher_logits-*.safetensors")
     path.write_bytes(b"truncated")
     torch.testing.assert_close(teacher_cache(teacher, images, labels, tmp_path), expected)
+
+
+def test_compiled_online_teacher_gives_the_eager_teachers_logits():
+    images, labels = small_data(16)
+    teacher = create_model("student")  # small: compiling costs seconds, not minutes
+    eager = Distillation(StageConfig(), KDConfig(), teacher=teacher)
+    compiled = Distillation(StageConfig(), KDConfig(compile_teacher=True), teacher=teacher)
+    assert isinstance(compiled.teacher, torch._dynamo.eval_frame.OptimizedModule) and compiled.teacher._orig_mod is teacher
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    views = torch.arange(16) % 8
+    shown = to_float(apply_views(images, views))
+    indices = torch.arange(16)
+    expected = eager.teacher_logits(shown, indices, views)
+    torch.testing.assert_close(compiled.teacher_logits(shown, indices, views), expected, atol=1e-4, rtol=1e-4)

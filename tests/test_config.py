@@ -270,7 +270,8 @@ def test_consistent_mixup_probe_changes_only_the_planned_keys():
     probe, chosen = load_config(configs / "probe-consistent-mixup.yaml").to_dict(), load_config(configs / "ensemble-lite0.yaml").to_dict()
     assert (probe["distill"]["epochs"], probe["distill"]["mixup_alpha"]) == (300, 1.0)
     assert (probe["kd"]["teacher_mode"], probe["kd"]["teacher_views"], probe["kd"]["mixed_ce"]) == ("online", "same", False)
-    for section, keys in (("distill", ("epochs", "mixup_alpha")), ("kd", ("teacher_mode", "teacher_views"))):
+    assert probe["kd"]["compile_teacher"] is True  # speed only: the same teacher logits (tests/test_cache.py)
+    for section, keys in (("distill", ("epochs", "mixup_alpha")), ("kd", ("teacher_mode", "teacher_views", "compile_teacher"))):
         for key in keys:
             probe[section].pop(key), chosen[section].pop(key)
     assert probe == chosen
