@@ -86,8 +86,8 @@ class KDConfig:
     # the cross-entropy on the mixed labels (true).
     mixed_ce: bool = False
     # Online only: torch.compile the frozen teacher (inductor, weights frozen as constants). The same float32
-    # logits to ~1e-4, and faster forward passes (EfficientNet-Lite0 at 128 px, 2 CPU cores: about 1.5-2x),
-    # after about 40 s of compiling per batch shape: for long runs, not short ones.
+    # logits to ~1e-5, and faster forward passes (the Lite0 pair, 2 CPU cores: 1.35x and 1.88x in two runs),
+    # after 10-40 s of compiling per batch shape: for long runs, not short ones.
     compile_teacher: bool = False
 
 
