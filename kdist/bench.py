@@ -148,15 +148,46 @@ def process_scaling(cfg: Config, out: Path) -> dict:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch" / "cpu.yaml"),
                    "--num_processes", str(processes), "-m", "kdist.bench", str(result_file), json.dumps(cfg.to_dict())]
         env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-        if processes == 1:
-            command[command.index("--config_file") : command.index("--config_file") + 2] = []  # one plain process
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"bench under {processes} processes failed:\n{done.stderr[-2000:]}")
         figures[processes] = json.loads(result_file.read_text())
     one, two = figures[1]["img_s"], figures[2]["img_s"]
     return {"processes1_img_s": one, "processes2_img_s": two, "processes2_over_1": round(two / one, 3),
-            "processes1_threads": figures[1]["threads"], "processes2_threads": figures[2]["threads"]}
+            "processes1_threads": figures[1]["threads"], "processes2_threads": figures[2]["threads"],
+            **{key: figures[2][key] for key in ("gather_step_ms", "local_step_ms", "gather_over_local")}}
+
+
+def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30) -> dict:
+    """Milliseconds per distillation step (forward, loss, backward, optimizer) with the loss on the batch
+    gathered from every process (engine.gather_batch, as training runs) and on each process's own slice, the
+    two interleaved step by step on the same batches; and their ratio."""
+    from .data import augment
+    from .engine import gather_batch, make_optimizer
+
+    model = accelerator.prepare(student)
+    optimizer = make_optimizer(model, stage)
+    objective.to(accelerator.device)
+    loader = _batches(lambda epoch: batch_loader(*splits["train"], stage.batch_size, True, 0, accelerator.process_index,
+                                                 accelerator.num_processes, epoch))
+    times = {"gathered": [], "local": []}
+    for step in range(steps + 2):
+        raw, labels, indices, views, shifts = next(loader)
+        images = augment(raw, views, shifts, 0)
+        for mode in ("gathered", "local"):
+            accelerator.wait_for_everyone()
+            start = time.perf_counter()
+            logits = model(images)
+            targets = objective.targets(images, indices, views)
+            batch = gather_batch(accelerator, logits, labels, targets) if mode == "gathered" else (logits, labels, targets)
+            loss, _ = objective.loss(*batch)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= 2:
+                times[mode].append(time.perf_counter() - start)
+    gathered, local = (1000 * float(np.median(times[mode])) for mode in ("gathered", "local"))
+    return {"gather_step_ms": round(gathered, 2), "local_step_ms": round(local, 2), "gather_over_local": round(gathered / local, 3)}
 
 
 def _process_worker(result_file: str, cfg_json: str) -> None:
@@ -179,10 +210,14 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
     fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, folder, seed=0, progress_bar=False)
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()  # every process has read the kept weights back
+    torch.manual_seed(0)
+    costs = gather_cost(accelerator, create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
+                        Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits)
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
         Path(result_file).write_text(json.dumps({"img_s": round(len(splits["train"][1]) / seconds, 1), "epoch_s": round(seconds, 2),
-                                                 "processes": accelerator.num_processes, "threads": torch.get_num_threads()}))
+                                                 "processes": accelerator.num_processes, "threads": torch.get_num_threads(),
+                                                 **costs}))
 
 
 @torch.inference_mode()
@@ -230,12 +265,12 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
 
 
 def shard_train(cfg: Config):
-    """The train split as shards (data.shards, else the data file's cached shards), as the engine reads it."""
+    """The train split as shards (data.shards, else the data file's cached shards), streamed as the engine
+    reads a split too large for data.memory_mb (one that fits is the in-memory path itself)."""
     from .shard_data import ShardImages, locate_shards
 
     folder, manifest = locate_shards(cfg.data)
-    return ShardImages(folder, manifest, "train", cfg.data.size, url_template=cfg.data.shard_url, num_workers=cfg.data.num_workers,
-                       memory_mb=cfg.data.memory_mb)
+    return ShardImages(folder, manifest, "train", cfg.data.size, url_template=cfg.data.shard_url, num_workers=cfg.data.num_workers)
 
 
 def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None, processes: bool = True) -> dict:
@@ -244,16 +279,11 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
     splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     shards = shard_train(cfg)  # the same subset as the in-memory split (subset() draws train first)
     shard_split = subset({**full, "train": (shards, full["train"][1])}, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)["train"]
-    start = time.perf_counter()
-    in_memory = shards.fits_in_memory()
-    if in_memory:  # the one read a run makes before its first epoch (data.memory_mb); the figures below are later epochs'
-        shards.decoded()
-    first_read = {"shards_kept_in_memory": in_memory, "shard_first_read_s": round(time.perf_counter() - start, 2)}
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "train_images": len(splits["train"][1]),
-        "throughput": {**throughput(cfg, splits, mean, std, steps, shard_split[0]), **first_read},
+        "throughput": throughput(cfg, splits, mean, std, steps, shard_split[0]),
         "epochs": epochs(cfg, splits, mean, std, out / "cache", shard_split),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
     }
@@ -274,7 +304,7 @@ def format_bench(report: dict) -> str:
         f"  kdist data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
         f"  shards, {t['shard_workers']} workers  {t['shard_path_img_s']:10.1f}   ratio {t['shard_path_over_synthetic']:.3f}",
         f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio {t['shard_data_only_over_synthetic']:.3f}  (read + collate + augment)",
-        f"  shards {'kept in memory after a first read of ' + str(t['shard_first_read_s']) + ' s' if t['shards_kept_in_memory'] else 'streamed every epoch (data.memory_mb)'}",
+        "  (shards that fit data.memory_mb are decoded once and are the data path itself; the shard rows stream)",
         "one training epoch (s)",
         f"  student alone       {e['student_epoch_s']:10.2f}",
         *([f"  student, shards     {e['student_epoch_shards_s']:10.2f}   images/s over memory's {e['student_epoch_shards_over_memory']:.3f}"]
@@ -292,7 +322,9 @@ def format_bench(report: dict) -> str:
         p = report["processes"]
         lines += ["one cached distillation epoch under accelerate launch (images/s)",
                   f"  1 process ({p['processes1_threads']} threads)  {p['processes1_img_s']:8.1f}",
-                  f"  2 processes ({p['processes2_threads']} thread each) {p['processes2_img_s']:6.1f}   ratio {p['processes2_over_1']:.3f}"]
+                  f"  2 processes ({p['processes2_threads']} thread each) {p['processes2_img_s']:6.1f}   ratio {p['processes2_over_1']:.3f}",
+                  "a distillation step on 2 processes: the loss on the gathered global batch vs each process's own (ms)",
+                  f"  gathered {p['gather_step_ms']:8.2f}   local {p['local_step_ms']:8.2f}   ratio {p['gather_over_local']:.3f}"]
     if report.get("run_wall_time_s"):
         lines.append(f"kdist run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
     return "\n".join(lines)

@@ -45,7 +45,7 @@ class StageConfig:
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 0.05
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch of one optimizer step: batch_size / (processes x accumulation) per process
     schedule: str = "onecycle"
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # EMA of weights (validation and kept weights use the average); None: off
@@ -98,7 +98,8 @@ class TrainerConfig:
 
     cpu: bool = False  # run on the CPU even where CUDA is present (Accelerate's cpu=True)
     mixed_precision: str | None = None  # no, fp16 or bf16; None: the launcher's choice, else no
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step; a stage's batch_size is the global batch over all of them
+    sync_batchnorm: bool = True  # SyncBatchNorm in trained models under several CUDA processes (CPUs: BN statistics per process)
     timeout_s: int = 600  # collective timeout: a hung process fails in minutes
     progress: bool = True  # one line per epoch
     # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; csv or none: no tracker

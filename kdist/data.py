@@ -105,8 +105,10 @@ def load_dermamnist(root=None, size: int = 28, download: bool = True) -> dict[st
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units of uint8 NCHW images (computed on the train split)."""
-    x = images.to(torch.float64) / 255.0
-    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    # One row per channel in a fixed layout: the sums do not depend on how the images lie in memory (the npz's
+    # NHWC view or shards' NCHW), so every data path gets the same normalisation to the last bit.
+    x = images.to(torch.float64).transpose(0, 1).reshape(3, -1).contiguous() / 255.0
+    mean, std = x.mean(dim=1), x.std(dim=1)
     if not (std > 1e-6).all():  # normalising by a zero std would turn every input into NaN
         raise KdistError(f"train images have a constant channel (std {std.tolist()}); the data file is broken")
     return mean.tolist(), std.tolist()
@@ -176,22 +178,27 @@ def augment(raw: torch.Tensor, views: torch.Tensor, shifts: torch.Tensor, transl
     return apply_shifts(to_float(apply_views(raw, views)), shifts, translate)
 
 
-def mix_batch(images: torch.Tensor, rng: np.random.Generator, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+def mix_batch(images: torch.Tensor, rng: np.random.Generator, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              batch: torch.Tensor | None = None, offset: int = 0):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a float batch with a shuffled copy of itself:
     (mixed images, (lam, perm)), where image i is lam parts of images[i] and 1 - lam parts of images[perm[i]].
     With both alphas set, each batch is one or the other at even odds (as timm does). Drawn from `rng`, so
-    a run (and a resumed run) repeats its mixing. Applied once per batch, before teacher and student."""
+    a run (and a resumed run) repeats its mixing. Applied once per batch, before teacher and student.
+    Under several processes `images` are rows offset..offset + len(images) of the global `batch`: perm is drawn
+    over the global batch and partners come from it, so the mixing does not depend on the process count."""
+    batch = images if batch is None else batch
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    perm = torch.from_numpy(rng.permutation(len(batch))).to(images.device)
+    partners = batch[perm[offset : offset + len(images)]]
     if not use_cutmix:
-        return lam * images + (1 - lam) * images[perm], (lam, perm)
+        return lam * images + (1 - lam) * partners, (lam, perm)
     height, width = images.shape[-2:]
     cut_h, cut_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
     top, left = int(rng.integers(0, height - cut_h + 1)), int(rng.integers(0, width - cut_w + 1))
     mixed = images.clone()
-    mixed[..., top : top + cut_h, left : left + cut_w] = images[perm][..., top : top + cut_h, left : left + cut_w]
+    mixed[..., top : top + cut_h, left : left + cut_w] = partners[..., top : top + cut_h, left : left + cut_w]
     return mixed, (1 - cut_h * cut_w / (height * width), perm)  # lam of the box actually pasted
 
 
@@ -209,43 +216,69 @@ class IndexedBatches(Dataset):
         return self.images[indices], self.labels[indices], indices, views, shifts
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The one seed derivation of a training epoch: its sample order, views and shifts, and the global RNG that
+    dropout draws from (the same on every process)."""
+    return seed * 100_003 + epoch
+
+
+def epoch_draws(n: int, seed: int, epoch: int, translate: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of a training epoch, from (seed, epoch) alone, the same on every process: the sample
+    order (a permutation of n), a dihedral view per position and a (down, right) shift per position within
+    +-translate. A private generator: the global RNG (dropout's) has no say."""
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    order = torch.randperm(n, generator=generator)
+    views = torch.randint(0, 8, (n,), generator=generator)
+    shifts = torch.zeros(n, 2, dtype=torch.long)
+    if translate:  # drawn last, so translate 0 keeps the order and views of earlier runs
+        shifts = torch.randint(-translate, translate + 1, (n, 2), generator=generator)
+    return order, views, shifts
+
+
 class EpochBatchSampler(Sampler):
-    """Batches of (indices, dihedral view ids, (N, 2) pixel shifts within +-translate). Shuffled, the
-    order, views and shifts depend only on (seed, epoch), drawn from a private generator: a resumed run
-    sees the same batches as an uninterrupted one, whatever else used the global RNG. With several
-    processes, process `rank` of `world_size` takes every world_size-th batch (all take the same
-    number). Unshuffled (evaluation): every batch in order, all in view 0, unshifted."""
+    """Batches of (indices, dihedral view ids, (N, 2) pixel shifts) for process `rank` of `world_size`.
+
+    Shuffled (training), `batch_size` is the global batch of one optimizer step: the epoch's order
+    (epoch_draws) is cut into global batches, the last partial one left out; each global batch into
+    `accumulation` micro-batches; each micro-batch into `world_size` equal slices, and process `rank`
+    takes slice `rank` of every micro-batch. So every global batch holds the same samples, views and shifts
+    whatever the process count. Unshuffled (evaluation): every batch in order, in view 0, unshifted."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 epoch: int = 0, translate: int = 0):
+                 epoch: int = 0, translate: int = 0, accumulation: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.shuffle, self.epoch, self.translate = shuffle, epoch, translate
+        self.shuffle, self.epoch, self.translate, self.accumulation = shuffle, epoch, translate, accumulation
+        if shuffle and batch_size % (world_size * accumulation):
+            raise ValueError(f"global batch {batch_size} does not split into {world_size} x {accumulation}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def per_process(self) -> int:
+        return self.batch_size // (self.world_size * self.accumulation) if self.shuffle else self.batch_size
+
     def __iter__(self):
-        shifts = torch.zeros(self.n, 2, dtype=torch.long)
         if not self.shuffle:
             order = torch.arange(self.n)
-            return zip(order.split(self.batch_size), torch.zeros(self.n, dtype=torch.long).split(self.batch_size), shifts.split(self.batch_size))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator)
-        views = torch.randint(0, 8, (self.n,), generator=generator)
-        if self.translate:  # drawn last, so translate 0 keeps the order and views of earlier runs
-            shifts = torch.randint(-self.translate, self.translate + 1, (self.n, 2), generator=generator)
-        batches = list(zip(order.split(self.batch_size), views.split(self.batch_size), shifts.split(self.batch_size)))
-        usable = len(batches) - len(batches) % self.world_size
-        return iter(batches[self.rank : usable : self.world_size])
+            zeros = torch.zeros(self.n, dtype=torch.long)
+            return zip(order.split(self.batch_size), zeros.split(self.batch_size), torch.zeros(self.n, 2, dtype=torch.long).split(self.batch_size))
+        order, views, shifts = epoch_draws(self.n, self.seed, self.epoch, self.translate)
+        used = self.n - self.n % self.batch_size
+        # position p of the epoch belongs to slice (p // per_process) % world_size of its micro-batch
+        mine = (torch.arange(used) // self.per_process) % self.world_size == self.rank
+        return zip(*(t[:used][mine].split(self.per_process) for t in (order, views, shifts)))
 
     def __len__(self) -> int:
-        batches = math.ceil(self.n / self.batch_size)
-        return batches // self.world_size if self.shuffle else batches
+        if not self.shuffle:
+            return math.ceil(self.n / self.batch_size)
+        return self.n // self.batch_size * self.accumulation
 
 
 def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 translate: int = 0) -> DataLoader:
-    sampler = EpochBatchSampler(len(labels), batch_size, seed, rank, world_size, shuffle, epoch, translate)
+                 translate: int = 0, accumulation: int = 1) -> DataLoader:
+    """In-memory batches (uint8 images, labels, indices, views, shifts); see EpochBatchSampler."""
+    sampler = EpochBatchSampler(len(labels), batch_size, seed, rank, world_size, shuffle, epoch, translate, accumulation)
     # batch_size=None: the sampler already yields whole batches. The loader's own generator keeps
     # iterator creation (which draws a base seed) off the global RNG that dropout uses.
     return DataLoader(IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator())

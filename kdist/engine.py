@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils.environment import str_to_bool
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import KdistError
 from .cache import logits_for_all_views
 from .config import KDConfig, StageConfig, TrainerConfig
-from .data import augment, batch_loader, mix_batch, to_float
+from .data import augment, batch_loader, epoch_seed, mix_batch, to_float
 from .checkpoints import Progress, StopRequested, StopWatch, last_checkpoint, save_last, save_weights_file, write_history
 from .inference import check_views, view_logits
 from .losses import distillation_terms
@@ -50,11 +51,30 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_requested(trainer: TrainerConfig) -> bool:
+    """Whether CPU processes were asked for: `--cpu` (trainer.cpu), ACCELERATE_USE_CPU=true, or every GPU hidden
+    with CUDA_VISIBLE_DEVICES=-1 (launch/cpu.yaml does that through its gpu_ids)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() == "-1"
+    return bool(trainer.cpu) or str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) or hidden
+
+
+def launched_for_gpus() -> bool:
+    """Whether `accelerate launch` (or torchrun) started this process without asking for the CPU: a GPU launch."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def make_accelerator(trainer: TrainerConfig) -> Accelerator:
     """The one Accelerator of a command. Mixed precision: the config's, else the launcher's
-    (`accelerate launch --mixed_precision bf16`), else none. Without CUDA (or with `trainer.cpu`) the
-    processes run on the CPU with gloo: `accelerate launch --config_file launch/cpu.yaml` gives two."""
-    use_cpu = trainer.cpu or not torch.cuda.is_available()
+    (`accelerate launch --mixed_precision bf16`), else none. CPU processes (gloo) run when asked for
+    (cpu_requested) or for a plain one-process command on a machine without CUDA; a GPU launch where no CUDA
+    device is visible stops with one line instead of running on the CPU."""
+    use_cpu = cpu_requested(trainer)
+    if not use_cpu and not torch.cuda.is_available():
+        if launched_for_gpus():
+            raise KdistError(f"this launch asks for GPUs but torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                             f"{torch.version.cuda}); fix the driver or the torch build (README: Installing on a cluster), or run on "
+                             "CPUs with --config_file launch/cpu.yaml, ACCELERATE_USE_CPU=true or --cpu")
+        use_cpu = True  # a plain command (no launcher) on a machine without CUDA: one CPU process
     if not torch.distributed.is_initialized():  # a second command in one Python process (tests) starts afresh
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -64,10 +84,12 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
         cpu=use_cpu,
         log_with=log_with(trainer.tracker),
         mixed_precision=trainer.mixed_precision,
-        # Steps are counted across epochs (kdist's train loader is not a prepared one); the scheduler is
-        # sized in optimizer steps (see `fit`), so Accelerate must not stretch it.
+        # Steps are counted across epochs (kdist's train loader is not a prepared one).
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=trainer.gradient_accumulation_steps,
                                                                 adjust_scheduler=False, sync_with_dataloader=False),
+        # kdist steps the scheduler itself, once per optimizer step: the schedule is one of optimizer steps,
+        # whatever the process count (Accelerate would step it once per process, for per-process batches).
+        step_scheduler_with_optimizer=False,
         # A hung collective fails in minutes, not Accelerate's default 30.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))],
     )
@@ -75,6 +97,27 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
         torch.use_deterministic_algorithms(True)  # CPU runs (and resumes) repeat bit for bit
         warn_if_bf16_is_emulated(accelerator.mixed_precision)
     return accelerator
+
+
+def per_process_batch(batch_size: int, processes: int, accumulation: int) -> int:
+    """The configured batch is the global batch of one optimizer step: each process takes
+    batch_size / (processes x accumulation) samples per micro-step; a batch that does not divide is an error."""
+    if batch_size % (processes * accumulation):
+        share = batch_size // accumulation if batch_size % accumulation == 0 else None
+        works = [n for n in range(1, (share or 0) + 1) if share % n == 0] if share else []
+        raise KdistError(f"global batch {batch_size} does not divide into {processes} processes x {accumulation} accumulation steps; "
+                         + (f"process counts that work with {accumulation} accumulation step(s): {', '.join(map(str, works))}"
+                            if works else "choose a batch size divisible by trainer.gradient_accumulation_steps")
+                         + "; or change batch_size (--set STAGE.batch_size=N)")
+    return batch_size // (processes * accumulation)
+
+
+def describe_batch(accelerator: Accelerator, batch_size: int) -> str:
+    """e.g. "4 processes on cpu: global batch 128 = 32 per process x 4 x 1 accumulation step"."""
+    processes, accumulation = accelerator.num_processes, accelerator.gradient_accumulation_steps
+    per_process = per_process_batch(batch_size, processes, accumulation)
+    return (f"{processes} process{'es' if processes > 1 else ''} on {accelerator.device.type}: global batch {batch_size} = "
+            f"{per_process} per process x {processes} x {accumulation} accumulation step{'s' if accumulation > 1 else ''}")
 
 
 def warn_if_bf16_is_emulated(mixed_precision: str) -> None:
@@ -106,8 +149,17 @@ class Supervised:
         lam, perm = mix
         return lam * ce(labels) + (1 - lam) * ce(labels[perm])
 
-    def __call__(self, logits, images, labels, indices, views, mix=None) -> tuple[torch.Tensor, dict]:
+    def targets(self, images, indices, views) -> torch.Tensor | None:
+        """Per-sample targets besides the labels, computed on each process for its own samples (none here)."""
+        return None
+
+    def loss(self, logits, labels, targets=None, mix=None) -> tuple[torch.Tensor, dict]:
+        """The loss of a batch (under several processes: the global batch, gathered) and its parts."""
         return self.cross_entropy(logits, labels, mix), {}
+
+    def __call__(self, logits, images, labels, indices, views, mix=None) -> tuple[torch.Tensor, dict]:
+        """One process's batch: targets, then loss."""
+        return self.loss(logits, labels, self.targets(images, indices, views), mix)
 
 
 class Distillation(Supervised):
@@ -148,12 +200,15 @@ class Distillation(Supervised):
             logits = logits_for_all_views(self.teacher, images).mean(dim=1) if mean_over_views else self.teacher(images)
         return logits.float()
 
-    def __call__(self, logits, images, labels, indices, views, mix=None):
+    def targets(self, images, indices, views) -> torch.Tensor:
+        return self.teacher_logits(images, indices, views)
+
+    def loss(self, logits, labels, targets=None, mix=None):
         kd = self.kd
         if mix is not None and self.cache is not None:
             raise KdistError("mixup/cutmix needs the teacher online (kd.teacher_mode: online): the cache holds its outputs on unmixed images")
-        kd_term, ce_term = distillation_terms(logits, self.teacher_logits(images, indices, views), labels, kd.method,
-                                              kd.temperature, kd.standardize, kd.options, self.class_weights)
+        kd_term, ce_term = distillation_terms(logits, targets, labels, kd.method, kd.temperature, kd.standardize, kd.options,
+                                              self.class_weights)
         if mix is not None:  # the teacher saw the mixed batch; the labels only count on request, mixed
             ce_term = self.cross_entropy(logits, labels, mix)
             loss = kd.alpha * kd_term + (1 - kd.alpha) * ce_term if kd.mixed_ce else kd_term
@@ -162,12 +217,29 @@ class Distillation(Supervised):
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
 
 
-def train_loader(images, labels, stage: StageConfig, seed: int, rank: int = 0, world: int = 1, epoch: int = 0):
-    """One epoch of train batches (uint8 images, labels, positions, views, shifts) for process `rank`: from
-    memory (data.EpochBatchSampler) or streamed from shards (shard_data.ShardImages)."""
+def gather_batch(accelerator: Accelerator, logits: torch.Tensor, *others):
+    """The global (micro-)batch on every process: the student's logits gathered with their gradients
+    (torch.distributed.nn.functional.all_gather), the labels and targets without. A loss computed on these is
+    the 1-process loss of the global batch, batch-level terms included (DIST's intra-class relation, class-
+    weighted means). Its gradient on each process is N times its share (all_gather's backward sums the N
+    identical losses' gradients) and DDP averages over N: the 1-process gradient."""
+    if accelerator.num_processes == 1:
+        return (logits, *others)
+    import torch.distributed.nn.functional as dist_nn
+
+    with warnings.catch_warnings():  # deprecated in favour of functional collectives, which have no autograd on gloo
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = torch.cat(dist_nn.all_gather(logits))
+    return (gathered, *(None if t is None else accelerator.gather(t) for t in others))
+
+
+def train_loader(images, labels, stage: StageConfig, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, accumulation: int = 1):
+    """One epoch of train batches (uint8 images, labels, positions, views, shifts) for process `rank`: this process's
+    slice of every micro-batch of the global order (data.EpochBatchSampler), or, for shards too large for
+    memory, streamed (shard_data.ShardImages). `stage.batch_size` is the global batch."""
     if isinstance(images, ShardImages):
-        return images.loader(stage.batch_size, seed, rank, world, epoch, stage.translate)
-    return batch_loader(images, labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate)
+        return images.loader(stage.batch_size, seed, rank, world, epoch, stage.translate, accumulation)
+    return batch_loader(images, labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate, accumulation)
 
 
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
@@ -219,22 +291,31 @@ def predict_probs(accelerator: Accelerator, model: torch.nn.Module, images: torc
 
 
 def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised, stage: StageConfig, splits: dict,
-        folder: Path, seed: int, resume: bool = False, progress_bar: bool = True) -> torch.nn.Module:
+        folder: Path, seed: int, resume: bool = False, progress_bar: bool = True, sync_batchnorm: bool = True) -> torch.nn.Module:
     """Train `model` on `objective`, validating every epoch; return it (unwrapped, on the CPU, eval mode)
-    holding its best-on-val weights. Writes <folder>/metrics.csv and <folder>/checkpoints/."""
+    holding its best-on-val weights. Writes <folder>/metrics.csv and <folder>/checkpoints/.
+
+    `stage.batch_size` is the global batch of an optimizer step, whatever the process count: each process
+    trains on its slice of every micro-batch (train_loader) and the loss sees the whole micro-batch
+    (gather_batch), so N processes train as one does, up to float rounding. `sync_batchnorm`: SyncBatchNorm
+    in the trained model under several CUDA processes (on CPUs BatchNorm statistics stay per process)."""
     checkpoints = folder / "checkpoints"
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, accumulation = accelerator.process_index, accelerator.num_processes, accelerator.gradient_accumulation_steps
     train_images, train_labels = splits["train"]
-    batches_per_rank = len(train_loader(train_images, train_labels, stage, seed, rank, world))
-    if batches_per_rank == 0:
-        raise KdistError(f"{len(train_labels)} train images make fewer batches of {stage.batch_size} than there are "
-                         f"processes ({world}); lower the batch size or the process count")
-    accumulation = accelerator.gradient_accumulation_steps
-    # Accelerate steps a prepared scheduler once per process at every optimizer step (it expects schedules
-    # sized for one process seeing every batch), so the schedule counts optimizer steps times processes.
-    total_steps = max(1, (batches_per_rank * stage.epochs) // accumulation) * world
+    first_epoch = train_loader(train_images, train_labels, stage, seed, rank, world, 0, accumulation)
+    if len(first_epoch) == 0:
+        raise KdistError(f"{len(train_labels)} train images are fewer than one global batch of {stage.batch_size}; lower {folder.name}'s batch_size")
+    optimizer_steps = len(first_epoch) // accumulation  # per epoch
+    streamed = isinstance(train_images, ShardImages)
+    accelerator.print(f"{folder.name}: {describe_batch(accelerator, stage.batch_size)}; {optimizer_steps} steps per epoch, "
+                      f"{len(train_labels) % stage.batch_size} of {len(train_labels)} train samples left out each epoch (the last partial global batch)"
+                      + ("; streamed from shards: each sample at most once per epoch, in a shuffle-buffer order that depends on "
+                         "the process count" if streamed else ""))
+    if sync_batchnorm and world > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    total_steps = max(1, optimizer_steps * stage.epochs)
     optimizer = make_optimizer(model, stage)
     scheduler = make_scheduler(optimizer, stage, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -273,22 +354,23 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
             audit, progress_bar) -> None:
     """The epochs of `fit` from where `progress` stands; raises StopRequested after saving, if asked to stop."""
     checkpoints, best_path = folder / "checkpoints", folder / "checkpoints" / "best.safetensors"
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, accumulation = accelerator.process_index, accelerator.num_processes, accelerator.gradient_accumulation_steps
     train_images, train_labels = splits["train"]
     for epoch in range(progress.epoch, stage.epochs):
         skip = progress.step_in_epoch  # > 0: this epoch was stopped part-way and resumes after that step
         if not skip:
-            # Every epoch depends only on (seed, epoch, rank) and the weights, so a resumed run repeats an
-            # uninterrupted one: batch order, views and shifts come from the sampler's (seed, epoch) generator,
-            # dropout from the global RNG reseeded here (nothing else draws from it during training). Part-way
-            # through an epoch, load_state has restored the RNG as it was at the stop instead.
-            torch.manual_seed(seed * 100_003 + epoch + rank * 7919)
+            # Every epoch depends only on (seed, epoch) and the weights, so a resumed run repeats an uninterrupted
+            # one: batch order, views and shifts come from the sampler's (seed, epoch) generator, dropout from the
+            # global RNG seeded here alike on every process (models.BatchDropout draws the global batch's mask, so
+            # a sample's mask does not depend on the process count). Part-way through an epoch, load_state has
+            # restored the RNG as it was at the stop instead.
+            torch.manual_seed(epoch_seed(seed, epoch))
         model.train()
         saved = dict(progress.epoch_sums) if skip else {}
         seen = int(saved.pop("seen", 0))
         sums = {key: torch.tensor(saved.get(key, 0.0), device=accelerator.device) for key in ("loss", "correct")}
         sums.update({key: torch.tensor(value, device=accelerator.device) for key, value in saved.items() if key not in sums})
-        loader = train_loader(train_images, train_labels, stage, seed, rank, world, epoch)
+        loader = train_loader(train_images, train_labels, stage, seed, rank, world, epoch, accumulation)
         seen_indices = []  # for KDIST_AUDIT_SAMPLES: which train samples this process saw this epoch
         for step, (raw, labels, indices, views, shifts) in enumerate(loader):
             seen_indices.append(indices)
@@ -296,12 +378,15 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
                 continue
             raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
             images, mix = augment(raw, views, shifts, stage.translate), None
-            if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per batch, the same for teacher and student
-                images, mix = mix_batch(images, np.random.default_rng((seed, epoch, rank, step)), stage.mixup_alpha, stage.cutmix_alpha)
+            if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, the same for teacher and student
+                batch = accelerator.gather(images.contiguous()).contiguous(memory_format=torch.channels_last) if world > 1 else images
+                images, mix = mix_batch(images, np.random.default_rng((seed, epoch, step)), stage.mixup_alpha, stage.cutmix_alpha,
+                                        batch=batch, offset=rank * len(images))
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     logits = model(images)
-                loss, parts = objective(logits.float(), images, labels, indices, views, mix)
+                targets = objective.targets(images, indices, views)
+                loss, parts = objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
                 if not torch.isfinite(loss):
                     # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
                     raise KdistError(f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good checkpoint is kept in "
@@ -310,13 +395,14 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
                 if stage.gradient_clip and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), stage.gradient_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if ema is not None and accelerator.sync_gradients:
                 ema.update_parameters(plain)
             n = len(labels)
             seen += n
-            sums["loss"] += loss.detach() * n
+            sums["loss"] += loss.detach() * n  # the global micro-batch's loss, weighted by this process's share
             sums["correct"] += (logits.argmax(1) == labels).sum()
             for key, value in parts.items():
                 sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n

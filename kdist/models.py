@@ -42,6 +42,50 @@ def resolve_arch(name: str) -> str:
     return arch
 
 
+def _process_slice() -> tuple[int, int]:
+    """(processes, this process's rank), for drawing a random tensor for the global batch and keeping our rows."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class BatchDropout(nn.Dropout):
+    """nn.Dropout whose mask is drawn for the global batch (every process's rows, from the global RNG, which the
+    engine seeds alike on every process) and then cut to this process's rows: a sample's mask is the same
+    whatever the process count. On one process it is plain dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        world, rank = _process_slice()
+        mask = torch.empty((len(x) * world, *x.shape[1:]), device=x.device).bernoulli_(1 - self.p)[rank * len(x) : (rank + 1) * len(x)]
+        return x * mask.to(x.dtype) / (1 - self.p)
+
+
+class BatchStochasticDepth(torchvision.ops.StochasticDepth):
+    """torchvision's StochasticDepth ("row": one draw per sample) with the draws made for the global batch, as
+    BatchDropout does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.mode != "row":
+            return super().forward(x)
+        world, rank = _process_slice()
+        keep = torch.empty((len(x) * world,) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(1 - self.p)
+        return x * keep[rank * len(x) : (rank + 1) * len(x)].to(x.dtype) / (1 - self.p)
+
+
+def draw_per_global_batch(module: nn.Module) -> nn.Module:
+    """Swap nn.Dropout and StochasticDepth layers for their global-batch versions (no weights change)."""
+    for name, child in module.named_children():
+        if type(child) is nn.Dropout:
+            setattr(module, name, BatchDropout(child.p))
+        elif type(child) is torchvision.ops.StochasticDepth:
+            setattr(module, name, BatchStochasticDepth(child.p, child.mode))
+        else:
+            draw_per_global_batch(child)
+    return module
+
+
 class DermClassifier(nn.Module):
     """Normalise, optionally upsample to `input_size`, then run a torchvision backbone."""
 
@@ -49,7 +93,7 @@ class DermClassifier(nn.Module):
         super().__init__()
         self.arch, self.input_size, self.num_classes = arch, input_size, num_classes
         self.data_size: int | None = None  # the data file's image size it was trained on, once loaded from one
-        self.backbone = build_backbone(arch, num_classes)
+        self.backbone = draw_per_global_batch(build_backbone(arch, num_classes))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 

@@ -65,7 +65,8 @@ def study_options(command):
         click.option("--pretrained", type=click.Choice(["imagenet"]),
                      help="start the teacher (with `train student`: the student) from published ImageNet weights"),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set kd.temperature=2 (repeatable)"),
+                     help="override a config key, e.g. --set kd.temperature=2 (repeatable); a stage's batch_size "
+                          "(e.g. --set distill.batch_size=256) is the global batch, split over processes and accumulation steps"),
     ]
     for option in reversed(options):
         command = option(command)

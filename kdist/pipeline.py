@@ -31,7 +31,7 @@ from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
 from .data import channel_stats, class_weights, load_dermamnist, subset
-from .engine import Distillation, Supervised, fit, gathered_logits, make_accelerator, predict_probs
+from .engine import Distillation, Supervised, describe_batch, fit, gathered_logits, make_accelerator, per_process_batch, predict_probs
 from .inference import predict_probs as predict_probs_local
 from .shard_data import ShardImages, open_shard_splits
 from .tracking import log_results, stage_run
@@ -62,6 +62,9 @@ class Study:
     def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test"),
              accelerator: Accelerator | None = None) -> "Study":
         accelerator = accelerator or make_accelerator(cfg.trainer)
+        for stage in (cfg.teacher, cfg.student, cfg.distill):  # a batch that does not divide fails before any work
+            per_process_batch(stage.batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
+        accelerator.print(f"kdist: {describe_batch(accelerator, cfg.distill.batch_size)}")
         shard_folder = None
         if cfg.data.shards:  # train images streamed from shards (ShardImages), val/test read whole
             full, mean, std, shard_folder = open_shard_splits(cfg.data, accelerator)
@@ -114,6 +117,7 @@ class Study:
             np.savez(tmp, indices=indices, images=images[indices].permute(0, 2, 3, 1).numpy())
 
     def write_run_info(self) -> None:
+        processes, accumulation = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         packages = ["torch", "torchvision", "accelerate", "torchmetrics", "medmnist", "numpy", "scikit-learn"]
         info = {
@@ -125,6 +129,10 @@ class Study:
             "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "num_processes": self.accelerator.num_processes,
+            "device": {"type": self.device.type, "count": self.accelerator.num_processes if self.device.type == "cuda" else 0},
+            "batch": {name: {"global": stage.batch_size, "per_process": stage.batch_size // (processes * accumulation),
+                             "accumulation_steps": accumulation}
+                      for name, stage in (("teacher", self.cfg.teacher), ("student", self.cfg.student), ("distill", self.cfg.distill))},
             "mixed_precision": self.accelerator.mixed_precision,
             "data": str(self.shard_folder) if self.shard_folder else "npz in memory",
             "packages": {name: version(name) for name in packages},
@@ -177,7 +185,7 @@ def git_commit() -> str | None:
 def fit_stage(study: Study, name: str, model: DermClassifier, objective: Supervised, stage) -> DermClassifier:
     """Train `model` with the engine into <out>/<name>/; record the config it ran with."""
     model = fit(study.accelerator, model, objective, stage, study.splits, study.out / name, study.cfg.seed,
-                resume=study.resume, progress_bar=study.cfg.trainer.progress)
+                resume=study.resume, progress_bar=study.cfg.trainer.progress, sync_batchnorm=study.cfg.trainer.sync_batchnorm)
     if study.is_main:
         atomic_write_text(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
     return model

@@ -1,17 +1,14 @@
 """Reading webdataset shards: checked against their manifest, streamed to every process and worker, and
 opened as a study's data.
 
-Training (`ShardImages.loader`): shards are dealt to processes and DataLoader workers after a shard shuffle
-that depends only on (seed, epoch) (the same order on every process, as open_clip does), samples are shuffled
-in a buffer seeded the same way and decoded in the workers with the one preprocessing of preprocess.py
-(centre square crop, bilinear resize to the data size). Every worker yields exactly the same number of
-batches (its pass over its shards read again and again as one stream, cut at the count), so no process
-waits on another at the end of an epoch; a worker whose shards run short wraps around them, one with more
-leaves its last samples out of that epoch.
-Where the decoded split fits data.memory_mb it is read once and kept (`DecodedSplit`): later epochs run the
-same stages over each shard's indices, in tar order, so their batches are those of reading the shards.
-The dihedral views and shifts of a batch are drawn in the main process from (seed, epoch, rank, step), and
-augmentation runs on the device as for in-memory data, so a resumed run repeats an uninterrupted one.
+Training: where the decoded train split fits data.memory_mb (the default for DermaMNIST) it is read once,
+in index order, and trained on exactly as the npz in memory (data.EpochBatchSampler: one global sample order
+per (seed, epoch), dealt out to the processes). Larger splits are streamed every epoch (`ShardImages.loader`,
+`stream`): the shards are laid out in an order drawn from (seed, epoch), the same on every process; each
+process takes an equal range of the samples and its DataLoader workers split that range by whole batches,
+reading only the shards it touches. Each sample is used at most once per epoch and all but the last partial
+global batch are used; the order within a range comes from a shuffle buffer, so streaming is not the
+in-memory order. Views and shifts are drawn per sample from (seed, epoch); augmentation runs on the device.
 
 Val and test (`evaluation_samples`) are read whole, every sample once, in index order, and then scored like
 in-memory data (each process its part, joined by gather_for_metrics).
@@ -36,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import KdistError
+from .data import channel_stats, epoch_draws
 from .preprocess import decode_image, to_model_array
 
 MANIFEST = "manifest.json"
@@ -123,76 +121,88 @@ def _collate(samples):
     return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
 
 
-def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-           num_workers: int = 0, buffer: int = 2000, keep: np.ndarray | None = None, url_template: str | None = None,
-           manifest: dict | None = None, decoded: "DecodedSplit | None" = None):
-    """A webdataset pipeline of training batches (uint8 images, labels, split indices) for process `rank` of
-    `world`, the number of batches it yields and the number of DataLoader workers to read it with (up to
-    `num_workers`): a disjoint share of the shards each epoch, the same number of batches on every process and
-    worker. `keep`: the split indices to use (sorted; a subset for --quick), else all. `decoded`: the split
-    already decoded in memory; its samples then come in the very order reading the shards gives (the same
-    stages over each shard's indices, without reading or decoding)."""
-    import webdataset as wds
+def shard_ranges(manifest: dict, split: str) -> list[tuple[int, int]]:
+    """[start, end) split indices of each shard, in manifest order (shards hold consecutive indices)."""
+    ranges, start = [], 0
+    for shard in manifest["splits"][split]["shards"]:
+        ranges.append((start, start + shard["count"]))
+        start += shard["count"]
+    return ranges
 
+
+def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+           accumulation: int = 1, num_workers: int = 0, buffer: int = 2000, keep: np.ndarray | None = None,
+           url_template: str | None = None, manifest: dict | None = None) -> "StreamedBatches":
+    """An epoch of training batches (uint8 images, labels, split indices) streamed from shards for process
+    `rank` of `world`, when the split does not fit in memory. `batch_size` is the global batch.
+
+    The epoch lays the samples out shard by shard in an order drawn from (seed, epoch), the same on every
+    process; all but the last partial global batch are used, each exactly once: process `rank` takes the
+    rank-th equal range of them, and its DataLoader workers split that range by whole batches (so a range may
+    begin or end inside a shard: any process and worker count works with any number of shards). Samples are
+    shuffled within a worker's range by a buffer. `keep`: the split indices to use (sorted; --quick), else all."""
     manifest = manifest or read_manifest(folder)
     urls = shard_urls(folder, manifest, split, url_template)
-    count = manifest["splits"][split]["count"] if keep is None else len(keep)
-    if len(urls) < world:
-        raise KdistError(f"{split} has {len(urls)} shards for {world} processes; rewrite the shards smaller "
-                         f"(kdist shards --maxcount {max(1, count // world)})")
-    if count < batch_size * world:
-        raise KdistError(f"{split} has {count} samples, too few for a batch of {batch_size} on each of {world} processes; "
-                         "lower the batch size")
-    # Fewer workers than asked where the shards or samples cannot give each one a whole share (a small subset).
-    workers = max(1, min(num_workers, len(urls) // world, count // (batch_size * world)))
-    batches_per_worker = count // (batch_size * world * workers)
-    order = random.Random(f"{seed}-{epoch}").sample(urls, len(urls))  # the same shard order on every process
-    num_classes = len(manifest["classes"])
-    stages = [wds.SimpleShardList(order[rank::world]),  # this process's shards; workers split them further
-              wds.split_by_worker,
-              wds.tarfile_to_samples(handler=_tar_errors) if decoded is None else decoded.samples_of_shards]
-    if keep is not None:
-        wanted = frozenset(int(i) for i in keep)
-        stages.append(wds.select(lambda sample: sample_label_index(sample)[1] in wanted))  # before decoding: skipped samples cost no decode
-    to_item = decoded.sample if decoded is not None else lambda sample: decode_sample(sample, size, num_classes)
-    stages += [wds.shuffle(buffer, rng=random.Random(f"{seed}-{epoch}-{rank}")), wds.map(to_item)]
-    return (WorkerBatches(wds.DataPipeline(*stages), batch_size, batches_per_worker, split), batches_per_worker * workers,
-            workers if num_workers else 0)
+    ranges = shard_ranges(manifest, split)
+    keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
+    if len(keep) < batch_size:
+        raise KdistError(f"{split} has {len(keep)} samples, fewer than one global batch of {batch_size}; lower the batch size")
+    shard_order = random.Random(f"{seed}-{epoch}").sample(range(len(urls)), len(urls))  # the same on every process
+    kept = [keep[(keep >= ranges[j][0]) & (keep < ranges[j][1])] for j in shard_order]
+    sequence = np.concatenate(kept)  # the epoch's samples, shard after shard
+    shard_of_position = np.repeat(shard_order, [len(k) for k in kept])
+    per_process = batch_size // (world * accumulation)
+    used_per_process = (len(keep) - len(keep) % batch_size) // world
+    workers = max(1, num_workers)
+    batches = used_per_process // per_process
+    plans = []  # per worker: (shard urls in order, the split indices it yields, its batch count)
+    for worker in range(workers):
+        first, last = batches * worker // workers, batches * (worker + 1) // workers
+        positions = slice(rank * used_per_process + first * per_process, rank * used_per_process + last * per_process)
+        shard_ids = list(dict.fromkeys(shard_of_position[positions].tolist()))
+        plans.append(([urls[j] for j in shard_ids], sequence[positions], last - first))
+    return StreamedBatches(plans, per_process, size, len(manifest["classes"]), buffer, (seed, epoch, rank), split,
+                           workers if num_workers else 0)
 
 
-class WorkerBatches(IterableDataset):
-    """Exactly `batches` batches from each DataLoader worker: its pass over its shards (`one_pass`) is read again
-    and again as one stream, so a worker whose shards hold fewer samples wraps around them (and one with more
-    leaves its last samples out of this epoch); every process then runs the same number of steps."""
+class StreamedBatches(IterableDataset):
+    """What each DataLoader worker of a process reads: only the shards that hold its range of samples, every
+    sample of that range once, shuffled, as exactly its number of batches."""
 
-    def __init__(self, one_pass, batch_size: int, batches: int, split: str):
-        self.one_pass, self.batch_size, self.batches, self.split = one_pass, batch_size, batches, split
+    def __init__(self, plans, batch_size, size, num_classes, buffer, seed_parts, split, num_workers):
+        self.plans, self.batch_size, self.size, self.num_classes = plans, batch_size, size, num_classes
+        self.buffer, self.seed_parts, self.split, self.num_workers = buffer, seed_parts, split, num_workers
 
-    def _samples(self):
-        while True:
-            count = 0
-            for sample in self.one_pass:  # its shuffle buffer's generator goes on from pass to pass
-                count += 1
-                yield sample
-            if count == 0:
-                raise KdistError(f"a DataLoader worker's {self.split} shards hold none of the samples to train on; lower "
-                                 "data.num_workers or write more, smaller shards")
+    def __len__(self) -> int:
+        return sum(batches for _, _, batches in self.plans)
 
     def __iter__(self):
-        samples = self._samples()
-        for _ in range(self.batches):
-            yield _collate([next(samples) for _ in range(self.batch_size)])
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        urls, indices, batches = self.plans[worker]
+        if batches == 0:
+            return
+        wanted = frozenset(indices.tolist())
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_tar_errors),
+            wds.select(lambda sample: sample_label_index(sample)[1] in wanted),  # before decoding: skipped samples cost nothing
+            wds.shuffle(self.buffer, rng=random.Random("-".join(map(str, (*self.seed_parts, worker))))),
+            wds.map(lambda sample: decode_sample(sample, self.size, self.num_classes)))
+        samples = iter(pipeline)
+        for _ in range(batches):
+            batch = [sample for _, sample in zip(range(self.batch_size), samples)]
+            if len(batch) < self.batch_size:
+                raise KdistError(f"the {self.split} shards {urls} hold fewer of their samples than {MANIFEST} says; "
+                                 "check them with `kdist shards --verify` or rewrite them")
+            yield _collate(batch)
 
 
 def evaluation_samples(folder: Path, split: str, size: int, url_template: str | None = None,
                        manifest: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split, every sample once, in index order: (uint8 NCHW images, labels), for val and test."""
-    images, labels, _ = read_split(folder, split, size, url_template, manifest)
-    return images, labels
-
-
-def read_split(folder: Path, split: str, size: int, url_template: str | None = None, manifest: dict | None = None):
-    """evaluation_samples, and each shard's split indices in the order its tar holds them."""
+    """A whole split, every sample once, in index order: (uint8 NCHW images, labels); for val and test, and
+    for train where it fits in memory (data.memory_mb)."""
     import webdataset as wds
 
     manifest = manifest or verify(folder, [split])
@@ -202,46 +212,28 @@ def read_split(folder: Path, split: str, size: int, url_template: str | None = N
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_tar_errors)):
         image, label, index = decode_sample(sample, size, num_classes)
         images.append(image), labels.append(label), indices.append(index)
-        per_shard.setdefault(sample["__url__"], []).append(index)
+        per_shard[sample["__url__"]] = per_shard.get(sample["__url__"], 0) + 1
     for url, shard in zip(urls, manifest["splits"][split]["shards"]):
-        if len(per_shard.get(url, [])) != shard["count"]:
-            raise KdistError(f"shard {url} holds {len(per_shard.get(url, []))} samples, {MANIFEST} says {shard['count']}; rewrite the shards")
+        if per_shard.get(url, 0) != shard["count"]:
+            raise KdistError(f"shard {url} holds {per_shard.get(url, 0)} samples, {MANIFEST} says {shard['count']}; rewrite the shards")
     expected = manifest["splits"][split]["count"]
     if len(indices) != expected or sorted(indices) != list(range(expected)):
         raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples with indices other than 0..{expected - 1}, "
                          f"as {MANIFEST} says; rewrite the shards")
     order = np.argsort(indices)
-    return torch.stack(images)[order].contiguous(), torch.tensor(labels)[order], per_shard
-
-
-class DecodedSplit:
-    """A split read and decoded once, kept in memory (data.memory_mb): what a worker's shards would yield, by
-    index, shard by shard in tar order, so the shuffle and batches are those of reading the shards."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, layout: dict):
-        self.images, self.labels, self.layout = images, labels, layout
-
-    def samples_of_shards(self, shards):
-        for shard in shards:
-            url = shard["url"]
-            for index in self.layout[url]:
-                yield {"__url__": url, "__key__": str(index), "cls": int(self.labels[index]), "idx.cls": index}
-
-    def sample(self, sample: dict) -> tuple[torch.Tensor, int, int]:
-        index = sample["idx.cls"]
-        return self.images[index], sample["cls"], index
+    return torch.stack(images)[order].contiguous(), torch.tensor(labels)[order]
 
 
 class ShardImages:
-    """The train images of a shard set, read on demand: what a study's splits["train"][0] holds when it trains
-    from shards, in place of an in-memory uint8 tensor. Indexing by positions gives a subset (--quick);
-    `load()` reads the images whole, in order (for the teacher-logit cache); `loader()` streams an epoch."""
+    """The train images of a shard set too large for memory (data.memory_mb), read on demand: what a study's
+    splits["train"][0] holds then, in place of an in-memory uint8 tensor. Indexing by positions gives a subset
+    (--quick); `load()` reads the kept images whole, in order (for the teacher-logit cache); `loader()` streams
+    an epoch."""
 
     def __init__(self, folder: Path, manifest: dict, split: str, size: int, keep=None, url_template: str | None = None,
-                 num_workers: int = 2, memory_mb: int = 0, memory: dict | None = None):
+                 num_workers: int = 2):
         self.folder, self.manifest, self.split, self.size = Path(folder), manifest, split, size
-        self.url_template, self.num_workers, self.memory_mb = url_template, num_workers, memory_mb
-        self.memory = {} if memory is None else memory  # the DecodedSplit, once read; shared with subsets
+        self.url_template, self.num_workers = url_template, num_workers
         self.keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -253,61 +245,40 @@ class ShardImages:
 
     def __getitem__(self, positions) -> "ShardImages":
         return ShardImages(self.folder, self.manifest, self.split, self.size, self.keep[np.asarray(positions)], self.url_template,
-                           self.num_workers, self.memory_mb, self.memory)
-
-    def is_whole(self) -> bool:
-        return len(self.keep) == self.manifest["splits"][self.split]["count"]
+                           self.num_workers)
 
     def load(self) -> torch.Tensor:
         """Every kept image, uint8 NCHW, in index order."""
-        images = self.decoded().images
-        return images if self.is_whole() else images[torch.from_numpy(self.keep)]
+        images, _ = evaluation_samples(self.folder, self.split, self.size, self.url_template, self.manifest)
+        return images[torch.from_numpy(self.keep)]
 
-    def decoded(self) -> DecodedSplit:
-        """The whole split decoded, read once and kept (for the teacher cache, and for training where it fits)."""
-        if "split" not in self.memory:
-            self.memory["split"] = DecodedSplit(*read_split(self.folder, self.split, self.size, self.url_template, self.manifest))
-        return self.memory["split"]
-
-    def fits_in_memory(self) -> bool:
-        count = self.manifest["splits"][self.split]["count"]
-        return "split" in self.memory or count * 3 * self.size * self.size <= self.memory_mb * 2**20
-
-    def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, translate: int = 0):
+    def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, translate: int = 0,
+               accumulation: int = 1) -> "AugmentDraws":
         """An epoch of (uint8 images, labels, positions, views, shifts) batches for process `rank`, like
         data.batch_loader's; positions index the kept images (the teacher cache's rows)."""
-        pipeline, batches, workers = stream(self.folder, self.split, self.size, batch_size, seed, epoch, rank, world, self.num_workers,
-                                            keep=None if self.is_whole() else self.keep, url_template=self.url_template,
-                                            manifest=self.manifest, decoded=self.decoded() if self.fits_in_memory() else None)
-        loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=torch.Generator())
-        return AugmentDraws(loader, batches, self.keep, seed, epoch, rank, translate)
+        batches = stream(self.folder, self.split, self.size, batch_size, seed, epoch, rank, world, accumulation, self.num_workers,
+                         keep=self.keep, url_template=self.url_template, manifest=self.manifest)
+        loader = DataLoader(batches, batch_size=None, num_workers=batches.num_workers, generator=torch.Generator())
+        return AugmentDraws(loader, len(batches), self.keep, self.manifest["splits"][self.split]["count"], seed, epoch, translate)
 
 
 class AugmentDraws:
-    """Adds each batch's dihedral views and pixel shifts, drawn from (seed, epoch, rank, step), and maps split
-    indices to positions among the kept images."""
+    """Adds each sample's dihedral view and pixel shift, drawn from (seed, epoch) by split index (the same
+    whatever process reads it), and maps split indices to positions among the kept images."""
 
-    def __init__(self, loader, batches: int, keep: np.ndarray, seed: int, epoch: int, rank: int, translate: int):
+    def __init__(self, loader, batches: int, keep: np.ndarray, count: int, seed: int, epoch: int, translate: int):
         self.loader, self.batches, self.keep = loader, batches, torch.from_numpy(keep)
-        self.seed, self.epoch, self.rank, self.translate = seed, epoch, rank, translate
+        _, self.views, self.shifts = epoch_draws(count, seed, epoch, translate)
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
         try:
-            yield from self._batches()
+            for images, labels, indices in self.loader:
+                yield images, labels, torch.searchsorted(self.keep, indices), self.views[indices], self.shifts[indices]
         except KdistError as exc:  # raised in a worker, it comes back wrapped in the worker's traceback: keep its one line
             raise KdistError(str(exc).strip().splitlines()[-1].split("KdistError: ", 1)[-1]) from None
-
-    def _batches(self):
-        for step, (images, labels, indices) in enumerate(self.loader):
-            generator = torch.Generator().manual_seed(((self.seed * 100_003 + self.epoch) * 1009 + self.rank) * 1_000_003 + step)
-            views = torch.randint(0, 8, (len(labels),), generator=generator)
-            shifts = torch.zeros(len(labels), 2, dtype=torch.long)
-            if self.translate:
-                shifts = torch.randint(-self.translate, self.translate + 1, (len(labels), 2), generator=generator)
-            yield images, labels, torch.searchsorted(self.keep, indices), views, shifts
 
 
 # --- a study's data from shards -------------------------------------------------------------------------
@@ -356,8 +327,9 @@ def locate_shards(data, check: bool = True) -> tuple[Path, dict]:
 
 
 def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float], Path]:
-    """A study's splits from shards (data.shards: a folder, or `auto`): train as ShardImages, val/test in
-    memory; the normalisation from the manifest. The main process writes (auto) and checks the shards first."""
+    """A study's splits from shards (data.shards: a folder, or `auto`): val/test in memory; train in memory
+    where it fits data.memory_mb, else as ShardImages (streamed); the normalisation from the train images in
+    memory, else from the manifest. The main process writes (auto) and checks the shards first."""
     from .data import NUM_CLASSES
 
     with accelerator.main_process_first():
@@ -368,9 +340,16 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
         if split not in manifest["splits"]:
             raise KdistError(f"{folder / MANIFEST} has no {split} split; write train, val and test shards (kdist shards --images ... --split {split})")
     splits = {split: evaluation_samples(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")}
-    train = ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url, num_workers=data.num_workers,
-                        memory_mb=data.memory_mb)
-    splits["train"] = (train, torch.tensor(manifest["splits"]["train"]["labels"]))
+    train_labels = torch.tensor(manifest["splits"]["train"]["labels"])
     if "channel_mean" not in manifest:
         raise KdistError(f"{folder / MANIFEST} lacks channel statistics; rewrite the shards with `kdist shards`")
-    return splits, manifest["channel_mean"], manifest["channel_std"], folder
+    mean, std = manifest["channel_mean"], manifest["channel_std"]
+    if len(train_labels) * 3 * data.size**2 <= data.memory_mb * 2**20:
+        # Decoded once and kept: then trained on exactly as the npz in memory (the same global sample order and
+        # the same normalisation, computed from the decoded images).
+        splits["train"] = evaluation_samples(folder, "train", data.size, data.shard_url, manifest)
+        mean, std = channel_stats(splits["train"][0])
+    else:  # streamed every epoch (ShardImages.loader)
+        splits["train"] = (ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url,
+                                       num_workers=data.num_workers), train_labels)
+    return splits, mean, std, folder

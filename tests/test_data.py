@@ -126,16 +126,45 @@ def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
     sampler = EpochBatchSampler(10, 3, seed=1)
     sampler.set_epoch(2)
     first = listed(sampler)
-    assert listed(EpochBatchSampler(10, 3, seed=1, epoch=2)) == first and len(first) == len(sampler) == 4
-    assert sorted(sum((indices for indices, _ in first), [])) == list(range(10))
+    assert listed(EpochBatchSampler(10, 3, seed=1, epoch=2)) == first and len(first) == len(sampler) == 3
+    used = sum((indices for indices, _ in first), [])
+    assert len(set(used)) == 9 and set(used) <= set(range(10))  # the last partial global batch (1 sample) is left out
     torch.manual_seed(123)  # the global RNG has no say
     assert listed(EpochBatchSampler(10, 3, seed=1, epoch=2)) == first
     sampler.set_epoch(3)
     assert listed(sampler) != first
-    shards = [EpochBatchSampler(10, 3, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    shards = [EpochBatchSampler(10, 4, seed=1, rank=r, world_size=2) for r in (0, 1)]
     batches = [[b.tolist() for b, _, _ in s] for s in shards]
     assert len(batches[0]) == len(batches[1]) == len(shards[0]) == 2
     assert not set(sum(batches[0], [])) & set(sum(batches[1], []))
+
+
+@pytest.mark.parametrize("world, accumulation", [(2, 1), (4, 1), (8, 1), (2, 2), (4, 4)])
+def test_every_process_count_deals_out_the_same_global_batches(world, accumulation):
+    """The configured batch is global: N processes x K micro-steps together hold exactly the 1-process global
+    batches, with the same views and shifts per sample, in micro-batch order."""
+    from kdist.data import EpochBatchSampler
+
+    def global_order(world, accumulation):
+        ranks = [list(EpochBatchSampler(1000, 64, seed=5, rank=r, world_size=world, epoch=3, translate=2, accumulation=accumulation))
+                 for r in range(world)]
+        assert len({len(batches) for batches in ranks}) == 1 and len(ranks[0]) == 1000 // 64 * accumulation
+        columns = [torch.stack([indices, views, *shifts.T]) for step in range(len(ranks[0])) for indices, views, shifts in
+                   (ranks[r][step] for r in range(world))]
+        return torch.cat(columns, 1)  # rows: index, view, shift down, shift right; columns: the epoch's samples in order
+
+    assert torch.equal(global_order(world, accumulation), global_order(1, 1))
+    assert len(set(global_order(world, accumulation)[0].tolist())) == 1000 - 1000 % 64  # each sample once, the rest left out
+
+
+def test_a_batch_that_does_not_divide_names_the_process_counts_that_work():
+    from kdist.engine import per_process_batch
+
+    assert per_process_batch(128, 4, 1) == 32 and per_process_batch(128, 4, 2) == 16
+    with pytest.raises(KdistError, match=r"global batch 128 does not divide into 3 processes x 1.*1, 2, 4, 8, 16, 32, 64, 128"):
+        per_process_batch(128, 3, 1)
+    with pytest.raises(KdistError, match="divisible by trainer.gradient_accumulation_steps"):
+        per_process_batch(100, 1, 3)
 
 
 def test_constant_images_are_refused_before_they_make_nan():
