@@ -31,7 +31,9 @@ class DataConfig:
     # (the npz in memory, as every run before shards became the data path).
     shards: str | None = "auto"
     shard_url: str | None = None  # shards elsewhere: a URL template with {name}, e.g. "pipe:aws s3 cp s3://b/derma/{name} -"
-    num_workers: int = 2  # DataLoader workers decoding train shards, per process
+    # DataLoader workers decoding streamed train shards, per process; None: the CPUs this process may use
+    # (os.sched_getaffinity, which Slurm sets) shared by the node's processes, less one for the process itself.
+    num_workers: int | None = None
     # Train images decoded from shards are kept in memory after their first read when they fit in this many MB
     # (per process); later epochs then read no shard, in the same order. 0: stream every epoch.
     memory_mb: int = 1024
@@ -105,7 +107,9 @@ class TrainerConfig:
     # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; csv or none: no tracker
     # beyond the run folder's metrics.csv and results.json, which are always written (tracking.py)
     tracker: str = "csv"
-    project: str = "kdist"  # the W&B project
+    project: str | None = None  # the W&B project; None: $WANDB_PROJECT, else kdist
+    wandb_entity: str | None = None  # the W&B entity (team or user); None: $WANDB_ENTITY, else your default entity
+    wandb_group: str | None = None  # the W&B group of the study's runs; None: the run folder's name (slurm/study.sh sets one)
 
 
 @dataclass
@@ -174,7 +178,8 @@ class Config:
             check(model.pretrained in (None, "imagenet"), f"{name}.pretrained", f"must be imagenet or null (got {model.pretrained!r})")
         if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
             self.data.shards = None
-        check(isinstance(self.data.num_workers, int) and self.data.num_workers >= 0, "data.num_workers", "must be a whole number >= 0")
+        check(self.data.num_workers is None or (isinstance(self.data.num_workers, int) and self.data.num_workers >= 0), "data.num_workers",
+              "must be a whole number >= 0, or null (from the CPUs)")
         check(isinstance(self.data.memory_mb, int) and self.data.memory_mb >= 0, "data.memory_mb", "must be a whole number >= 0")
         check(self.data.shard_url is None or "{name}" in str(self.data.shard_url), "data.shard_url",
               "must contain {name}, where each shard's file name goes")

@@ -22,11 +22,13 @@ from .options import PATH, entry_point, open_study, resume_option, study_options
 def command(teachers, **opts):
     """Distill the student from trained teacher weights; the teacher is evaluated beside it."""
     from .models import load_teacher
+    from .options import planned_config
     from .pipeline import distill_stage, evaluate, recorded
 
+    # The teachers are read before the run folder is touched: a missing or wrong file changes nothing. One file
+    # must hold the configured teacher (teacher_model.arch; --set it for another).
+    teacher = load_teacher(list(teachers), expect_arch=planned_config(opts, "student").teacher_model.arch)
     study = open_study(opts, "distill", "student")
-    # One teacher file must hold the configured teacher (teacher_model.arch; --set it for another).
-    teacher = load_teacher(list(teachers), expect_arch=study.cfg.teacher_model.arch)
     distill_stage(study, teacher)
     if not recorded(study, "teacher"):
         evaluate(study, "teacher", teacher)  # the teacher (or ensemble) beside its student in results.json

@@ -83,10 +83,20 @@ def val_only_option(command):
                         help="evaluate on val only (a tuning run); test the chosen model later with `kdist evaluate --split test`")(command)
 
 
+class ResumeTarget(click.ParamType):
+    """`--resume RUN_DIR`, or `--resume auto`: continue the --out folder when it holds a run, else start it."""
+
+    name = "RUN_DIR|auto"
+
+    def convert(self, value, param, ctx):
+        return value if value == "auto" or isinstance(value, Path) else Path(value)
+
+
 def resume_option(command):
-    return click.option("--resume", type=PATH, metavar="RUN_DIR",
+    return click.option("--resume", type=ResumeTarget(), metavar="RUN_DIR|auto",
                         help="continue a killed run in RUN_DIR with its saved config: finished stages are kept, the "
-                             "interrupted one goes on from its last checkpoint")(command)
+                             "interrupted one goes on from its last checkpoint; `auto` (with --out and the run's own "
+                             "options, as Slurm jobs pass them): continue --out if it holds this run, else start it")(command)
 
 
 def config_overrides(opts: dict, role: str | None = None) -> list[dict]:
@@ -125,19 +135,42 @@ def default_out(prefix: str = "") -> Path:
     return Path("runs") / (prefix + time.strftime("%Y%m%d-%H%M%S"))
 
 
+def planned_config(opts: dict, role: str | None = None):
+    """The config a command will run with: the saved one for --resume RUN_DIR, else the options' own."""
+    if isinstance(opts.get("resume"), Path) and (opts["resume"] / "config.yaml").exists():
+        import yaml
+
+        return config_from_dict(yaml.safe_load((opts["resume"] / "config.yaml").read_text()))
+    return resolve_config(opts, role)
+
+
 def open_study(opts: dict, command: str, role: str | None = None):
-    """The Study a training command works in: a new one, or with --resume the saved one."""
+    """The Study a training command works in: a new one, or with --resume the saved one. Everything given is
+    checked (config, launch settings, data) before a run folder is created or changed."""
     from .pipeline import Study
 
     eval_splits = ("val",) if opts.get("val_only") else ("val", "test")
     resume = opts.get("resume")
+    if resume == "auto":  # the same command line for the first start and every requeue (slurm/job.sh)
+        if not opts.get("out"):
+            raise KdistError("--resume auto needs --out: the run folder to continue, or to start")
+        cfg = resolve_config(opts, role)
+        saved = opts["out"] / "config.yaml"
+        if not saved.exists():
+            return Study.open(cfg, opts["out"], eval_splits=eval_splits)
+        import yaml
+
+        if yaml.safe_load(saved.read_text()) != cfg.to_dict():
+            raise KdistError(f"{opts['out']} holds a run with another config ({saved}); give its options again, or another --out")
+        return Study.open(cfg, opts["out"], resume=True, eval_splits=eval_splits)
     if resume:
         saved = resume / "config.yaml"
         if not saved.exists():
             raise KdistError(f"{saved} not found; --resume needs a run folder written by `kdist {command}`")
         changed = [name for name in ("config", "quick", "seeds", "seed", "out") if opts.get(name)] + (["set"] if opts.get("overrides") else [])
         if changed:
-            raise KdistError("--resume continues a run with its saved config and folder; drop --config/--set/--quick/--seed(s)/--out")
+            raise KdistError("--resume continues a run with its saved config and folder; drop --config/--set/--quick/--seed(s)/--out "
+                             "(or use --resume auto with the run's own options)")
         import yaml
 
         return Study.open(config_from_dict(yaml.safe_load(saved.read_text())), resume, resume=True, eval_splits=eval_splits)
@@ -166,7 +199,10 @@ def invoke(command: click.Command, argv=None, prog_name: str = "kdist") -> int:
     except click.Abort:
         return 130
     except KdistError as exc:
-        print(f"kdist: error: {exc}", file=sys.stderr, flush=True)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch meets the same bad input: one line
+            print(f"kdist: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except StopRequested as exc:
         print(f"kdist: {exc}; continue with --resume", file=sys.stderr, flush=True)

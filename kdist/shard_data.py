@@ -326,6 +326,15 @@ def locate_shards(data, check: bool = True) -> tuple[Path, dict]:
     return folder, verify(folder) if check and not data.shard_url else read_manifest(folder)
 
 
+def loader_workers(num_workers: int | None) -> int:
+    """data.num_workers, or for None the CPUs this process may use shared by the node's processes
+    (LOCAL_WORLD_SIZE under a launcher), less one for the training process itself; at most 8."""
+    if num_workers is not None:
+        return num_workers
+    cpus = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(8, cpus - 1))
+
+
 def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float], Path]:
     """A study's splits from shards (data.shards: a folder, or `auto`): val/test in memory; train in memory
     where it fits data.memory_mb, else as ShardImages (streamed); the normalisation from the train images in
@@ -351,5 +360,5 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
         mean, std = channel_stats(splits["train"][0])
     else:  # streamed every epoch (ShardImages.loader)
         splits["train"] = (ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url,
-                                       num_workers=data.num_workers), train_labels)
+                                       num_workers=loader_workers(data.num_workers)), train_labels)
     return splits, mean, std, folder

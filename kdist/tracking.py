@@ -18,7 +18,6 @@ process initialises W&B while the others wait, so a slow `wandb.init` cannot tri
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import sys
 from contextlib import contextmanager
@@ -76,11 +75,17 @@ def log_with(tracker: str):
 
 
 def has_wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether wandb itself would find an API key: WANDB_API_KEY, its settings files, or a netrc entry for the
+    host it talks to (WANDB_BASE_URL, else wandb's own default host, which `wandb login` writes)."""
+    import wandb
+    from wandb.sdk.lib.wbauth import read_netrc_auth
+
+    settings = wandb.Settings()
+    if os.environ.get("WANDB_API_KEY") or settings.api_key:
         return True
     try:
-        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return read_netrc_auth(host=settings.base_url) is not None
+    except Exception:  # an unreadable netrc is no key
         return False
 
 
@@ -90,13 +95,21 @@ def choose_wandb_mode(out: Path) -> None:
         return
     if not has_wandb_key():
         os.environ["WANDB_MODE"] = "offline"
-        print(f"kdist: no W&B API key: W&B runs are written offline under {out / 'wandb'}; upload them later with "
-              f"`wandb sync {out / 'wandb'}/offline-run-*`", file=sys.stderr, flush=True)
+        print(f"kdist: no W&B API key (WANDB_API_KEY, `wandb login`): W&B runs are written offline under {out / 'wandb'}; "
+              f"upload them later with `wandb sync {out / 'wandb'}/offline-run-*`", file=sys.stderr, flush=True)
 
 
-def group_of(out: Path) -> str:
-    """The study a run folder belongs to: its own name, or its parent's for seed<N>/ folders of `run --seeds`."""
+def group_of(out: Path, group: str | None = None) -> str:
+    """The W&B group of a study: trainer.wandb_group when set (slurm/study.sh sets the study's name for all its
+    jobs), else the run folder's name, or its parent's for seed<N>/ folders of `run --seeds`."""
+    if group:
+        return group
     return out.parent.name if out.name.startswith("seed") and out.name[4:].isdigit() else out.name
+
+
+def project_of(trainer) -> str:
+    """trainer.project when set (--set trainer.project=P), else $WANDB_PROJECT, else kdist."""
+    return trainer.project or os.environ.get("WANDB_PROJECT") or "kdist"
 
 
 def _run_id(folder: Path) -> str:
@@ -124,23 +137,34 @@ def stage_run(study, name: str):
         folder.mkdir(parents=True, exist_ok=True)
         init_kwargs = {}
         if tracker == "wandb":
+            import wandb
+
             choose_wandb_mode(study.out)
-            group = group_of(study.out)
+            trainer = study.cfg.trainer
+            group = group_of(study.out, trainer.wandb_group)
             run_name = f"{group}/{name}" if study.out.name == group else f"{group}/{study.out.name}/{name}"
+            # One bounded try to reach the server (WANDB_INIT_TIMEOUT, else 30 s); after a failure the rest of
+            # the study logs offline (WANDB_MODE below), so a study never hangs on an unreachable server.
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))
             init_kwargs = {"wandb": {"dir": str(study.out), "group": group, "job_type": name, "name": run_name,
-                                     "id": _run_id(folder), "resume": "allow", "reinit": "finish_previous"}}
+                                     "id": _run_id(folder), "resume": "allow", "reinit": "finish_previous",
+                                     "settings": wandb.Settings(init_timeout=timeout),
+                                     **({"entity": trainer.wandb_entity} if trainer.wandb_entity else {})}}
         else:
             accelerator.log_with[0].path = folder / "tracker.jsonl"
         try:
-            accelerator.init_trackers(study.cfg.trainer.project, config=config, init_kwargs=init_kwargs)
+            accelerator.init_trackers(project_of(study.cfg.trainer), config=config, init_kwargs=init_kwargs)
         except Exception as exc:  # e.g. a key but no network: never lose the training to the tracker
             if tracker != "wandb" or os.environ.get("WANDB_MODE") == "offline":
                 raise
             os.environ["WANDB_MODE"] = "offline"
-            print(f"kdist: W&B could not start online ({type(exc).__name__}); logging offline under {study.out / 'wandb'}",
-                  file=sys.stderr, flush=True)
+            import wandb
+
+            wandb.teardown()  # the failed attempt keeps the run id in use in wandb's service; start a fresh one
+            print(f"kdist: W&B could not start online ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); this study logs "
+                  f"offline under {study.out / 'wandb'}: upload with `wandb sync`", file=sys.stderr, flush=True)
             accelerator.trackers = []
-            accelerator.init_trackers(study.cfg.trainer.project, config=config, init_kwargs=init_kwargs)
+            accelerator.init_trackers(project_of(study.cfg.trainer), config=config, init_kwargs=init_kwargs)
     accelerator.wait_for_everyone()
     try:
         yield

@@ -47,10 +47,26 @@ def build_report(entity: str, project: str, group: str):
                      description="Teacher, student alone and distilled student of one kdist study.", blocks=blocks)
 
 
+def explain_failure(exc: Exception, entity: str, project: str) -> str:
+    """The real cause of a failed save, as far as the error tells: no network, or an entity/project W&B does not
+    know (or this key may not write to)."""
+    import wandb
+
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    lowered = text.lower()
+    host = wandb.Settings().base_url
+    if any(word in lowered for word in ("no such host", "connection", "timed out", "timeout", "unreachable", "resolve")):
+        return f"could not reach the W&B server {host} ({text}); check the network or WANDB_BASE_URL"
+    if any(word in lowered for word in ("not found", "404", "does not exist", "permission", "403", "unauthorized", "401")):
+        return (f"W&B refused entity {entity!r} / project {project!r} ({text}); check --entity/--project "
+                "($WANDB_ENTITY/$WANDB_PROJECT) and that this API key may write there")
+    return f"could not save the report to W&B ({text})"
+
+
 @click.command("wandb-report")
-@click.option("--entity", required=True, help="W&B entity (user or team)")
-@click.option("--project", default="kdist", show_default=True, help="W&B project")
-@click.option("--group", required=True, help="the study: its run folder's name (the runs' W&B group)")
+@click.option("--entity", envvar="WANDB_ENTITY", required=True, help="W&B entity (user or team); default $WANDB_ENTITY")
+@click.option("--project", envvar="WANDB_PROJECT", default="kdist", show_default=True, help="W&B project; default $WANDB_PROJECT")
+@click.option("--group", required=True, help="the study: its W&B group (trainer.wandb_group, else its run folder's name)")
 def command(entity, project, group):
     """Build and save a W&B Report comparing teacher, student and distilled student of one study."""
     from .tracking import has_wandb_key
@@ -61,9 +77,9 @@ def command(entity, project, group):
     report = build_report(entity, project, group)
     try:
         report.save()
-    except Exception as exc:  # the network or the server: one line, and where the offline report is
-        raise KdistError(f"could not save the report to W&B ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
-                         "check the network; offline, the study's report.html in its run folder is the same comparison") from None
+    except Exception as exc:  # one line naming the cause, and where the offline report is
+        raise KdistError(f"{explain_failure(exc, entity, project)}; offline, the study's report.html in its run folder is the "
+                         "same comparison") from None
     click.echo(report.url)
 
 

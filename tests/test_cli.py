@@ -201,3 +201,25 @@ def test_val_only_training_run_never_touches_test(tmp_path, synthetic_root, caps
     assert main(["report", str(out)]) == 2 and "val-only" in capsys.readouterr().err  # no test table to draw
     assert main(["evaluate", str(out / "student.safetensors"), "--split", "test", "--data-root", str(synthetic_root)]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"weights", "arch", "views", "test", "num_processes"}
+
+
+def test_a_failed_start_leaves_no_new_folder_and_an_old_one_unchanged(tmp_path, synthetic_root, capsys):
+    """Inputs are checked before the run folder is touched: a missing teacher, a bad config."""
+    missing = ["distill", "--teacher", str(tmp_path / "nowhere.safetensors"), "--quick", "--data-root", str(synthetic_root)]
+    assert main([*missing, "--out", str(tmp_path / "new")]) == 2
+    assert "nowhere.safetensors not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    assert main([*missing, "--out", str(old)]) == 2
+    assert main(["train", "student", "--quick", "--data-root", str(synthetic_root), "--set", "student.lr=-1", "--out", str(old)]) == 2
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
+
+
+def test_resume_auto_starts_a_run_then_continues_only_the_same_run(tmp_path, synthetic_root, capsys):
+    args = ["train", "student", "--quick", "--no-progress", "--data-root", str(synthetic_root), "--set", "student.epochs=1",
+            "--out", str(tmp_path / "R"), "--resume", "auto"]
+    assert main(args) == 0 and (tmp_path / "R" / "student.safetensors").exists()
+    assert main(args) == 0  # the same options again: the finished stage is kept (a requeued job's second start)
+    assert main([*args, "--seed", "7"]) == 2
+    assert "holds a run with another config" in capsys.readouterr().err

@@ -314,3 +314,17 @@ def test_image_folder_shards_keep_the_original_bytes_and_resize_on_read(tmp_path
     with pytest.raises(KdistError, match="bad.jpg"):
         write_images(tmp_path / "photos", tmp_path / "S2", split="train")
     assert not (tmp_path / "S2" / "manifest.json").exists() and not list((tmp_path / "S2").glob("*.tar"))  # nothing half-written
+
+
+def test_loader_workers_default_from_the_cpus_a_process_may_use(monkeypatch):
+    import os
+
+    from kdist.shard_data import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))  # what Slurm's --cpus-per-task=32 gives
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(None) == 3 and loader_workers(5) == 5  # 32 CPUs / 8 processes, less the process itself
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(None) == 8  # capped
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert loader_workers(None) == 0  # one CPU: read in the training process

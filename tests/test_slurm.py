@@ -99,18 +99,76 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_result(slurm, real
     assert (out / "distilled.safetensors").read_bytes() == (uninterrupted[0] / "distilled.safetensors").read_bytes()
 
 
-def test_study_chain_runs_to_a_report(slurm, real_root, tmp_path):
+def wait_for_file(path: Path, timeout: float = 300) -> bool:
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    return path.exists()
+
+
+def test_study_chain_signals_one_stage_alone_and_logs_one_wandb_group(slurm, real_root, tmp_path):
+    """slurm/study.sh: the student and the distilled jobs run side by side in one folder; a time-limit signal
+    to the student saves and requeues it alone (the distilled job never stops); the report follows; every
+    job's W&B run (offline here) is in the study's group."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from wandb_records import read_run
+
     out = tmp_path / "study"
-    env = job_env(slurm, real_root, out, KDIST_PROCS_PER_NODE=1, KDIST_SBATCH=f"--gres=none --cpus-per-task=1 --output={tmp_path}/%x-%j.out")
-    done = slurm.run("bash", "slurm/study.sh", "--quick", "--no-progress", check=False, cwd=REPO, env=env)
+    env = job_env(slurm, real_root, out, KDIST_PROCS_PER_NODE=1, WANDB_MODE="offline",
+                  KDIST_SBATCH=f"--gres=none --cpus-per-task=1 --output={tmp_path}/%x-%j.out")
+    done = slurm.run("bash", "slurm/study.sh", "--quick", "--no-progress", "--tracker", "wandb", "--set", "student.epochs=4",
+                     "--set", "distill.epochs=4", check=False, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
-    report_job = done.stdout.split("report ")[-1].strip()
-    state = slurm.wait_for(report_job, timeout=600)
-    logs = "\n".join(path.read_text()[-1500:] for path in sorted(tmp_path.glob("*.out")))
-    assert state == "COMPLETED", logs
+    jobs = dict(part.strip().rsplit(" ", 1) for part in done.stdout.split(": ", 1)[1].split(","))
+    assert f"W&B group {out.name}" in done.stdout
+    assert wait_for_file(out / "student" / "checkpoints" / "last" / "progress.json"), "\n".join(p.read_text()[-1500:] for p in tmp_path.glob("*.out"))
+    assert slurm.job_state(jobs["distilled"]) == "RUNNING"
+    slurm.run("scancel", "--signal=USR1", "--batch", jobs["student"])
+    assert slurm.wait_for(jobs["student"], states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING"
+    time.sleep(2)
+    slurm.run("scontrol", "update", f"JobId={jobs['student']}", "StartTime=now")
+    state = slurm.wait_for(jobs["report"], timeout=600)
+    logs = {path.name: path.read_text() for path in sorted(tmp_path.glob("*.out"))}
+    assert state == "COMPLETED", "\n".join(text[-1500:] for text in logs.values())
+    student_log = next(text for name, text in logs.items() if name.startswith("kdist-student"))
+    distill_log = next(text for name, text in logs.items() if name.startswith("kdist-distill"))
+    assert "requeueing job" in student_log and "stopped on request" in student_log
+    assert "stopped on request" not in distill_log and "USR1" not in distill_log
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == ["teacher", "student", "distilled"]
     assert (out / "report.md").exists() and (out / "report.html").exists()
+    runs = [read_run(folder) for folder in (out / "wandb").glob("offline-run-*")]
+    assert {run["run"][0] for run in runs} == {"teacher", "student", "distilled"}
+    assert {run["run"][1] for run in runs} == {out.name}
+
+
+def test_slurm_requeue_of_a_running_job_resumes_to_the_same_result(slurm, real_root, teacher, uninterrupted, tmp_path):
+    """Slurm's own preemption path: `scontrol requeue` sends TERM to every process, kills, and requeues the job;
+    kdist saves mid-epoch on TERM and the requeued job resumes to the uninterrupted result. `--teacher=PATH`."""
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    job = sbatch(slurm, job_env(slurm, real_root, out), log, "slurm/distill.sh", f"--teacher={teacher}", *QUICK)
+    assert wait_for_file(out / "distilled" / "checkpoints" / "last" / "progress.json"), log.read_text()[-3000:] if log.exists() else "no log"
+    slurm.run("scontrol", "requeue", job)
+    assert slurm.wait_for(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING", log.read_text()[-3000:]
+    time.sleep(2)
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    assert slurm.wait_for(job) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert "TERM: saving and stopping" in text and "resuming" in text and "requeueing job" not in text
+    whole = json.loads((uninterrupted[0] / "results.json").read_text())
+    assert strip_times(json.loads((out / "results.json").read_text())) == strip_times(whole)
+    assert (out / "distilled.safetensors").read_bytes() == (uninterrupted[0] / "distilled.safetensors").read_bytes()
+
+
+def test_a_plain_scancel_leaves_the_job_cancelled(slurm, real_root, teacher, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    job = sbatch(slurm, job_env(slurm, real_root, out), log, "slurm/distill.sh", "--teacher", teacher, *QUICK)
+    assert wait_for_file(out / "distilled" / "checkpoints" / "last" / "progress.json"), log.read_text()[-3000:] if log.exists() else "no log"
+    slurm.run("scancel", job)
+    assert slurm.wait_for(job, timeout=120) == "CANCELLED"
+    time.sleep(3)
+    assert slurm.job_state(job) == "CANCELLED"  # not requeued behind the user's back
+    assert "requeueing job" not in log.read_text()
 
 
 def test_two_tasks_emulating_two_nodes_train_together(slurm, real_root, teacher, tmp_path):
@@ -141,10 +199,12 @@ def test_bad_settings_fail_at_once_with_one_line(slurm, real_root, teacher, tmp_
     done = slurm.run("sbatch", "--wait", f"--output={log}", *NO_GPUS, *args, "slurm/distill.sh", "--teacher", teacher_path, *QUICK,
                      check=False, cwd=REPO, env=env)
     assert log.exists(), done.stderr
-    errors = [line for line in log.read_text().splitlines() if line.startswith("kdist-slurm: error:")]
+    errors = [line for line in log.read_text().splitlines() if line.startswith(("kdist-slurm: error:", "kdist: error:"))]
     assert done.returncode != 0 and len(errors) == 1, log.read_text()[-2000:]
-    assert time.time() - start < 30  # at once, not after a launch or a collective timeout
-    expected = {"tasks-per-node": "one task per node", "missing-teacher": "nowhere.safetensors not found",
+    # at once: the script's own checks before any launch; kdist's (the teacher) right after its start, never
+    # after training or a collective timeout (600 s)
+    assert time.time() - start < (120 if problem == "missing-teacher" else 30)
+    expected = {"tasks-per-node": "one task per node", "missing-teacher": "nowhere.safetensors not found",  # kdist's own check, before the run folder
                 "owned-folder": "of job 12345", "config-machines": "is for 2 machines"}[problem]
     assert expected in errors[0]
-    assert not (out / "results.json").exists()
+    assert not (out / "results.json").exists() and not (out / "config.yaml").exists()

@@ -109,3 +109,47 @@ def test_wandb_report_without_a_key_is_one_line_exit_2(tmp_path):
     env["HOME"] = str(tmp_path)
     done = kdist("wandb-report", "--entity", "lab", "--group", "default3", env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "report.html" in done.stderr
+
+
+def write_netrc_for_wandbs_host(home: Path) -> None:
+    """What `wandb login KEY` writes: a netrc entry for the host wandb talks to by default (not api.wandb.ai)."""
+    import wandb
+
+    host = wandb.Settings().base_url.split("//")[-1]
+    (home / ".netrc").write_text(f"machine {host}\n  login user\n  password {'0' * 40}\n")
+    (home / ".netrc").chmod(0o600)
+
+
+def test_a_key_in_netrc_for_wandbs_default_host_is_seen(tmp_path, monkeypatch):
+    from kdist.tracking import has_wandb_key
+
+    for key in [key for key in os.environ if key.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert not has_wandb_key()
+    write_netrc_for_wandbs_host(tmp_path)
+    assert has_wandb_key()
+
+
+def test_a_key_without_a_reachable_server_goes_offline_once_and_completes(tmp_path, real_root):
+    """A real login (netrc for wandb's host) on a node without network: one bounded try for the study, one line,
+    then offline; the study completes and keeps its 3 runs for `wandb sync`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
+    write_netrc_for_wandbs_host(tmp_path)
+    env.update(KDIST_DATA_ROOT=str(real_root), HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_INIT_TIMEOUT="5",
+               WANDB_CONFIG_DIR=str(tmp_path / "config"))
+    done = kdist("run", "--quick", "--no-progress", "--tracker", "wandb", "--set", "data.train_subset=256", "--set",
+                 "data.val_subset=128", "--set", "teacher.epochs=1", "--set", "student.epochs=1", "--set", "distill.epochs=1",
+                 "--out", tmp_path / "R", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no W&B API key" not in done.stderr
+    assert done.stderr.count("kdist: W&B could not start online") == 1, done.stderr[-3000:]
+    assert len(list((tmp_path / "R" / "wandb").glob("offline-run-*"))) == 3
+
+
+def test_wandb_report_names_the_real_cause():
+    from kdist.wandb_report import explain_failure
+
+    assert "could not reach the W&B server" in explain_failure(ConnectionError("dial tcp: no such host"), "lab", "kdist")
+    assert "refused entity 'lab' / project 'kdist'" in explain_failure(ValueError("project not found"), "lab", "kdist")
