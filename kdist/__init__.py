@@ -1,6 +1,11 @@
 """kdist: knowledge distillation for skin-lesion classification on DermaMNIST."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kdist")  # setup.cfg's, as installed: run_info.json and weights record it
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
 
 class KdistError(Exception):
