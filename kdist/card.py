@@ -25,6 +25,7 @@ def model_card(summary: dict, first: dict, n_seeds: int) -> str:
         if entry:
             compare.append(f"- {label} ({entry['arch']}, {entry['params'] / 1e6:.2f}M params): test accuracy {_pm(entry['test']['acc'])}")
     compare = "\n".join(compare)
+    teacher_name = f"a `{teacher['arch']}` teacher" if teacher else "its teacher"  # the one the study really used
     return f"""# Model card: kdist distilled student ({distilled['arch']})
 
 ## Intended use
@@ -34,7 +35,7 @@ over 7 HAM10000 classes for a dermoscopic image, not a clinical finding.
 
 ## Model
 - Architecture: torchvision `{distilled['arch']}`, {distilled['params'] / 1e6:.2f}M parameters, 7 outputs.
-- Trained by distillation from an EfficientNet-B0 teacher (see `config.yaml` for the method, T and alpha).
+- Trained by distillation from {teacher_name} (see `config.yaml` for the method, T and alpha).
 - Input: RGB images centre-cropped to a square and resized to {first['size']} px, normalised with
   train-split statistics stored in the weights file (`distilled.safetensors`, with metadata).
 
