@@ -73,7 +73,7 @@ def run(seeds, **opts):
               help="run the grid and write its val table, test nothing; a rerun without it reuses the runs and tests the chosen point")
 @click.option("--seeds", "only_seeds", type=SEEDS, multiple=True,
               help="run only these of the sweep's seeds and write no table (one process per seed, side by side); a rerun without it gathers them")
-@study_options
+@study_options(without=("config", "seed"))  # the sweep file names the base config and the seeds
 def sweep(sweep_config, val_only, only_seeds, **opts):
     """Ablation grid of KD settings on val; only the chosen point is tested, once per seed."""
     from .options import config_overrides
@@ -81,7 +81,6 @@ def sweep(sweep_config, val_only, only_seeds, **opts):
 
     only_seeds = flatten_seeds(only_seeds)
     out = opts.get("out") or default_out("sweep-")
-    opts["config"] = None
     if run_sweep(sweep_config, out, config_overrides(opts), val_only=val_only, only_seeds=list(only_seeds) or None) is None:
         click.echo(f"seeds {list(only_seeds)} done in {out}; rerun without --seeds for the table")
     else:
@@ -150,7 +149,7 @@ def serve(weights, teacher, host, port, views):
 @click.option("--results", type=PATH, default=Path("results/results.json"), show_default=True, help="results.json whose run wall time to report")
 @click.option("--processes/--no-processes", default=True, show_default=True,
               help="also time a distillation epoch under `accelerate launch` with 1 and 2 processes")
-@study_options
+@study_options(without=("teacher_mode", "tracker", "pretrained"))  # bench times both teacher modes itself, tracks nothing
 def bench(steps, results, processes, **opts):
     """Speed figures: data path, cached vs online distillation, 32-bit vs bf16, 1 vs 2 processes, latency, FLOPs."""
     from .bench import format_bench, run_bench

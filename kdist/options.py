@@ -40,8 +40,11 @@ def flatten_seeds(groups) -> list[int]:
     return [seed for group in groups or () for seed in group]
 
 
-def study_options(command):
-    """The options of every training command (run, train, distill, sweep, bench)."""
+def study_options(command=None, *, without: tuple = ()):
+    """The options of every training command (run, train, distill, sweep, bench); `without`: the names of those a
+    command does not use (it must not accept and ignore them), e.g. @study_options(without=("seed",))."""
+    if command is None:
+        return lambda command: study_options(command, without=without)
     options = [
         click.option("--config", type=PATH, help="YAML config file (see configs/default.yaml)"),
         click.option("--out", type=PATH, help="run folder (default: runs/<timestamp>)"),
@@ -69,7 +72,9 @@ def study_options(command):
                           "(e.g. --set distill.batch_size=256) is the global batch, split over processes and accumulation steps"),
     ]
     for option in reversed(options):
-        command = option(command)
+        name = option(lambda: None).__click_params__[0].name
+        if name not in without:
+            command = option(command)
     return command
 
 

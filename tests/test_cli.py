@@ -170,7 +170,7 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     assert "distill, cached" in printed and "ratio" in printed
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["throughput"]["data_path_img_s"] > 0 and bench["epochs"]["distill_cached_over_student"] > 0
-    assert bench["throughput"]["shard_path_img_s"] > 0 and bench["throughput"]["shard_data_only_img_s"] > 0 and "shards, 2 workers" in printed
+    assert bench["throughput"]["shard_path_img_s"] > 0 and bench["throughput"]["shard_data_only_img_s"] > 0 and re.search(r"shards, \d+ workers", printed)
     assert bench["epochs"]["distill_cached_bf16_over_32"] > 0 and bench["epochs"]["student_epoch_shards_over_memory"] > 0
     assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024
     assert bench["models"]["teacher"]["onnx_latency_ms_batch256"] > 0
