@@ -16,7 +16,7 @@ import click
 from . import KdistError, __version__
 from .distill import command as distill_command
 from .evaluate import command as evaluate_command
-from .options import PATH, SEEDS, default_out, flatten_seeds, invoke, open_study, resolve_config, resume_option, study_options, summary, views_option
+from .options import PATH, SEEDS, default_out, flatten_seeds, holds_this_run, invoke, open_study, resolve_config, resume_option, study_options, summary, views_option
 from .shards import command as shards_command
 from .train import command as train_command
 from .wandb_report import command as wandb_report_command
@@ -49,12 +49,14 @@ def run(seeds, **opts):
     from .pipeline import run as run_study
     from .report import write_report
 
-    if seeds and not opts.get("resume"):
+    if seeds and opts.get("resume") in (None, "auto"):
         cfg = resolve_config(opts)
         out = opts.get("out") or default_out()
         study = None
         for seed in seeds:
-            study = Study.open(replace(cfg, seed=seed), out / f"seed{seed}", accelerator=study.accelerator if study else None)
+            seed_cfg, folder = replace(cfg, seed=seed), out / f"seed{seed}"
+            resume = opts.get("resume") == "auto" and holds_this_run(folder, seed_cfg)
+            study = Study.open(seed_cfg, folder, resume=resume, accelerator=study.accelerator if study else None)
             run_study(study)
         if is_rank_zero():
             click.echo(write_report(out))

@@ -149,6 +149,19 @@ def planned_config(opts: dict, role: str | None = None):
     return resolve_config(opts, role)
 
 
+def holds_this_run(out: Path, cfg) -> bool:
+    """For --resume auto: whether `out` holds a run of `cfg` to continue (False: a new or empty folder);
+    a run of another config there is an error, never overwritten or continued."""
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return False
+    import yaml
+
+    if yaml.safe_load(saved.read_text()) != cfg.to_dict():
+        raise KdistError(f"{out} holds a run with another config ({saved}); give its options again, or another --out")
+    return True
+
+
 def open_study(opts: dict, command: str, role: str | None = None):
     """The Study a training command works in: a new one, or with --resume the saved one. Everything given is
     checked (config, launch settings, data) before a run folder is created or changed."""
@@ -160,14 +173,7 @@ def open_study(opts: dict, command: str, role: str | None = None):
         if not opts.get("out"):
             raise KdistError("--resume auto needs --out: the run folder to continue, or to start")
         cfg = resolve_config(opts, role)
-        saved = opts["out"] / "config.yaml"
-        if not saved.exists():
-            return Study.open(cfg, opts["out"], eval_splits=eval_splits)
-        import yaml
-
-        if yaml.safe_load(saved.read_text()) != cfg.to_dict():
-            raise KdistError(f"{opts['out']} holds a run with another config ({saved}); give its options again, or another --out")
-        return Study.open(cfg, opts["out"], resume=True, eval_splits=eval_splits)
+        return Study.open(cfg, opts["out"], resume=holds_this_run(opts["out"], cfg), eval_splits=eval_splits)
     if resume:
         saved = resume / "config.yaml"
         if not saved.exists():
