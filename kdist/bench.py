@@ -267,7 +267,8 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
 def shard_train(cfg: Config):
     """The train split as shards (data.shards, else the data file's cached shards), streamed as the engine
     reads a split too large for data.memory_mb (one that fits is the in-memory path itself)."""
-    from .shard_data import ShardImages, loader_workers, locate_shards
+    from .shard_data import ShardImages
+    from .study_data import loader_workers, locate_shards
 
     folder, manifest = locate_shards(cfg.data)
     return ShardImages(folder, manifest, "train", cfg.data.size, url_template=cfg.data.shard_url,

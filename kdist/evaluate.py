@@ -32,7 +32,8 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
     names = ("val", "test") if split == "both" else (split,)
     if shards and str(shards).lower() != "none":
         from .config import DataConfig
-        from .shard_data import evaluation_samples, locate_shards
+        from .shard_data import evaluation_samples
+        from .study_data import locate_shards
 
         with accelerator.main_process_first():
             folder, manifest = locate_shards(DataConfig(root=data_root, size=size, shards=str(shards)), check=accelerator.is_main_process)

@@ -33,7 +33,8 @@ from .config import Config
 from .data import channel_stats, class_weights, load_dermamnist, subset
 from .engine import Distillation, Supervised, describe_batch, fit, gathered_logits, make_accelerator, per_process_batch, predict_probs
 from .inference import predict_probs as predict_probs_local
-from .shard_data import ShardImages, open_shard_splits
+from .shard_data import ShardImages
+from .study_data import open_shard_splits
 from .tracking import log_results, stage_run
 from .files import atomic_output, atomic_write_text
 from .metrics import classification_metrics, majority_baseline

@@ -42,7 +42,7 @@ def synthetic_root(tmp_path_factory, base_arrays) -> Path:
     np.savez(root / "dermamnist.npz", **base_arrays)
     # Its shards are written here, once, into the cache the tests use (_no_downloads): then no test's stderr
     # depends on whether it happened to be the first to train from them (writing them prints a line).
-    from kdist.shard_data import auto_shards
+    from kdist.study_data import auto_shards
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KDIST_SHARD_CACHE", str(tmp_path_factory.getbasetemp() / "shard-cache"))

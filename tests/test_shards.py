@@ -19,7 +19,7 @@ from kdist import KdistError
 from kdist.cli import main
 from kdist.data import load_dermamnist
 from kdist.shard_data import ShardImages, evaluation_samples, read_manifest, stream, verify
-from kdist.shards import write_images
+from kdist.shard_writer import write_images
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root)
     from kdist.data import channel_stats
     from kdist.engine import make_accelerator
     from kdist.config import TrainerConfig
-    from kdist.shard_data import open_shard_splits
+    from kdist.study_data import open_shard_splits
 
     accelerator = make_accelerator(TrainerConfig(cpu=True))
     npz = load_dermamnist(synthetic_root)
@@ -319,7 +319,7 @@ def test_image_folder_shards_keep_the_original_bytes_and_resize_on_read(tmp_path
 def test_loader_workers_default_from_the_cpus_a_process_may_use(monkeypatch):
     import os
 
-    from kdist.shard_data import loader_workers
+    from kdist.study_data import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))  # what Slurm's --cpus-per-task=32 gives
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

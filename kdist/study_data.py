@@ -1,0 +1,108 @@
+"""Which shards a study reads, and its splits from them: the data file's cached shard set (`--shards auto`,
+written once), a folder written by `kdist shards`, or shards elsewhere (data.shard_url); the train split in
+memory where it fits data.memory_mb, else streamed (shard_data.ShardImages).
+
+Above shard_data.py (format and reading) and shard_writer.py (writing); used by pipeline, evaluate and bench.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import KdistError
+from .data import (
+    FLAG,
+    NUM_CLASSES,
+    channel_stats,
+    load_dermamnist,
+    npz_name,
+    resolve_root,
+)
+from .shard_data import (
+    MANIFEST,
+    ShardImages,
+    evaluation_samples,
+    read_manifest,
+    sha256,
+    verify,
+)
+from .shard_writer import write_medmnist
+
+
+def cache_folder(npz: Path, flag: str, size: int) -> Path:
+    """Where `--shards auto` keeps the shards written from a MedMNIST file: $KDIST_SHARD_CACHE, else
+    ~/.cache/kdist/shards, in a folder named by the file's content (a changed file gets new shards)."""
+    base = Path(os.environ.get("KDIST_SHARD_CACHE") or Path.home() / ".cache" / "kdist" / "shards").expanduser()
+    return base / f"{flag}_{size}-{sha256(npz)[:12]}"
+
+
+def auto_shards(root, size: int) -> Path:
+    """The cached shard set of the DermaMNIST file at `size`, written on first use (into a temporary folder,
+    then renamed: a set is there whole or not at all, also when two jobs race)."""
+    import shutil
+
+    npz = resolve_root(root) / npz_name(size)
+    if not npz.exists():
+        load_dermamnist(root, size)  # downloads it, or names what is missing
+    folder = cache_folder(npz, FLAG, size)
+    if (folder / MANIFEST).exists():
+        return folder
+    load_dermamnist(root, size, download=False)  # a broken file is named as the in-memory path names it, before any writing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"kdist: writing the webdataset shards of {npz} once, into {folder}", file=sys.stderr, flush=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    # 16 equal train shards: up to 16 processes x workers each read a whole one, and ranks get equal shares.
+    write_medmnist(root, FLAG, size, partial, maxcount=-(-7007 // 16))
+    try:
+        partial.rename(folder)
+    except OSError:  # another job finished first: use its set
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def locate_shards(data, check: bool = True) -> tuple[Path, dict]:
+    """The shard folder of a data config (`auto` or unset: the data file's cached shards) and its manifest,
+    each local shard checked against it when `check` (remote ones, data.shard_url, cannot be)."""
+    folder = auto_shards(data.root, data.size) if data.shards in (None, "auto") else Path(data.shards)
+    return folder, verify(folder) if check and not data.shard_url else read_manifest(folder)
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """data.num_workers, or for None the CPUs this process may use shared by the node's processes
+    (LOCAL_WORLD_SIZE under a launcher), less one for the training process itself; at most 8."""
+    if num_workers is not None:
+        return num_workers
+    cpus = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(8, cpus - 1))
+
+
+def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float], Path]:
+    """A study's splits from shards (data.shards: a folder, or `auto`): val/test in memory; train in memory
+    where it fits data.memory_mb, else as ShardImages (streamed); the normalisation from the train images in
+    memory, else from the manifest. The main process writes (auto) and checks the shards first."""
+    with accelerator.main_process_first():
+        folder, manifest = locate_shards(data, check=accelerator.is_main_process)
+    if len(manifest["classes"]) != NUM_CLASSES:
+        raise KdistError(f"{folder / MANIFEST} has {len(manifest['classes'])} classes; kdist trains DermaMNIST's {NUM_CLASSES}")
+    for split in ("train", "val", "test"):
+        if split not in manifest["splits"]:
+            raise KdistError(f"{folder / MANIFEST} has no {split} split; write train, val and test shards (kdist shards --images ... --split {split})")
+    splits = {split: evaluation_samples(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")}
+    train_labels = torch.tensor(manifest["splits"]["train"]["labels"])
+    if "channel_mean" not in manifest:
+        raise KdistError(f"{folder / MANIFEST} lacks channel statistics; rewrite the shards with `kdist shards`")
+    mean, std = manifest["channel_mean"], manifest["channel_std"]
+    if len(train_labels) * 3 * data.size**2 <= data.memory_mb * 2**20:
+        # Decoded once and kept: then trained on exactly as the npz in memory (the same global sample order and
+        # the same normalisation, computed from the decoded images).
+        splits["train"] = evaluation_samples(folder, "train", data.size, data.shard_url, manifest)
+        mean, std = channel_stats(splits["train"][0])
+    else:  # streamed every epoch (ShardImages.loader)
+        splits["train"] = (ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url,
+                                       num_workers=loader_workers(data.num_workers)), train_labels)
+    return splits, mean, std, folder
