@@ -137,7 +137,7 @@ def test_a_key_without_a_reachable_server_goes_offline_once_and_completes(tmp_pa
     then offline; the study completes and keeps its 3 runs for `wandb sync`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     write_netrc_for_wandbs_host(tmp_path)
-    env.update(KDIST_DATA_ROOT=str(real_root), HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_INIT_TIMEOUT="5",
+    env.update(KDIST_DATA_ROOT=str(real_root), HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_INIT_TIMEOUT="2",
                WANDB_CONFIG_DIR=str(tmp_path / "config"))
     done = kdist("run", "--quick", "--no-progress", "--tracker", "wandb", "--set", "data.train_subset=256", "--set",
                  "data.val_subset=128", "--set", "teacher.epochs=1", "--set", "student.epochs=1", "--set", "distill.epochs=1",
