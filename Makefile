@@ -17,7 +17,7 @@ setup:
 		apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; } || echo "note: Slurm not installed; Slurm tests will skip"
 
 test:
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests/test_slurm.py tests/test_world_size.py tests  # the longest files first
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # What launch/gpu-probe.sh needs on a GPU machine without internet: the wheels its image lacks and the data file.
 gpu-kit:
