@@ -3,13 +3,14 @@
 Accelerate owns the device, DDP, mixed precision, gradient accumulation and clipping; `fit` is the plain
 loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.py):
 
-- the model, optimizer and scheduler go through `accelerator.prepare`; val batches come from a prepared
-  loader (each process a shard) and are gathered with `gather_for_metrics`, which drops the padding
-  duplicates, so val metrics under N processes are those of one process;
-- train batches come from kdist's own sampler (data.EpochBatchSampler) or webdataset shards
-  (shard_data.ShardImages), not a prepared loader: each process takes a disjoint, equal share of a shuffle
-  that depends only on (seed, epoch), so a resumed run repeats an uninterrupted one and no rank waits on
-  another at the end of an epoch;
+- the model, optimizer and scheduler go through `accelerator.prepare` (kdist steps the scheduler once per
+  optimizer step); val batches come from a prepared loader (each process a shard) and are gathered with
+  `gather_for_metrics`, which drops the padding duplicates, so val metrics under N processes are those of one;
+- a stage's batch_size is the global batch: train batches come from kdist's own sampler
+  (data.EpochBatchSampler: each process its slice of every micro-batch of one (seed, epoch) order) or, for
+  shards too large for memory, streamed (shard_data.ShardImages), not a prepared loader; the loss is computed
+  on the micro-batch gathered from every process (gather_batch), so N processes train as one does and a
+  resumed run repeats an uninterrupted one;
 - a distillation teacher is never wrapped in DDP: it sits frozen on every process (eval mode, no grads,
   same autocast) and sees the same augmented batch as the student (`teacher_mode: online`), or its
   logits are looked up in the exact cache of cache.py (`teacher_mode: cached`, the fast path on CPUs);
