@@ -31,7 +31,7 @@ from .cache import teacher_cache
 from .config import Config
 from .config import TrainerConfig
 from .data import apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
-from .engine import Distillation, Supervised, fit, make_accelerator
+from .engine import Distillation, Supervised, cpu_has_bf16, fit, make_accelerator
 from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
 
@@ -130,12 +130,48 @@ def epochs(cfg: Config, splits, mean, std, cache_dir: Path, shard_split=None) ->
                          "student_epoch_shards_over_memory": round((seen / shard_s) / (len(splits["train"][1]) / student_s), 3)}
     cached_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits)
     online_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher=teacher), cfg.distill, splits)
+    bf16_teacher = {}
+    if torch.cuda.is_available() or cpu_has_bf16():  # the teacher alone in bf16, where the hardware has it
+        kd = replace(cfg.kd, teacher_precision="bf16")
+        seconds = epoch_seconds(student(), Distillation(cfg.distill, kd, teacher=teacher), cfg.distill, splits)
+        bf16_teacher = {"distill_online_bf16_teacher_epoch_s": round(seconds, 2), "distill_online_bf16_teacher_over_32": round(seconds / online_s, 3)}
     cached_bf16_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16")
     return {"student_epoch_s": round(student_s, 2), **shard_figures, "distill_cached_epoch_s": round(cached_s, 2),
             "distill_online_epoch_s": round(online_s, 2), "teacher_cache_build_s": round(cache_s, 2),
             "distill_cached_over_student": round(cached_s / student_s, 3),
-            "distill_online_over_student": round(online_s / student_s, 3),
+            "distill_online_over_student": round(online_s / student_s, 3), **bf16_teacher,
             "distill_cached_bf16_epoch_s": round(cached_bf16_s, 2), "distill_cached_bf16_over_32": round(cached_bf16_s / cached_s, 3)}
+
+
+STEP_PARTS = ("augment", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
+
+
+def online_breakdown(cfg: Config, splits, teacher, make_student, out: Path, steps: int = 20) -> dict:
+    """Where an online distillation step's time goes: `steps` steps of engine.fit under the torch profiler,
+    split by the engine's record_function regions (kdist/augment, teacher_forward, student_forward, loss,
+    backward, optimizer); "other" is the rest of the step (reading the batch, per-step bookkeeping). In ms per
+    step, with the step's wall time from the profiler's clock. The profiler's top operators go to
+    <out>/online_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stage = replace(cfg.distill, epochs=1)
+    n = (steps + 1) * stage.batch_size
+    short = {"train": tuple(t[:n] for t in splits["train"]), "val": tuple(t[:128] for t in splits["val"])}
+    objective = Distillation(cfg.distill, cfg.kd, teacher=teacher)
+    accelerator = make_accelerator(TrainerConfig(mixed_precision="no", progress=False))
+    with tempfile.TemporaryDirectory() as folder, profile(activities=[ProfilerActivity.CPU]) as prof:
+        fit(accelerator, make_student(), objective, stage, short, Path(folder), seed=0, progress_bar=False)
+    starts = sorted(event.time_range.start for event in prof.events() if event.name == "kdist/augment")[1:]  # first step: warm-up
+    step_ms = (starts[-1] - starts[0]) / (len(starts) - 1) / 1000
+    totals = {part: 0.0 for part in STEP_PARTS}
+    for event in prof.events():
+        part = event.name.removeprefix("kdist/")
+        if event.name.startswith("kdist/") and part in totals and event.time_range.start >= starts[0] and event.time_range.start < starts[-1]:
+            totals[part] += event.time_range.elapsed_us() / 1000
+    parts = {part: round(total / (len(starts) - 1), 2) for part, total in totals.items()}
+    parts["other"] = round(step_ms - sum(parts.values()), 2)
+    (out / "online_profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return {"step_ms": round(step_ms, 2), "parts_ms": parts, "teacher_share": round(parts["teacher_forward"] / step_ms, 3)}
 
 
 def process_scaling(cfg: Config, out: Path) -> dict:
@@ -288,6 +324,9 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
         "throughput": throughput(cfg, splits, mean, std, steps, shard_split[0]),
         "epochs": epochs(cfg, splits, mean, std, out / "cache", shard_split),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
+        "online_step": online_breakdown(cfg, splits, create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval(),
+                                        lambda: create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size), out,
+                                        steps=max(2, min(steps, 20))),
     }
     if processes:
         report["processes"] = process_scaling(cfg, out)
@@ -299,7 +338,7 @@ def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None
 
 
 def format_bench(report: dict) -> str:
-    t, e = report["throughput"], report["epochs"]
+    t, e, o = report["throughput"], report["epochs"], report["online_step"]
     lines = [
         "student training throughput (images/s)",
         f"  synthetic tensors   {t['synthetic_img_s']:10.1f}",
@@ -314,7 +353,11 @@ def format_bench(report: dict) -> str:
         f"  distill, cached     {e['distill_cached_epoch_s']:10.2f}   / student {e['distill_cached_over_student']:.3f}",
         f"  distill, online     {e['distill_online_epoch_s']:10.2f}   / student {e['distill_online_over_student']:.3f}",
         f"  distill, cached bf16{e['distill_cached_bf16_epoch_s']:10.2f}   / 32-bit {e['distill_cached_bf16_over_32']:.3f}",
+        *([f"  distill, online, bf16 teacher {e['distill_online_bf16_teacher_epoch_s']:.2f}   / 32-bit teacher "
+           f"{e['distill_online_bf16_teacher_over_32']:.3f}"] if "distill_online_bf16_teacher_epoch_s" in e else []),
         f"  teacher cache build {e['teacher_cache_build_s']:10.2f}   (once per teacher)",
+        f"an online distillation step (ms, torch profiler; top operators in online_profile.txt): {o['step_ms']:.1f}",
+        "  " + "  ".join(f"{part} {ms:.1f}" for part, ms in o["parts_ms"].items()),
         "inference (CPU)                     params  MFLOPs/img  torch ms@1  ms@256  onnxruntime ms@1  ms@256",
     ]
     for role, m in report["models"].items():

@@ -148,12 +148,13 @@ def serve(weights, teacher, host, port, views):
 
 @cli.command()
 @click.option("--steps", type=int, default=30, show_default=True, help="timed training steps per throughput figure")
-@click.option("--results", type=PATH, default=Path("results/results.json"), show_default=True, help="results.json whose run wall time to report")
+@click.option("--results", type=PATH, default=None, help="a run's results.json whose wall time to report beside the figures")
 @click.option("--processes/--no-processes", default=True, show_default=True,
               help="also time a distillation epoch under `accelerate launch` with 1 and 2 processes")
 @study_options(without=("teacher_mode", "tracker", "pretrained"))  # bench times both teacher modes itself, tracks nothing
 def bench(steps, results, processes, **opts):
-    """Speed figures: data path, cached vs online distillation, 32-bit vs bf16, 1 vs 2 processes, latency, FLOPs."""
+    """Speed figures: data path, cached vs online distillation, the online step's breakdown, 32-bit vs bf16, 1 vs 2
+    processes, latency, FLOPs."""
     from .bench import format_bench, run_bench
 
     out = opts.get("out") or default_out("bench-")

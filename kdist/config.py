@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class KDConfig:
-    method: str = "dist"  # chosen on val over hinton and dkd: results/sweep/
+    method: str = "dist"  # chosen on val over hinton and dkd: results/archive/sweep/
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the label loss
     # online: the frozen teacher runs beside the student on every batch (exact for any augmentation);
@@ -87,10 +87,14 @@ class KDConfig:
     # With a mixed batch (mixup/cutmix) the loss is the KD term alone (false), or alpha * KD + (1 - alpha) *
     # the cross-entropy on the mixed labels (true).
     mixed_ce: bool = False
-    # Online only: torch.compile the frozen teacher (inductor, weights frozen as constants). The same float32
-    # logits to ~1e-5, and faster forward passes (the Lite0 pair, 2 CPU cores: 1.35x and 1.88x in two runs),
-    # after 10-40 s of compiling per batch shape: for long runs, not short ones.
+    # Online only: torch.compile the frozen teacher (inductor, weights frozen as constants): the same float32
+    # logits to ~1e-5 after 10-50 s of compiling per batch shape. On 2 CPU cores it did not repay that: the
+    # BatchNorm-folded eager teacher was faster (EfficientNet-B0 at batch 128: 147 vs 165 ms, issue 51).
     compile_teacher: bool = False
+    # Online only: the frozen teacher's precision. same: the student's (trainer.mixed_precision); bf16: bfloat16
+    # autocast for the teacher alone (logits within ~0.1 of float32's), for hardware that computes bf16 (GPUs,
+    # CPUs with AMX or AVX-512 BF16; kdist warns elsewhere). The student trains as configured either way.
+    teacher_precision: str = "same"
 
 
 @dataclass
@@ -170,6 +174,7 @@ class Config:
         check(self.trainer.tracker in ("csv", "none", "wandb", "jsonl"), "trainer.tracker", f"must be csv, none, wandb or jsonl (got {self.trainer.tracker!r})")
         check(self.trainer.timeout_s >= 10, "trainer.timeout_s", "must be >= 10 seconds")
         check(self.kd.teacher_views in ("same", "mean"), "kd.teacher_views", "must be same or mean")
+        check(self.kd.teacher_precision in ("same", "bf16"), "kd.teacher_precision", "must be same or bf16")
         check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
         for name in ("teacher_model", "student_model"):
             model: ModelConfig = getattr(self, name)

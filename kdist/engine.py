@@ -35,6 +35,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 from accelerate.utils.environment import str_to_bool
 from safetensors.torch import load_file
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import KdistError
@@ -44,6 +45,7 @@ from .data import augment, batch_loader, epoch_seed, mix_batch, to_float
 from .checkpoints import Progress, StopRequested, StopWatch, last_checkpoint, save_last, save_weights_file, write_history
 from .inference import check_views, view_logits
 from .losses import distillation_terms
+from .models import frozen_copy
 from .shard_data import ShardImages
 
 
@@ -96,6 +98,9 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
     )
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # CPU runs (and resumes) repeat bit for bit
+        # ...without deterministic mode's NaN-filling of every new tensor, which no kernel reads: it took 20% of
+        # an online distillation step (benchmarks/results: the profile of issue 51).
+        torch.utils.deterministic.fill_uninitialized_memory = False
         warn_if_bf16_is_emulated(accelerator.mixed_precision)
     return accelerator
 
@@ -178,16 +183,20 @@ class Distillation(Supervised):
             raise ValueError("give exactly one of teacher and teacher_logits_cache")
         self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
         self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
-        self.autocast = autocast or contextlib.nullcontext  # the student's autocast (accelerator.autocast), for the same numerics
+        self.autocast = autocast or contextlib.nullcontext  # the teacher's: the student's (accelerator.autocast), or bf16's (to())
         if teacher is not None:
-            teacher.eval().requires_grad_(False)  # frozen: BatchNorm statistics and weights never change
+            self.teacher = frozen_copy(teacher)  # BatchNorms folded into the convolutions: the same logits, faster
             if kd.compile_teacher:  # compiled lazily, on the first batch, on the device the teacher is then on
-                self.teacher = torch.compile(teacher, options={"freezing": True})
+                self.teacher = torch.compile(self.teacher, options={"freezing": True})
 
     def to(self, device):
         super().to(device)
         if self.teacher is not None:
             self.teacher.to(device)
+            if self.kd.teacher_precision == "bf16":
+                if torch.device(device).type == "cpu":
+                    warn_if_bf16_is_emulated("bf16")
+                self.autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         if self.cache is not None:
             self.cache = self.cache.to(device)
         return self
@@ -196,7 +205,7 @@ class Distillation(Supervised):
         mean_over_views = self.kd.teacher_views == "mean"
         if self.cache is not None:
             return self.cache[indices].mean(dim=1) if mean_over_views else self.cache[indices, views]
-        with torch.no_grad(), self.autocast():
+        with torch.inference_mode(), self.autocast():
             # The 8 views of a view are the 8 views of the original image (a group), so nothing to undo.
             logits = logits_for_all_views(self.teacher, images).mean(dim=1) if mean_over_views else self.teacher(images)
         return logits.float()
@@ -377,28 +386,33 @@ def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, sta
             seen_indices.append(indices)
             if step < skip:
                 continue
-            raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
-            images, mix = augment(raw, views, shifts, stage.translate), None
+            with record_function("kdist/augment"):
+                raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
+                images, mix = augment(raw, views, shifts, stage.translate), None
             if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, the same for teacher and student
                 batch = accelerator.gather(images.contiguous()).contiguous(memory_format=torch.channels_last) if world > 1 else images
                 images, mix = mix_batch(images, np.random.default_rng((seed, epoch, step)), stage.mixup_alpha, stage.cutmix_alpha,
                                         batch=batch, offset=rank * len(images))
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with record_function("kdist/student_forward"), accelerator.autocast():
                     logits = model(images)
-                targets = objective.targets(images, indices, views)
-                loss, parts = objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
+                with record_function("kdist/teacher_forward"):
+                    targets = objective.targets(images, indices, views)
+                with record_function("kdist/loss"):
+                    loss, parts = objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
                 if not torch.isfinite(loss):
                     # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
                     raise KdistError(f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good checkpoint is kept in "
                                      f"{checkpoints / 'last'}; lower the learning rate")
-                accelerator.backward(loss)
-                if stage.gradient_clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), stage.gradient_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                with record_function("kdist/backward"):
+                    accelerator.backward(loss)
+                with record_function("kdist/optimizer"):
+                    if stage.gradient_clip and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), stage.gradient_clip)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
             if ema is not None and accelerator.sync_gradients:
                 ema.update_parameters(plain)
             n = len(labels)

@@ -10,6 +10,7 @@ upsampling, so training, predict, export and serve all feed it the same thing: f
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -84,6 +85,40 @@ def draw_per_global_batch(module: nn.Module) -> nn.Module:
         else:
             draw_per_global_batch(child)
     return module
+
+
+def _without_norm(norm: nn.BatchNorm2d) -> nn.Module:
+    """What is left of a BatchNorm once folded: nothing, or timm's BatchNormAct2d's dropout and activation."""
+    rest = [getattr(norm, name) for name in ("drop", "act") if isinstance(getattr(norm, name, None), nn.Module)]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+# Modules whose Conv2d -> BatchNorm2d pairs run in the order they are registered (a Sequential by definition).
+IN_ORDER_MODULES = ("torchvision.models.resnet", "timm.models.efficientnet", "timm.models._efficientnet_blocks")
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d into the convolution's weights, in place:
+    in nn.Sequential (torchvision's Conv2dNormActivation, SqueezeNet), torchvision's ResNets and timm's
+    EfficientNets, whose layers run in the order they are registered. Other modules keep their BatchNorms.
+    For frozen models only: the same function up to float rounding, without the normalisation pass."""
+    for child in module.children():
+        fold_batchnorm(child)
+    if not (isinstance(module, nn.Sequential) or type(module).__module__ in IN_ORDER_MODULES):
+        return module
+    names = list(module._modules)
+    for first, second in zip(names, names[1:]):
+        conv, norm = module._modules[first], module._modules[second]
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats:
+            module._modules[first] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+            module._modules[second] = _without_norm(norm)
+    return module
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` for inference beside training (the online teacher): eval mode, no gradients,
+    BatchNorms folded (the same logits; the teacher's forward 1.8x faster on 2 CPU cores, issue 51)."""
+    return fold_batchnorm(copy.deepcopy(model).eval().requires_grad_(False))
 
 
 class DermClassifier(nn.Module):

@@ -1,5 +1,8 @@
 """The teacher-output cache is exact and follows the teacher."""
 
+import contextlib
+
+import pytest
 import torch
 
 from kdist.cache import compute_teacher_logits, teacher_cache
@@ -91,10 +94,28 @@ def test_compiled_online_teacher_gives_the_eager_teachers_logits():
     teacher = create_model("student")  # small: compiling costs seconds, not minutes
     eager = Distillation(StageConfig(), KDConfig(), teacher=teacher)
     compiled = Distillation(StageConfig(), KDConfig(compile_teacher=True), teacher=teacher)
-    assert isinstance(compiled.teacher, torch._dynamo.eval_frame.OptimizedModule) and compiled.teacher._orig_mod is teacher
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert isinstance(compiled.teacher, torch._dynamo.eval_frame.OptimizedModule)
+    frozen = compiled.teacher._orig_mod  # a frozen copy (BatchNorms folded): the caller's model is left as it was
+    assert frozen is not teacher and not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     views = torch.arange(16) % 8
     shown = to_float(apply_views(images, views))
     indices = torch.arange(16)
     expected = eager.teacher_logits(shown, indices, views)
     torch.testing.assert_close(compiled.teacher_logits(shown, indices, views), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_online_teacher_in_bf16_alone_keeps_the_student_in_float32():
+    """kd.teacher_precision bf16: the teacher's forward in bfloat16 autocast (logits near float32's), while the
+    student's logits and loss stay float32."""
+    torch.manual_seed(0)
+    teacher = create_model("teacher", input_size=64).eval()
+    images, indices, views = torch.rand(8, 3, 28, 28), torch.arange(8), torch.zeros(8, dtype=torch.long)
+    exact = Distillation(StageConfig(), KDConfig(), teacher=teacher).to("cpu")
+    low = Distillation(StageConfig(), KDConfig(teacher_precision="bf16"), teacher=teacher)
+    with pytest.warns(UserWarning) if not torch.ops.mkldnn._is_mkldnn_bf16_supported() else contextlib.nullcontext():
+        low = low.to("cpu")
+    reference, approx = exact.teacher_logits(images, indices, views), low.teacher_logits(images, indices, views)
+    assert approx.dtype == torch.float32 and not torch.equal(approx, reference)
+    torch.testing.assert_close(approx, reference, atol=0.2, rtol=0.05)
+    loss, _ = low.loss(torch.randn(8, 7, requires_grad=True), torch.randint(0, 7, (8,)), approx)
+    assert loss.dtype == torch.float32

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kdist.cli import main
+from kdist.engine import cpu_has_bf16
 
 
 def kdist(*args, env=None):
@@ -174,6 +175,10 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     assert bench["epochs"]["distill_cached_bf16_over_32"] > 0 and bench["epochs"]["student_epoch_shards_over_memory"] > 0
     assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024
     assert bench["models"]["teacher"]["onnx_latency_ms_batch256"] > 0
+    step = bench["online_step"]  # the online step's breakdown from the torch profiler
+    assert step["step_ms"] > 0 and step["parts_ms"]["teacher_forward"] > 0 and step["parts_ms"]["backward"] > 0
+    assert "teacher_forward" in printed and (tmp_path / "online_profile.txt").exists()
+    assert ("distill_online_bf16_teacher_epoch_s" in bench["epochs"]) == cpu_has_bf16()
     processes = bench["processes"]  # one cached distillation epoch under accelerate launch, 1 and 2 processes
     assert processes["processes1_img_s"] > 0 and processes["processes2_img_s"] > 0 and processes["processes2_over_1"] > 0
     assert "2 processes" in printed

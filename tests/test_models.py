@@ -116,3 +116,53 @@ def test_teacher_ensemble_averages_member_logits(tmp_path):
     # one file: that model, checked against the expected architecture
     with pytest.raises(KdistError, match="expected efficientnet_b0"):
         load_teacher([tmp_path / "m0.safetensors"], expect_arch="teacher")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_folding_batchnorm_keeps_a_frozen_models_logits(name):
+    """The online teacher runs with each BatchNorm folded into its convolution: the same logits (issue 51's 1e-3
+    bound, held here to 1e-4 relative), no BatchNorm left after a convolution, the original model untouched."""
+    import copy
+
+    from kdist.models import fold_batchnorm, frozen_copy
+
+    torch.manual_seed(0)
+    model = create_model(name, input_size=64).eval()
+    for module in model.modules():  # non-trivial statistics, as a trained model has
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_(1, 0.2)
+    images = torch.rand(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        reference = model(images)
+        folded = fold_batchnorm(copy.deepcopy(model))
+        logits = folded(images)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    after = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert after < before or before == 0  # SqueezeNet has none
+    assert frozen_copy(model) is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen_copy(model).modules())
+
+
+def test_frozen_copy_keeps_the_batchnorms_of_modules_not_known_to_run_in_order():
+    """A module that registers conv then BatchNorm but runs them the other way round: folding would be wrong, so
+    only modules known to run in registration order are folded; this one keeps its BatchNorm and its logits."""
+    from kdist.models import frozen_copy
+
+    class NormFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.norm(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = NormFirst().eval()
+    model.norm.running_mean.normal_(0, 1)
+    model.norm.running_var.uniform_(0.2, 3)
+    copy = frozen_copy(model)
+    assert copy is not model and isinstance(copy.norm, torch.nn.BatchNorm2d) and not copy.training
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(copy(images), model(images))
