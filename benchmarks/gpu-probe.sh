@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 41, stage (a), as one prepared command for a single GPU (a GPU image with torch, torchvision,
 # accelerate and safetensors, but no internet): the two Lite0 teachers, the consistent-teaching probe
-# (configs/probe-consistent-mixup.yaml: the pair online on mixed batches, 300 epochs) and the equally trained
-# student alone (configs/probe-consistent-mixup-alone.yaml), seed 0, val only, exactly the CPU commands.
+# (configs/experiments/probe-consistent-mixup.yaml: the pair online on mixed batches, 300 epochs) and the equally trained
+# student alone (configs/experiments/probe-consistent-mixup-alone.yaml), seed 0, val only, exactly the CPU commands.
 #   make gpu-kit                     # on a machine with pip: .gpu/whl (what the image lacks) and .gpu/data
-#   bash launch/gpu-probe.sh         # on the GPU machine, .gpu beside it; figures and logs into $OUT
-#   KDIST_PROBE_SMOKE=1 bash launch/gpu-probe.sh    # every step for 1 epoch on a subset: checks the script
+#   bash benchmarks/gpu-probe.sh         # on the GPU machine, .gpu beside it; figures and logs into $OUT
+#   KDIST_PROBE_SMOKE=1 bash benchmarks/gpu-probe.sh    # every step for 1 epoch on a subset: checks the script
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .gpu/whl ]; then
@@ -33,9 +33,9 @@ python3 -c "import torch; print('device:', torch.cuda.get_device_name() if torch
 step teacher64 python3 -m kdist.cli train teacher --config configs/lite0.yaml "${common[@]}" --out "$runs/lite0-28"
 step teacher128 python3 -m kdist.cli train teacher --config configs/lite0.yaml "${common[@]}" \
   --set teacher_model.input_size=128 --out "$runs/lite0-28-in128"
-step probe python3 -m kdist.cli distill --config configs/probe-consistent-mixup.yaml "${common[@]}" --out "$runs/probe-mixup" \
+step probe python3 -m kdist.cli distill --config configs/experiments/probe-consistent-mixup.yaml "${common[@]}" --out "$runs/probe-mixup" \
   --teacher "$runs/lite0-28/teacher.safetensors" --teacher "$runs/lite0-28-in128/teacher.safetensors"
-step alone python3 -m kdist.cli train student --config configs/probe-consistent-mixup-alone.yaml "${common[@]}" --out "$runs/probe-mixup-alone"
+step alone python3 -m kdist.cli train student --config configs/experiments/probe-consistent-mixup-alone.yaml "${common[@]}" --out "$runs/probe-mixup-alone"
 for name in lite0-28 lite0-28-in128 probe-mixup probe-mixup-alone; do
   cp "$runs/$name/results.json" "$out/$name.json"
 done

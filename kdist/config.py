@@ -30,7 +30,9 @@ class DataConfig:
     # once into $KDIST_SHARD_CACHE or ~/.cache/kdist/shards), a folder written by `kdist shards`, or null / none
     # (the npz in memory, as every run before shards became the data path).
     shards: str | None = "auto"
-    shard_url: str | None = None  # shards elsewhere: a URL template with {name}, e.g. "pipe:aws s3 cp s3://b/derma/{name} -"
+    shard_url: str | None = (
+        None  # shards elsewhere: a URL template with {name}, e.g. "pipe:aws s3 cp s3://b/derma/{name} -"
+    )
     # DataLoader workers decoding streamed train shards, per process; None: the CPUs this process may use
     # (os.sched_getaffinity, which Slurm sets) shared by the node's processes, less one for the process itself.
     num_workers: int | None = None
@@ -104,8 +106,12 @@ class TrainerConfig:
 
     cpu: bool = False  # run on the CPU even where CUDA is present (Accelerate's cpu=True)
     mixed_precision: str | None = None  # no, fp16 or bf16; None: the launcher's choice, else no
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step; a stage's batch_size is the global batch over all of them
-    sync_batchnorm: bool = True  # SyncBatchNorm in trained models under several CUDA processes (CPUs: BN statistics per process)
+    gradient_accumulation_steps: int = (
+        1  # micro-steps per optimizer step; a stage's batch_size is the global batch over all of them
+    )
+    sync_batchnorm: bool = (
+        True  # SyncBatchNorm in trained models under several CUDA processes (CPUs: BN statistics per process)
+    )
     timeout_s: int = 600  # collective timeout: a hung process fails in minutes
     progress: bool = True  # one line per epoch
     # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; csv or none: no tracker
@@ -113,7 +119,9 @@ class TrainerConfig:
     tracker: str = "csv"
     project: str | None = None  # the W&B project; None: $WANDB_PROJECT, else kdist
     wandb_entity: str | None = None  # the W&B entity (team or user); None: $WANDB_ENTITY, else your default entity
-    wandb_group: str | None = None  # the W&B group of the study's runs; None: the run folder's name (slurm/study.sh sets one)
+    wandb_group: str | None = (
+        None  # the W&B group of the study's runs; None: the run folder's name (slurm/study.sh sets one)
+    )
 
 
 @dataclass
@@ -154,10 +162,19 @@ class Config:
             check(0 <= stage.label_smoothing < 1, f"{name}.label_smoothing", "must be in [0, 1)")
             check(stage.ema_decay is None or 0 < stage.ema_decay < 1, f"{name}.ema_decay", "must be in (0, 1) or null")
             check(stage.class_weights in CLASS_WEIGHTS, f"{name}.class_weights", f"must be one of {CLASS_WEIGHTS}")
-            check(stage.gradient_clip is None or stage.gradient_clip > 0, f"{name}.gradient_clip", "must be > 0 or null")
-            check(stage.mixup_alpha >= 0 and stage.cutmix_alpha >= 0, f"{name}.mixup_alpha/cutmix_alpha", "must be >= 0 (0: off)")
-            check(isinstance(stage.translate, int) and 0 <= stage.translate <= self.data.size // 4, f"{name}.translate",
-                  f"must be a whole number of pixels in 0..{self.data.size // 4} (got {stage.translate!r})")
+            check(
+                stage.gradient_clip is None or stage.gradient_clip > 0, f"{name}.gradient_clip", "must be > 0 or null"
+            )
+            check(
+                stage.mixup_alpha >= 0 and stage.cutmix_alpha >= 0,
+                f"{name}.mixup_alpha/cutmix_alpha",
+                "must be >= 0 (0: off)",
+            )
+            check(
+                isinstance(stage.translate, int) and 0 <= stage.translate <= self.data.size // 4,
+                f"{name}.translate",
+                f"must be a whole number of pixels in 0..{self.data.size // 4} (got {stage.translate!r})",
+            )
         check(self.kd.temperature > 0, "kd.temperature", f"must be > 0 (got {self.kd.temperature})")
         check(0 <= self.kd.alpha <= 1, "kd.alpha", f"must be in [0, 1] (got {self.kd.alpha})")
         check(isinstance(self.kd.options, dict), "kd.options", "must be a mapping, e.g. {beta: 8.0}")
@@ -168,28 +185,60 @@ class Config:
             unknown = sorted(set(self.kd.options) - set(accepted))
             check(not unknown, "kd.options", f"{unknown} not accepted by {self.kd.method} (accepts {accepted})")
         check(self.kd.teacher_mode in TEACHER_MODES, "kd.teacher_mode", f"must be one of {TEACHER_MODES}")
-        check(self.trainer.mixed_precision in MIXED_PRECISIONS, "trainer.mixed_precision", f"must be one of no, fp16, bf16 or null (got {self.trainer.mixed_precision!r})")
-        check(isinstance(self.trainer.gradient_accumulation_steps, int) and self.trainer.gradient_accumulation_steps >= 1,
-              "trainer.gradient_accumulation_steps", "must be a whole number >= 1")
-        check(self.trainer.tracker in ("csv", "none", "wandb", "jsonl"), "trainer.tracker", f"must be csv, none, wandb or jsonl (got {self.trainer.tracker!r})")
+        check(
+            self.trainer.mixed_precision in MIXED_PRECISIONS,
+            "trainer.mixed_precision",
+            f"must be one of no, fp16, bf16 or null (got {self.trainer.mixed_precision!r})",
+        )
+        check(
+            isinstance(self.trainer.gradient_accumulation_steps, int) and self.trainer.gradient_accumulation_steps >= 1,
+            "trainer.gradient_accumulation_steps",
+            "must be a whole number >= 1",
+        )
+        check(
+            self.trainer.tracker in ("csv", "none", "wandb", "jsonl"),
+            "trainer.tracker",
+            f"must be csv, none, wandb or jsonl (got {self.trainer.tracker!r})",
+        )
         check(self.trainer.timeout_s >= 10, "trainer.timeout_s", "must be >= 10 seconds")
         check(self.kd.teacher_views in ("same", "mean"), "kd.teacher_views", "must be same or mean")
         check(self.kd.teacher_precision in ("same", "bf16"), "kd.teacher_precision", "must be same or bf16")
-        check(self.kd.method in KD_LOSSES, "kd.method", f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}")
+        check(
+            self.kd.method in KD_LOSSES,
+            "kd.method",
+            f"{self.kd.method!r} is unknown; choose one of {sorted(KD_LOSSES)}",
+        )
         for name in ("teacher_model", "student_model"):
             model: ModelConfig = getattr(self, name)
             resolve_arch(model.arch)
             check(model.input_size is None or model.input_size >= 16, f"{name}.input_size", "must be >= 16 or null")
-            check(model.pretrained in (None, "imagenet"), f"{name}.pretrained", f"must be imagenet or null (got {model.pretrained!r})")
+            check(
+                model.pretrained in (None, "imagenet"),
+                f"{name}.pretrained",
+                f"must be imagenet or null (got {model.pretrained!r})",
+            )
         if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
             self.data.shards = None
-        check(self.data.num_workers is None or (isinstance(self.data.num_workers, int) and self.data.num_workers >= 0), "data.num_workers",
-              "must be a whole number >= 0, or null (from the CPUs)")
-        check(isinstance(self.data.memory_mb, int) and self.data.memory_mb >= 0, "data.memory_mb", "must be a whole number >= 0")
-        check(self.data.shard_url is None or "{name}" in str(self.data.shard_url), "data.shard_url",
-              "must contain {name}, where each shard's file name goes")
-        check(self.data.shard_url is None or self.data.shards not in (None, "auto"), "data.shard_url",
-              "needs data.shards: the local folder holding the shards' manifest.json")
+        check(
+            self.data.num_workers is None or (isinstance(self.data.num_workers, int) and self.data.num_workers >= 0),
+            "data.num_workers",
+            "must be a whole number >= 0, or null (from the CPUs)",
+        )
+        check(
+            isinstance(self.data.memory_mb, int) and self.data.memory_mb >= 0,
+            "data.memory_mb",
+            "must be a whole number >= 0",
+        )
+        check(
+            self.data.shard_url is None or "{name}" in str(self.data.shard_url),
+            "data.shard_url",
+            "must contain {name}, where each shard's file name goes",
+        )
+        check(
+            self.data.shard_url is None or self.data.shards not in (None, "auto"),
+            "data.shard_url",
+            "needs data.shards: the local folder holding the shards' manifest.json",
+        )
         for key in ("train_subset", "val_subset"):
             value = getattr(self.data, key)
             check(value is None or value >= 1, f"data.{key}", "must be >= 1 or null")
