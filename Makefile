@@ -1,6 +1,6 @@
 # `make setup` builds .venv (and installs Debian's chromium for the browser tests and Slurm for the
 # slurm/ tests where apt is usable as root: the tests start their own one-node cluster);
-# `make test` runs the test suite. The README and .ci/run call exactly these two.
+# `make test` runs ruff (pyproject.toml) and the test suite. The README and .ci/run call exactly these two.
 PY ?= python3.11
 VENV = .venv
 BIN = $(VENV)/bin
@@ -17,9 +17,10 @@ setup:
 		apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; } || echo "note: Slurm not installed; Slurm tests will skip"
 
 test:
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-# What launch/gpu-probe.sh needs on a GPU machine without internet: the wheels its image lacks and the data file.
+# What benchmarks/gpu-probe.sh needs on a GPU machine without internet: the wheels its image lacks and the data file.
 gpu-kit:
 	mkdir -p .gpu/whl .gpu/data
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

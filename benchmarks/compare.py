@@ -8,7 +8,8 @@ files, 28 px DermaMNIST upsampled to 64 inside the models, global batch 128, Ada
 clip 1, Hinton KD T=4 with 0.9 on the KD term, a random flip/rotation of 8 per image, float32, validation on
 the 1003 val images after every epoch. Each round runs every job once, in a rotated order, as a fresh process;
 the seconds per epoch are the gaps between the epoch lines each job prints (the first epoch, with start-up and
-warm-up, is dropped). Printed: the median s/epoch of each job over all rounds and the ratios of the medians.
+warm-up, is dropped). Printed: the median s/epoch of each job over all rounds and, as this machine's speed drifts,
+each job's ratio to torchdistill within each round and the median of those ratios.
 `--save` writes the table to benchmarks/results/<date>-<cpu>.md.
 """
 
@@ -30,8 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 TORCHDISTILL_PYTHON = REPO / "benchmarks" / ".venv" / "bin" / "python"
 EPOCH_LINE = re.compile(rb"epoch (\d+)/(\d+)")
 # Settings shared by every kdist job: the torchdistill job's (benchmarks/torchdistill/kd.yaml).
-KDIST_KD = ["--set", "kd.method=hinton", "--set", "kd.temperature=4", "--set", "kd.alpha=0.9", "--val-only",
-            "--tracker", "none", "--mixed-precision", "no"]
+KDIST_KD = [
+    "--set",
+    "kd.method=hinton",
+    "--set",
+    "kd.temperature=4",
+    "--set",
+    "kd.alpha=0.9",
+    "--val-only",
+    "--tracker",
+    "none",
+    "--mixed-precision",
+    "no",
+]
 
 
 def cpu_name() -> str:
@@ -44,10 +56,10 @@ def cpu_name() -> str:
 def write_models(folder: Path, data_root: str) -> tuple[Path, Path]:
     """The teacher and the student both packages start from: kdist's models (64 px input, train-split
     normalisation), seeded, in kdist's safetensors format."""
+    import torch
+
     from kdist.data import channel_stats, load_dermamnist
     from kdist.models import create_model, save_weights
-
-    import torch
 
     mean, std = channel_stats(load_dermamnist(data_root, 28, False)["train"][0])
     paths = []
@@ -62,16 +74,57 @@ def write_models(folder: Path, data_root: str) -> tuple[Path, Path]:
 def jobs(folder: Path, teacher: Path, student: Path, data_root: str, epochs: int, shards: bool) -> dict[str, list[str]]:
     kdist = [sys.executable, "-m", "kdist.cli"]
     common = ["--set", f"data.root={data_root}", "--set", "data.download=false"]
-    distill = [*kdist, "distill", "--teacher", str(teacher), "--set", f"student_model.weights={student}",
-               "--set", f"distill.epochs={epochs}", *KDIST_KD, *common]
-    alone = [*kdist, "train", "student", "--set", f"student_model.weights={student}", "--set", f"student.epochs={epochs}",
-             "--set", "student_model.input_size=64", "--val-only", "--tracker", "none", "--mixed-precision", "no", *common]
+    distill = [
+        *kdist,
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--set",
+        f"student_model.weights={student}",
+        "--set",
+        f"distill.epochs={epochs}",
+        *KDIST_KD,
+        *common,
+    ]
+    alone = [
+        *kdist,
+        "train",
+        "student",
+        "--set",
+        f"student_model.weights={student}",
+        "--set",
+        f"student.epochs={epochs}",
+        "--set",
+        "student_model.input_size=64",
+        "--val-only",
+        "--tracker",
+        "none",
+        "--mixed-precision",
+        "no",
+        *common,
+    ]
     table = {
-        "torchdistill 1.1.5, online teacher": [str(TORCHDISTILL_PYTHON), str(REPO / "benchmarks" / "torchdistill" / "job.py"),
-                                               str(REPO / "benchmarks" / "torchdistill" / "kd.yaml"), str(teacher), str(student),
-                                               data_root, "--epochs", str(epochs)],
+        "torchdistill 1.1.5, online teacher": [
+            str(TORCHDISTILL_PYTHON),
+            str(REPO / "benchmarks" / "torchdistill" / "job.py"),
+            str(REPO / "benchmarks" / "torchdistill" / "kd.yaml"),
+            str(teacher),
+            str(student),
+            data_root,
+            "--epochs",
+            str(epochs),
+        ],
         "kdist distill, online teacher": [*distill, "--teacher-mode", "online", "--shards", "none"],
         "kdist distill, cached teacher": [*distill, "--teacher-mode", "cached", "--shards", "none"],
+        "kdist distill, online teacher in bf16 (kd.teacher_precision)": [
+            *distill,
+            "--teacher-mode",
+            "online",
+            "--shards",
+            "none",
+            "--set",
+            "kd.teacher_precision=bf16",
+        ],
         "kdist train student alone": [*alone, "--shards", "none"],
     }
     if shards:
@@ -92,7 +145,9 @@ def epoch_seconds(command: list[str], out: Path) -> list[float]:
             if EPOCH_LINE.search(line):
                 stamps.append(time.perf_counter())
     if job.returncode != 0:
-        raise SystemExit(f"compare: job failed ({job.returncode}): {' '.join(command)}\n{tail.decode(errors='replace')}")
+        raise SystemExit(
+            f"compare: job failed ({job.returncode}): {' '.join(command)}\n{tail.decode(errors='replace')}"
+        )
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -114,24 +169,43 @@ def main() -> None:
         table = jobs(folder, teacher, student, data_root, args.epochs, not args.no_shards)
         names = list(table)
         times: dict[str, list[float]] = {name: [] for name in names}
+        by_round: list[dict[str, float]] = []  # each job's median s/epoch in each round
         for round_ in range(args.rounds):
-            order = names[round_ % len(names):] + names[:round_ % len(names)]  # rotated, so no job always runs first
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotated, so no job always runs first
+            by_round.append({})
             for name in order:
                 seconds = epoch_seconds(table[name], folder / f"run-{round_}-{names.index(name)}")
                 times[name] += seconds
-                print(f"round {round_ + 1}: {name}: " + " ".join(f"{s:.2f}" for s in seconds), file=sys.stderr, flush=True)
+                by_round[-1][name] = statistics.median(seconds)
+                print(
+                    f"round {round_ + 1}: {name}: " + " ".join(f"{s:.2f}" for s in seconds), file=sys.stderr, flush=True
+                )
     medians = {name: statistics.median(values) for name, values in times.items()}
-    reference = medians["torchdistill 1.1.5, online teacher"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    lines = [f"# kdist vs torchdistill, {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} CPUs, commit {commit}", "",
-             f"`.venv/bin/python benchmarks/compare.py --rounds {args.rounds} --epochs {args.epochs}`: median s/epoch over "
-             f"{args.rounds} rounds x {args.epochs - 1} epochs (first epoch of each run dropped)", "",
-             "| job | s / epoch | / torchdistill |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {medians[name]:.2f} | {medians[name] / reference:.3f} |" for name in names]
-    for shard_name, npz_name in (("kdist distill, cached, default shards path", "kdist distill, cached teacher"),
-                                 ("kdist train student alone, default shards path", "kdist train student alone")):
+    reference = "torchdistill 1.1.5, online teacher"
+    # The machine's speed drifts (a shared VM): a ratio is taken within each round, then its median over rounds.
+    ratios = {name: statistics.median(r[name] / r[reference] for r in by_round) for name in names}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    lines = [
+        f"# kdist vs torchdistill, {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} CPUs, commit {commit}",
+        "",
+        f"`.venv/bin/python benchmarks/compare.py --rounds {args.rounds} --epochs {args.epochs}`: median s/epoch over "
+        f"{args.rounds} rounds x {args.epochs - 1} epochs (first epoch of each run dropped)",
+        "",
+        "| job | s / epoch | / torchdistill (median of the rounds' ratios) | per round |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for name in names:
+        per_round = " / ".join(f"{r[name] / r[reference]:.3f}" for r in by_round)
+        lines.append(f"| {name} | {medians[name]:.2f} | {ratios[name]:.3f} | {per_round} |")
+    for shard_name, npz_name in (
+        ("kdist distill, cached, default shards path", "kdist distill, cached teacher"),
+        ("kdist train student alone, default shards path", "kdist train student alone"),
+    ):
         if shard_name in medians:
-            lines.append(f"\n{shard_name}: {medians[shard_name] / medians[npz_name]:.3f}x the npz path")
+            within = statistics.median(r[shard_name] / r[npz_name] for r in by_round)
+            lines.append(f"\n{shard_name}: {within:.3f}x the npz path (median of the rounds' ratios)")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.save:

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cache import teacher_cache
-from .config import Config
-from .config import TrainerConfig
+from .config import Config, TrainerConfig
 from .data import apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
 from .engine import Distillation, Supervised, cpu_has_bf16, fit, make_accelerator
 from .inference import WithSoftmax, write_onnx
@@ -68,7 +67,10 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
         model = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         size = splits["val"][0].shape[-1]
-        fixed = (torch.rand(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last), torch.randint(0, 7, (batch_size,)))
+        fixed = (
+            torch.rand(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last),
+            torch.randint(0, 7, (batch_size,)),
+        )
         batches = _batches(make_loader) if make_loader else None
         done, start = 0, None
         for step in range(steps + 3):
@@ -82,8 +84,11 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
             _train_step(model, optimizer, images, labels)
             done += len(labels)
         results[source] = done / (time.perf_counter() - start)
-    out = {"synthetic_img_s": round(results["synthetic"], 1), "data_path_img_s": round(results["data_path"], 1),
-           "data_path_over_synthetic": round(results["data_path"] / results["synthetic"], 3)}
+    out = {
+        "synthetic_img_s": round(results["synthetic"], 1),
+        "data_path_img_s": round(results["data_path"], 1),
+        "data_path_over_synthetic": round(results["data_path"] / results["synthetic"], 3),
+    }
     if shard_images is not None:
         batches, done = _batches(lambda epoch: shard_images.loader(batch_size, seed=0, epoch=epoch)), 0
         next(batches)
@@ -93,9 +98,15 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
             to_float(apply_views(raw, views))
             done += len(labels)
         data_only = done / (time.perf_counter() - start)
-        out.update({"shard_workers": shard_images.num_workers, "shard_path_img_s": round(results["shards"], 1),
-                    "shard_path_over_synthetic": round(results["shards"] / results["synthetic"], 3),
-                    "shard_data_only_img_s": round(data_only, 1), "shard_data_only_over_synthetic": round(data_only / results["synthetic"], 3)})
+        out.update(
+            {
+                "shard_workers": shard_images.num_workers,
+                "shard_path_img_s": round(results["shards"], 1),
+                "shard_path_over_synthetic": round(results["shards"] / results["synthetic"], 3),
+                "shard_data_only_img_s": round(data_only, 1),
+                "shard_data_only_over_synthetic": round(data_only / results["synthetic"], 3),
+            }
+        )
     return out
 
 
@@ -126,21 +137,37 @@ def epochs(cfg: Config, splits, mean, std, cache_dir: Path, shard_split=None) ->
     if shard_split is not None:  # the same epoch with the train split streamed from shards: images/s against memory's
         shard_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, {**splits, "train": shard_split})
         seen = len(shard_split[0].loader(cfg.student.batch_size, seed=0)) * cfg.student.batch_size  # whole batches only
-        shard_figures = {"student_epoch_shards_s": round(shard_s, 2),
-                         "student_epoch_shards_over_memory": round((seen / shard_s) / (len(splits["train"][1]) / student_s), 3)}
-    cached_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits)
+        shard_figures = {
+            "student_epoch_shards_s": round(shard_s, 2),
+            "student_epoch_shards_over_memory": round((seen / shard_s) / (len(splits["train"][1]) / student_s), 3),
+        }
+    cached_s = epoch_seconds(
+        student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits
+    )
     online_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher=teacher), cfg.distill, splits)
     bf16_teacher = {}
     if torch.cuda.is_available() or cpu_has_bf16():  # the teacher alone in bf16, where the hardware has it
         kd = replace(cfg.kd, teacher_precision="bf16")
         seconds = epoch_seconds(student(), Distillation(cfg.distill, kd, teacher=teacher), cfg.distill, splits)
-        bf16_teacher = {"distill_online_bf16_teacher_epoch_s": round(seconds, 2), "distill_online_bf16_teacher_over_32": round(seconds / online_s, 3)}
-    cached_bf16_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16")
-    return {"student_epoch_s": round(student_s, 2), **shard_figures, "distill_cached_epoch_s": round(cached_s, 2),
-            "distill_online_epoch_s": round(online_s, 2), "teacher_cache_build_s": round(cache_s, 2),
-            "distill_cached_over_student": round(cached_s / student_s, 3),
-            "distill_online_over_student": round(online_s / student_s, 3), **bf16_teacher,
-            "distill_cached_bf16_epoch_s": round(cached_bf16_s, 2), "distill_cached_bf16_over_32": round(cached_bf16_s / cached_s, 3)}
+        bf16_teacher = {
+            "distill_online_bf16_teacher_epoch_s": round(seconds, 2),
+            "distill_online_bf16_teacher_over_32": round(seconds / online_s, 3),
+        }
+    cached_bf16_s = epoch_seconds(
+        student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16"
+    )
+    return {
+        "student_epoch_s": round(student_s, 2),
+        **shard_figures,
+        "distill_cached_epoch_s": round(cached_s, 2),
+        "distill_online_epoch_s": round(online_s, 2),
+        "teacher_cache_build_s": round(cache_s, 2),
+        "distill_cached_over_student": round(cached_s / student_s, 3),
+        "distill_online_over_student": round(online_s / student_s, 3),
+        **bf16_teacher,
+        "distill_cached_bf16_epoch_s": round(cached_bf16_s, 2),
+        "distill_cached_bf16_over_32": round(cached_bf16_s / cached_s, 3),
+    }
 
 
 STEP_PARTS = ("augment", "teacher_forward", "student_forward", "loss", "backward", "optimizer")
@@ -161,17 +188,28 @@ def online_breakdown(cfg: Config, splits, teacher, make_student, out: Path, step
     accelerator = make_accelerator(TrainerConfig(mixed_precision="no", progress=False))
     with tempfile.TemporaryDirectory() as folder, profile(activities=[ProfilerActivity.CPU]) as prof:
         fit(accelerator, make_student(), objective, stage, short, Path(folder), seed=0, progress_bar=False)
-    starts = sorted(event.time_range.start for event in prof.events() if event.name == "kdist/augment")[1:]  # first step: warm-up
+    starts = sorted(event.time_range.start for event in prof.events() if event.name == "kdist/augment")[
+        1:
+    ]  # first step: warm-up
     step_ms = (starts[-1] - starts[0]) / (len(starts) - 1) / 1000
     totals = {part: 0.0 for part in STEP_PARTS}
     for event in prof.events():
         part = event.name.removeprefix("kdist/")
-        if event.name.startswith("kdist/") and part in totals and event.time_range.start >= starts[0] and event.time_range.start < starts[-1]:
+        if (
+            event.name.startswith("kdist/")
+            and part in totals
+            and event.time_range.start >= starts[0]
+            and event.time_range.start < starts[-1]
+        ):
             totals[part] += event.time_range.elapsed_us() / 1000
     parts = {part: round(total / (len(starts) - 1), 2) for part, total in totals.items()}
     parts["other"] = round(step_ms - sum(parts.values()), 2)
     (out / "online_profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    return {"step_ms": round(step_ms, 2), "parts_ms": parts, "teacher_share": round(parts["teacher_forward"] / step_ms, 3)}
+    return {
+        "step_ms": round(step_ms, 2),
+        "parts_ms": parts,
+        "teacher_share": round(parts["teacher_forward"] / step_ms, 3),
+    }
 
 
 def process_scaling(cfg: Config, out: Path) -> dict:
@@ -181,17 +219,33 @@ def process_scaling(cfg: Config, out: Path) -> dict:
     figures = {}
     for processes in (1, 2):
         result_file = out / f"processes{processes}.json"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch" / "cpu.yaml"),
-                   "--num_processes", str(processes), "-m", "kdist.bench", str(result_file), json.dumps(cfg.to_dict())]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(repo / "launch" / "cpu.yaml"),
+            "--num_processes",
+            str(processes),
+            "-m",
+            "kdist.bench",
+            str(result_file),
+            json.dumps(cfg.to_dict()),
+        ]
         env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"bench under {processes} processes failed:\n{done.stderr[-2000:]}")
         figures[processes] = json.loads(result_file.read_text())
     one, two = figures[1]["img_s"], figures[2]["img_s"]
-    return {"processes1_img_s": one, "processes2_img_s": two, "processes2_over_1": round(two / one, 3),
-            "processes1_threads": figures[1]["threads"], "processes2_threads": figures[2]["threads"],
-            **{key: figures[2][key] for key in ("gather_step_ms", "local_step_ms", "gather_over_local")}}
+    return {
+        "processes1_img_s": one,
+        "processes2_img_s": two,
+        "processes2_over_1": round(two / one, 3),
+        "processes1_threads": figures[1]["threads"],
+        "processes2_threads": figures[2]["threads"],
+        **{key: figures[2][key] for key in ("gather_step_ms", "local_step_ms", "gather_over_local")},
+    }
 
 
 def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30) -> dict:
@@ -204,8 +258,11 @@ def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30)
     model = accelerator.prepare(student)
     optimizer = make_optimizer(model, stage)
     objective.to(accelerator.device)
-    loader = _batches(lambda epoch: batch_loader(*splits["train"], stage.batch_size, True, 0, accelerator.process_index,
-                                                 accelerator.num_processes, epoch))
+    loader = _batches(
+        lambda epoch: batch_loader(
+            *splits["train"], stage.batch_size, True, 0, accelerator.process_index, accelerator.num_processes, epoch
+        )
+    )
     times = {"gathered": [], "local": []}
     for step in range(steps + 2):
         raw, labels, indices, views, shifts = next(loader)
@@ -215,7 +272,9 @@ def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30)
             start = time.perf_counter()
             logits = model(images)
             targets = objective.targets(images, indices, views)
-            batch = gather_batch(accelerator, logits, labels, targets) if mode == "gathered" else (logits, labels, targets)
+            batch = (
+                gather_batch(accelerator, logits, labels, targets) if mode == "gathered" else (logits, labels, targets)
+            )
             loss, _ = objective.loss(*batch)
             accelerator.backward(loss)
             optimizer.step()
@@ -223,7 +282,11 @@ def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30)
             if step >= 2:
                 times[mode].append(time.perf_counter() - start)
     gathered, local = (1000 * float(np.median(times[mode])) for mode in ("gathered", "local"))
-    return {"gather_step_ms": round(gathered, 2), "local_step_ms": round(local, 2), "gather_over_local": round(gathered / local, 3)}
+    return {
+        "gather_step_ms": round(gathered, 2),
+        "local_step_ms": round(local, 2),
+        "gather_over_local": round(gathered / local, 3),
+    }
 
 
 def _process_worker(result_file: str, cfg_json: str) -> None:
@@ -247,13 +310,26 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()  # every process has read the kept weights back
     torch.manual_seed(0)
-    costs = gather_cost(accelerator, create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
-                        Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits)
+    costs = gather_cost(
+        accelerator,
+        create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
+        Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache),
+        cfg.distill,
+        splits,
+    )
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
-        Path(result_file).write_text(json.dumps({"img_s": round(len(splits["train"][1]) / seconds, 1), "epoch_s": round(seconds, 2),
-                                                 "processes": accelerator.num_processes, "threads": torch.get_num_threads(),
-                                                 **costs}))
+        Path(result_file).write_text(
+            json.dumps(
+                {
+                    "img_s": round(len(splits["train"][1]) / seconds, 1),
+                    "epoch_s": round(seconds, 2),
+                    "processes": accelerator.num_processes,
+                    "threads": torch.get_num_threads(),
+                    **costs,
+                }
+            )
+        )
 
 
 @torch.inference_mode()
@@ -292,11 +368,15 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
         with FlopCounterMode(display=False) as counter:
             with torch.inference_mode():
                 model(torch.rand(1, 3, size, size))
-        out[role] = {"arch": model.arch, "input_size": spec.input_size or size, "params": count_params(model),
-                     "flops_per_image": counter.get_total_flops(),
-                     "latency_ms_batch1": round(latency_ms(model, size, 1, 30), 2),
-                     "latency_ms_batch256": round(latency_ms(model, size, 256, 3), 1),
-                     **onnx_latency_ms(model, size, folder)}
+        out[role] = {
+            "arch": model.arch,
+            "input_size": spec.input_size or size,
+            "params": count_params(model),
+            "flops_per_image": counter.get_total_flops(),
+            "latency_ms_batch1": round(latency_ms(model, size, 1, 30), 2),
+            "latency_ms_batch256": round(latency_ms(model, size, 256, 3), 1),
+            **onnx_latency_ms(model, size, folder),
+        }
     return out
 
 
@@ -307,26 +387,44 @@ def shard_train(cfg: Config):
     from .study_data import loader_workers, locate_shards
 
     folder, manifest = locate_shards(cfg.data)
-    return ShardImages(folder, manifest, "train", cfg.data.size, url_template=cfg.data.shard_url,
-                       num_workers=loader_workers(cfg.data.num_workers))
+    return ShardImages(
+        folder,
+        manifest,
+        "train",
+        cfg.data.size,
+        url_template=cfg.data.shard_url,
+        num_workers=loader_workers(cfg.data.num_workers),
+    )
 
 
-def run_bench(cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None, processes: bool = True) -> dict:
+def run_bench(
+    cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None, processes: bool = True
+) -> dict:
     full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
     mean, std = channel_stats(full["train"][0])
     splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     shards = shard_train(cfg)  # the same subset as the in-memory split (subset() draws train first)
-    shard_split = subset({**full, "train": (shards, full["train"][1])}, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)["train"]
+    shard_split = subset(
+        {**full, "train": (shards, full["train"][1])}, cfg.data.train_subset, cfg.data.val_subset, cfg.seed
+    )["train"]
     out.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
         "train_images": len(splits["train"][1]),
         "throughput": throughput(cfg, splits, mean, std, steps, shard_split[0]),
         "epochs": epochs(cfg, splits, mean, std, out / "cache", shard_split),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
-        "online_step": online_breakdown(cfg, splits, create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval(),
-                                        lambda: create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size), out,
-                                        steps=max(2, min(steps, 20))),
+        "online_step": online_breakdown(
+            cfg,
+            splits,
+            create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval(),
+            lambda: create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
+            out,
+            steps=max(2, min(steps, 20)),
+        ),
     }
     if processes:
         report["processes"] = process_scaling(cfg, out)
@@ -343,33 +441,56 @@ def format_bench(report: dict) -> str:
         "student training throughput (images/s)",
         f"  synthetic tensors   {t['synthetic_img_s']:10.1f}",
         f"  kdist data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
-        f"  shards, {t['shard_workers']} workers  {t['shard_path_img_s']:10.1f}   ratio {t['shard_path_over_synthetic']:.3f}",
-        f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio {t['shard_data_only_over_synthetic']:.3f}  (read + collate + augment)",
+        f"  shards, {t['shard_workers']} workers  {t['shard_path_img_s']:10.1f}   ratio "
+        f"{t['shard_path_over_synthetic']:.3f}",
+        f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio {t['shard_data_only_over_synthetic']:.3f}  "
+        "(read + collate + augment)",
         "  (shards that fit data.memory_mb are decoded once and are the data path itself; the shard rows stream)",
         "one training epoch (s)",
         f"  student alone       {e['student_epoch_s']:10.2f}",
-        *([f"  student, shards     {e['student_epoch_shards_s']:10.2f}   images/s over memory's {e['student_epoch_shards_over_memory']:.3f}"]
-          if "student_epoch_shards_s" in e else []),
+        *(
+            [
+                f"  student, shards     {e['student_epoch_shards_s']:10.2f}   images/s over memory's "
+                f"{e['student_epoch_shards_over_memory']:.3f}"
+            ]
+            if "student_epoch_shards_s" in e
+            else []
+        ),
         f"  distill, cached     {e['distill_cached_epoch_s']:10.2f}   / student {e['distill_cached_over_student']:.3f}",
         f"  distill, online     {e['distill_online_epoch_s']:10.2f}   / student {e['distill_online_over_student']:.3f}",
-        f"  distill, cached bf16{e['distill_cached_bf16_epoch_s']:10.2f}   / 32-bit {e['distill_cached_bf16_over_32']:.3f}",
-        *([f"  distill, online, bf16 teacher {e['distill_online_bf16_teacher_epoch_s']:.2f}   / 32-bit teacher "
-           f"{e['distill_online_bf16_teacher_over_32']:.3f}"] if "distill_online_bf16_teacher_epoch_s" in e else []),
+        f"  distill, cached bf16{e['distill_cached_bf16_epoch_s']:10.2f}   / 32-bit "
+        f"{e['distill_cached_bf16_over_32']:.3f}",
+        *(
+            [
+                f"  distill, online, bf16 teacher {e['distill_online_bf16_teacher_epoch_s']:.2f}   / 32-bit teacher "
+                f"{e['distill_online_bf16_teacher_over_32']:.3f}"
+            ]
+            if "distill_online_bf16_teacher_epoch_s" in e
+            else []
+        ),
         f"  teacher cache build {e['teacher_cache_build_s']:10.2f}   (once per teacher)",
         f"an online distillation step (ms, torch profiler; top operators in online_profile.txt): {o['step_ms']:.1f}",
         "  " + "  ".join(f"{part} {ms:.1f}" for part, ms in o["parts_ms"].items()),
         "inference (CPU)                     params  MFLOPs/img  torch ms@1  ms@256  onnxruntime ms@1  ms@256",
     ]
     for role, m in report["models"].items():
-        lines.append(f"  {role:8s} {m['arch']:16s} {m['input_size']:3d}px {m['params'] / 1e6:5.2f}M  {m['flops_per_image'] / 1e6:9.1f}  "
-                     f"{m['latency_ms_batch1']:10.2f}  {m['latency_ms_batch256']:6.1f}  {m['onnx_latency_ms_batch1']:16.2f}  {m['onnx_latency_ms_batch256']:6.1f}")
+        lines.append(
+            f"  {role:8s} {m['arch']:16s} {m['input_size']:3d}px {m['params'] / 1e6:5.2f}M  "
+            f"{m['flops_per_image'] / 1e6:9.1f}  "
+            f"{m['latency_ms_batch1']:10.2f}  {m['latency_ms_batch256']:6.1f}  {m['onnx_latency_ms_batch1']:16.2f}  "
+            f"{m['onnx_latency_ms_batch256']:6.1f}"
+        )
     if report.get("processes"):
         p = report["processes"]
-        lines += ["one cached distillation epoch under accelerate launch (images/s)",
-                  f"  1 process ({p['processes1_threads']} threads)  {p['processes1_img_s']:8.1f}",
-                  f"  2 processes ({p['processes2_threads']} thread each) {p['processes2_img_s']:6.1f}   ratio {p['processes2_over_1']:.3f}",
-                  "a distillation step on 2 processes: the loss on the gathered global batch vs each process's own (ms)",
-                  f"  gathered {p['gather_step_ms']:8.2f}   local {p['local_step_ms']:8.2f}   ratio {p['gather_over_local']:.3f}"]
+        lines += [
+            "one cached distillation epoch under accelerate launch (images/s)",
+            f"  1 process ({p['processes1_threads']} threads)  {p['processes1_img_s']:8.1f}",
+            f"  2 processes ({p['processes2_threads']} thread each) {p['processes2_img_s']:6.1f}   ratio "
+            f"{p['processes2_over_1']:.3f}",
+            "a distillation step on 2 processes: the loss on the gathered global batch vs each process's own (ms)",
+            f"  gathered {p['gather_step_ms']:8.2f}   local {p['local_step_ms']:8.2f}   ratio "
+            f"{p['gather_over_local']:.3f}",
+        ]
     if report.get("run_wall_time_s"):
         lines.append(f"kdist run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
     return "\n".join(lines)

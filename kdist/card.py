@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from .metrics import mean_std_text
+
 
 def _pm(stat, pct=True) -> str:
-    mean, std, values = stat
-    if mean is None:
+    """mean ± std as the report writes it, and over how many seeds."""
+    seeds = len(stat[2])
+    if stat[0] is None:
         return "n/a"
-    scale = 100 if pct else 1
-    unit = "%" if pct else ""
-    spread = f" ± {std * scale:.2f}{unit} (std over {len(values)} seeds)" if len(values) > 1 else " (one seed)"
-    return f"{mean * scale:.2f}{unit}{spread}"
+    return mean_std_text(stat, pct) + (f" (std over {seeds} seeds)" if seeds > 1 else " (one seed)")
 
 
 def model_card(summary: dict, first: dict, n_seeds: int) -> str:
@@ -18,15 +18,20 @@ def model_card(summary: dict, first: dict, n_seeds: int) -> str:
     test = distilled["test"]
     per_class = first["models"]["distilled"]["test"]["per_class"]
     weakest = sorted(per_class.items(), key=lambda kv: kv[1]["recall"])[:3]
-    weak_lines = "\n".join(f"- {name}: recall {m['recall']:.2f}, precision {m['precision']:.2f} ({m['support']} test images)"
-                           for name, m in weakest)
+    weak_lines = "\n".join(
+        f"- {name}: recall {m['recall']:.2f}, precision {m['precision']:.2f} ({m['support']} test images)"
+        for name, m in weakest
+    )
     compare = []
     for label, entry in (("teacher", teacher), ("student trained alone", student)):
         if entry:
-            compare.append(f"- {label} ({entry['arch']}, {entry['params'] / 1e6:.2f}M params): test accuracy {_pm(entry['test']['acc'])}")
+            compare.append(
+                f"- {label} ({entry['arch']}, {entry['params'] / 1e6:.2f}M params): test accuracy "
+                f"{_pm(entry['test']['acc'])}"
+            )
     compare = "\n".join(compare)
     teacher_name = f"a `{teacher['arch']}` teacher" if teacher else "its teacher"  # the one the study really used
-    return f"""# Model card: kdist distilled student ({distilled['arch']})
+    return f"""# Model card: kdist distilled student ({distilled["arch"]})
 
 ## Intended use
 Research and teaching on knowledge distillation for skin-lesion classification. **Not a medical
@@ -34,9 +39,9 @@ device**: it must not be used to diagnose, triage or reassure patients. Outputs 
 over 7 HAM10000 classes for a dermoscopic image, not a clinical finding.
 
 ## Model
-- Architecture: torchvision `{distilled['arch']}`, {distilled['params'] / 1e6:.2f}M parameters, 7 outputs.
+- Architecture: torchvision `{distilled["arch"]}`, {distilled["params"] / 1e6:.2f}M parameters, 7 outputs.
 - Trained by distillation from {teacher_name} (see `config.yaml` for the method, T and alpha).
-- Input: RGB images centre-cropped to a square and resized to {first['size']} px, normalised with
+- Input: RGB images centre-cropped to a square and resized to {first["size"]} px, normalised with
   train-split statistics stored in the weights file (`distilled.safetensors`, with metadata).
 
 ## Data and licence
@@ -46,19 +51,19 @@ HAM10000 is CC BY-NC-SA 4.0 and DermaMNIST CC BY-NC 4.0: non-commercial use with
 inherit the non-commercial terms.
 
 ## Metrics (test split, checkpoint chosen on val)
-- Accuracy: {_pm(test['acc'])}
-- AUC (mean one-vs-rest): {_pm(test['auc'], pct=False)}
-- Balanced accuracy: {_pm(test['balanced_acc'])}
-- Macro F1: {_pm(test['macro_f1'], pct=False)}
-- Melanoma recall: {_pm(test['mel_recall'])}
-- Always answering "nevus" scores {100 * summary['majority']['test']['acc'][0]:.2f}% accuracy.
+- Accuracy: {_pm(test["acc"])}
+- AUC (mean one-vs-rest): {_pm(test["auc"], pct=False)}
+- Balanced accuracy: {_pm(test["balanced_acc"])}
+- Macro F1: {_pm(test["macro_f1"], pct=False)}
+- Melanoma recall: {_pm(test["mel_recall"])}
+- Always answering "nevus" scores {100 * summary["majority"]["test"]["acc"][0]:.2f}% accuracy.
 {compare}
 
-## Per-class weaknesses (seed {first['seed']})
+## Per-class weaknesses (seed {first["seed"]})
 {weak_lines}
 
 ## Calibration
-Expected calibration error (15 bins) on test: {_pm(test['ece'], pct=False)}. See `figures/reliability.png`.
+Expected calibration error (15 bins) on test: {_pm(test["ece"], pct=False)}. See `figures/reliability.png`.
 Probabilities are not calibrated for clinical decision thresholds.
 
 ## Known limits

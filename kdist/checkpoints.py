@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 
-from .files import atomic_output, atomic_write_text
-
+from .files import atomic_write_text
+from .models import save_weights
 
 # --- stopping early on request (preemption, time limits) ------------------------------------------------
 
@@ -58,16 +57,22 @@ class StopWatch:
             return local
         return accelerator.reduce(torch.tensor(float(local), device=accelerator.device), "max").item() > 0
 
+    def __enter__(self) -> "StopWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
 
-# --- the progress record, checkpointed with the model ---------------------------------------------------
+# --- the training state, checkpointed with the model ---------------------------------------------------
 
 
 @dataclass
-class Progress:
+class TrainState:
     """What a resumed stage needs besides weights and optimizer: where it is, its best epoch, its curves."""
 
     epoch: int = 0  # the epoch to run next (or to finish, when step_in_epoch > 0)
@@ -81,14 +86,14 @@ class Progress:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Progress":
+    def from_json(cls, text: str) -> "TrainState":
         return cls(**json.loads(text))
 
 
 # --- files ----------------------------------------------------------------------------------------
 
 
-def save_last(accelerator: Accelerator, folder: Path, progress: Progress, ema=None) -> None:
+def save_last(accelerator: Accelerator, folder: Path, state: TrainState, ema=None) -> None:
     """save_state (model, optimizer, scheduler, RNG) plus progress.json and the EMA weights into last.new,
     then swap it for last: a kill at any moment leaves one whole checkpoint. Nothing of kdist's goes through
     register_for_checkpointing, whose load_state unpickles; Accelerate reads its own files weights_only."""
@@ -100,8 +105,8 @@ def save_last(accelerator: Accelerator, folder: Path, progress: Progress, ema=No
     accelerator.wait_for_everyone()  # save_state has no barrier of its own
     if accelerator.is_main_process:
         if ema is not None:
-            save_weights_file(ema, new / "ema.safetensors")  # with n_averaged, so a resume averages on
-        (new / "progress.json").write_text(progress.to_json())
+            save_weights(ema, new / "ema.safetensors")  # with n_averaged, so a resume averages on
+        (new / "progress.json").write_text(state.to_json())
         if last.exists():
             last.rename(old)
         new.rename(last)
@@ -115,12 +120,6 @@ def last_checkpoint(folder: Path) -> Path | None:
         if (folder / name / "progress.json").exists():
             return folder / name
     return None
-
-
-def save_weights_file(model: torch.nn.Module, path: Path) -> None:
-    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    with atomic_output(path) as tmp:
-        save_file(state, str(tmp))
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -16,7 +16,20 @@ import click
 from . import KdistError, __version__
 from .distill import command as distill_command
 from .evaluate import command as evaluate_command
-from .options import PATH, SEEDS, default_out, flatten_seeds, holds_this_run, invoke, open_study, resolve_config, resume_option, study_options, summary, views_option
+from .options import (
+    PATH,
+    SEEDS,
+    default_out,
+    flatten_seeds,
+    holds_this_run,
+    invoke,
+    open_study,
+    resolve_config,
+    resume_option,
+    study_options,
+    summary,
+    views_option,
+)
 from .shards import command as shards_command
 from .train import command as train_command
 from .wandb_report import command as wandb_report_command
@@ -39,7 +52,9 @@ cli.add_command(shards_command)
 
 
 @cli.command()
-@click.option("--seeds", type=SEEDS, multiple=True, help="e.g. 0,1,2: run once per seed into OUT/seed<N>/ and report mean ± std")
+@click.option(
+    "--seeds", type=SEEDS, multiple=True, help="e.g. 0,1,2: run once per seed into OUT/seed<N>/ and report mean ± std"
+)
 @resume_option
 @study_options
 def run(seeds, **opts):
@@ -71,10 +86,20 @@ def run(seeds, **opts):
 
 @cli.command()
 @click.argument("sweep_config", type=PATH)
-@click.option("--val-only", is_flag=True,
-              help="run the grid and write its val table, test nothing; a rerun without it reuses the runs and tests the chosen point")
-@click.option("--seeds", "only_seeds", type=SEEDS, multiple=True,
-              help="run only these of the sweep's seeds and write no table (one process per seed, side by side); a rerun without it gathers them")
+@click.option(
+    "--val-only",
+    is_flag=True,
+    help="run the grid and write its val table, test nothing; a rerun without it reuses the runs and tests the "
+    "chosen point",
+)
+@click.option(
+    "--seeds",
+    "only_seeds",
+    type=SEEDS,
+    multiple=True,
+    help="run only these of the sweep's seeds and write no table (one process per seed, side by side); a rerun "
+    "without it gathers them",
+)
 @study_options(without=("config", "seed"))  # the sweep file names the base config and the seeds
 def sweep(sweep_config, val_only, only_seeds, **opts):
     """Ablation grid of KD settings on val; only the chosen point is tested, once per seed."""
@@ -83,7 +108,10 @@ def sweep(sweep_config, val_only, only_seeds, **opts):
 
     only_seeds = flatten_seeds(only_seeds)
     out = opts.get("out") or default_out("sweep-")
-    if run_sweep(sweep_config, out, config_overrides(opts), val_only=val_only, only_seeds=list(only_seeds) or None) is None:
+    if (
+        run_sweep(sweep_config, out, config_overrides(opts), val_only=val_only, only_seeds=list(only_seeds) or None)
+        is None
+    ):
         click.echo(f"seeds {list(only_seeds)} done in {out}; rerun without --seeds for the table")
     else:
         click.echo((out / "sweep.md").read_text())
@@ -117,7 +145,9 @@ def predict(weights, paths, teacher, out, batch_size, views):
 @click.argument("weights", type=PATH)
 @click.option("--onnx", "onnx_path", type=PATH, required=True, help="output .onnx file")
 @click.option("--data-root", help="folder with dermamnist.npz, for the check on test images")
-@click.option("--check-images", type=int, default=512, show_default=True, help="test images to compare on (0: skip the check)")
+@click.option(
+    "--check-images", type=int, default=512, show_default=True, help="test images to compare on (0: skip the check)"
+)
 @views_option
 def export(weights, onnx_path, data_root, check_images, views):
     """Export weights to ONNX and check it against PyTorch on real test images."""
@@ -127,7 +157,9 @@ def export(weights, onnx_path, data_root, check_images, views):
     images = load_dermamnist(data_root, data_size(weights))["test"][0][:check_images] if check_images else None
     report = export_onnx(weights, onnx_path, images, views=views)
     if images is not None and report["max_abs_diff_probabilities"] >= 1e-4:
-        raise KdistError(f"ONNX and PyTorch disagree: max abs difference {report['max_abs_diff_probabilities']:.2e} >= 1e-4")
+        raise KdistError(
+            f"ONNX and PyTorch disagree: max abs difference {report['max_abs_diff_probabilities']:.2e} >= 1e-4"
+        )
     click.echo(json.dumps(report, indent=2))
 
 
@@ -148,10 +180,18 @@ def serve(weights, teacher, host, port, views):
 
 @cli.command()
 @click.option("--steps", type=int, default=30, show_default=True, help="timed training steps per throughput figure")
-@click.option("--results", type=PATH, default=None, help="a run's results.json whose wall time to report beside the figures")
-@click.option("--processes/--no-processes", default=True, show_default=True,
-              help="also time a distillation epoch under `accelerate launch` with 1 and 2 processes")
-@study_options(without=("teacher_mode", "tracker", "pretrained"))  # bench times both teacher modes itself, tracks nothing
+@click.option(
+    "--results", type=PATH, default=None, help="a run's results.json whose wall time to report beside the figures"
+)
+@click.option(
+    "--processes/--no-processes",
+    default=True,
+    show_default=True,
+    help="also time a distillation epoch under `accelerate launch` with 1 and 2 processes",
+)
+@study_options(
+    without=("teacher_mode", "tracker", "pretrained")
+)  # bench times both teacher modes itself, tracks nothing
 def bench(steps, results, processes, **opts):
     """Speed figures: data path, cached vs online distillation, the online step's breakdown, 32-bit vs bf16, 1 vs 2
     processes, latency, FLOPs."""

@@ -69,7 +69,9 @@ def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
     for split in SPLITS:
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
         if images is None or labels is None:
-            raise KdistError(f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file")
+            raise KdistError(
+                f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file"
+            )
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise KdistError(
                 f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 (N, {size}, {size}, 3); "
@@ -84,7 +86,9 @@ def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
                 f"medmnist's DermaMNIST has {SPLIT_SIZES[split]}; use the official file"
             )
         if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise KdistError(f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}")
+            raise KdistError(
+                f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}"
+            )
         # NHWC -> NCHW view: the memory stays NHWC, i.e. already channels_last.
         splits[split] = (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels))
     return splits
@@ -178,8 +182,14 @@ def augment(raw: torch.Tensor, views: torch.Tensor, shifts: torch.Tensor, transl
     return apply_shifts(to_float(apply_views(raw, views)), shifts, translate)
 
 
-def mix_batch(images: torch.Tensor, rng: np.random.Generator, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-              batch: torch.Tensor | None = None, offset: int = 0):
+def mix_batch(
+    images: torch.Tensor,
+    rng: np.random.Generator,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    batch: torch.Tensor | None = None,
+    offset: int = 0,
+):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a float batch with a shuffled copy of itself:
     (mixed images, (lam, perm)), where image i is lam parts of images[i] and 1 - lam parts of images[perm[i]].
     With both alphas set, each batch is one or the other at even odds (as timm does). Drawn from `rng`, so
@@ -244,8 +254,18 @@ class EpochBatchSampler(Sampler):
     takes slice `rank` of every micro-batch. So every global batch holds the same samples, views and shifts
     whatever the process count. Unshuffled (evaluation): every batch in order, in view 0, unshifted."""
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 epoch: int = 0, translate: int = 0, accumulation: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        epoch: int = 0,
+        translate: int = 0,
+        accumulation: int = 1,
+    ):
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.shuffle, self.epoch, self.translate, self.accumulation = shuffle, epoch, translate, accumulation
         if shuffle and batch_size % (world_size * accumulation):
@@ -262,7 +282,11 @@ class EpochBatchSampler(Sampler):
         if not self.shuffle:
             order = torch.arange(self.n)
             zeros = torch.zeros(self.n, dtype=torch.long)
-            return zip(order.split(self.batch_size), zeros.split(self.batch_size), torch.zeros(self.n, 2, dtype=torch.long).split(self.batch_size))
+            return zip(
+                order.split(self.batch_size),
+                zeros.split(self.batch_size),
+                torch.zeros(self.n, 2, dtype=torch.long).split(self.batch_size),
+            )
         order, views, shifts = epoch_draws(self.n, self.seed, self.epoch, self.translate)
         used = self.n - self.n % self.batch_size
         # position p of the epoch belongs to slice (p // per_process) % world_size of its micro-batch
@@ -275,13 +299,27 @@ class EpochBatchSampler(Sampler):
         return self.n // self.batch_size * self.accumulation
 
 
-def batch_loader(images, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 translate: int = 0, accumulation: int = 1) -> DataLoader:
+def batch_loader(
+    images,
+    labels,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    translate: int = 0,
+    accumulation: int = 1,
+) -> DataLoader:
     """In-memory batches (uint8 images, labels, indices, views, shifts); see EpochBatchSampler."""
-    sampler = EpochBatchSampler(len(labels), batch_size, seed, rank, world_size, shuffle, epoch, translate, accumulation)
+    sampler = EpochBatchSampler(
+        len(labels), batch_size, seed, rank, world_size, shuffle, epoch, translate, accumulation
+    )
     # batch_size=None: the sampler already yields whole batches. The loader's own generator keeps
     # iterator creation (which draws a base seed) off the global RNG that dropout uses.
-    return DataLoader(IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator())
+    return DataLoader(
+        IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator()
+    )
 
 
 def subset(splits, train: int | None, val: int | None, seed: int):

@@ -13,8 +13,14 @@ from .options import PATH, entry_point, open_study, resume_option, study_options
 
 
 @click.command("distill")
-@click.option("--teacher", "teachers", type=PATH, required=True, multiple=True,
-              help="teacher weights (.safetensors written by kdist); repeat it to distill an ensemble's mean logits")
+@click.option(
+    "--teacher",
+    "teachers",
+    type=PATH,
+    required=True,
+    multiple=True,
+    help="teacher weights (.safetensors written by kdist); repeat it to distill an ensemble's mean logits",
+)
 @click.option("--weights", type=PATH, help="local safetensors state dict to start the student from")
 @val_only_option
 @resume_option
@@ -23,7 +29,7 @@ def command(teachers, **opts):
     """Distill the student from trained teacher weights; the teacher is evaluated beside it."""
     from .models import load_teacher
     from .options import planned_config
-    from .pipeline import distill_stage, evaluate, recorded
+    from .pipeline import distill_stage, record_model, recorded
 
     # The teachers are read before the run folder is touched: a missing or wrong file changes nothing. One file
     # must hold the configured teacher (teacher_model.arch; --set it for another).
@@ -31,7 +37,7 @@ def command(teachers, **opts):
     study = open_study(opts, "distill", "student")
     distill_stage(study, teacher)
     if not recorded(study, "teacher"):
-        evaluate(study, "teacher", teacher)  # the teacher (or ensemble) beside its student in results.json
+        record_model(study, "teacher", teacher)  # the teacher (or ensemble) beside its student in results.json
     if study.is_main:
         click.echo(summary(study.out / "results.json"))
 

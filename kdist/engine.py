@@ -15,7 +15,7 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
   same autocast) and sees the same augmented batch as the student (`teacher_mode: online`), or its
   logits are looked up in the exact cache of cache.py (`teacher_mode: cached`, the fast path on CPUs);
 - every epoch ends with `save_state` into <stage>/checkpoints/last (model, optimizer, scheduler and the
-  progress record); `--resume` loads it and goes on. The best-on-val weights are kept beside it.
+  training state, checkpoints.TrainState); `--resume` loads it and goes on. The best-on-val weights are kept beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import contextlib
 import os
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,12 +42,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import KdistError
 from .cache import logits_for_all_views
+from .checkpoints import StopRequested, StopWatch, TrainState, last_checkpoint, save_last, write_history
 from .config import KDConfig, StageConfig, TrainerConfig
 from .data import augment, batch_loader, epoch_seed, mix_batch, to_float
-from .checkpoints import Progress, StopRequested, StopWatch, last_checkpoint, save_last, save_weights_file, write_history
 from .inference import check_views, view_logits
-from .losses import distillation_terms
-from .models import frozen_copy
+from .losses import distillation_terms, mix_terms
+from .models import frozen_copy, save_weights
 from .shard_data import ShardImages
 
 
@@ -74,9 +76,12 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
     use_cpu = cpu_requested(trainer)
     if not use_cpu and not torch.cuda.is_available():
         if launched_for_gpus():
-            raise KdistError(f"this launch asks for GPUs but torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
-                             f"{torch.version.cuda}); fix the driver or the torch build (README: Installing on a cluster), or run on "
-                             "CPUs with --config_file launch/cpu.yaml, ACCELERATE_USE_CPU=true or --cpu")
+            raise KdistError(
+                f"this launch asks for GPUs but torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda}); fix the driver or the torch build (README: Installing on a cluster), or run "
+                "on "
+                "CPUs with --config_file launch/cpu.yaml, ACCELERATE_USE_CPU=true or --cpu"
+            )
         use_cpu = True  # a plain command (no launcher) on a machine without CUDA: one CPU process
     if not torch.distributed.is_initialized():  # a second command in one Python process (tests) starts afresh
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -88,8 +93,9 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
         log_with=log_with(trainer.tracker),
         mixed_precision=trainer.mixed_precision,
         # Steps are counted across epochs (kdist's train loader is not a prepared one).
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=trainer.gradient_accumulation_steps,
-                                                                adjust_scheduler=False, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=trainer.gradient_accumulation_steps, adjust_scheduler=False, sync_with_dataloader=False
+        ),
         # kdist steps the scheduler itself, once per optimizer step: the schedule is one of optimizer steps,
         # whatever the process count (Accelerate would step it once per process, for per-process batches).
         step_scheduler_with_optimizer=False,
@@ -111,10 +117,16 @@ def per_process_batch(batch_size: int, processes: int, accumulation: int) -> int
     if batch_size % (processes * accumulation):
         share = batch_size // accumulation if batch_size % accumulation == 0 else None
         works = [n for n in range(1, (share or 0) + 1) if share % n == 0] if share else []
-        raise KdistError(f"global batch {batch_size} does not divide into {processes} processes x {accumulation} accumulation steps; "
-                         + (f"process counts that work with {accumulation} accumulation step(s): {', '.join(map(str, works))}"
-                            if works else "choose a batch size divisible by trainer.gradient_accumulation_steps")
-                         + "; or change batch_size (--set STAGE.batch_size=N)")
+        raise KdistError(
+            f"global batch {batch_size} does not divide into {processes} processes x {accumulation} accumulation "
+            "steps; "
+            + (
+                f"process counts that work with {accumulation} accumulation step(s): {', '.join(map(str, works))}"
+                if works
+                else "choose a batch size divisible by trainer.gradient_accumulation_steps"
+            )
+            + "; or change batch_size (--set STAGE.batch_size=N)"
+        )
     return batch_size // (processes * accumulation)
 
 
@@ -122,15 +134,20 @@ def describe_batch(accelerator: Accelerator, batch_size: int) -> str:
     """e.g. "4 processes on cpu: global batch 128 = 32 per process x 4 x 1 accumulation step"."""
     processes, accumulation = accelerator.num_processes, accelerator.gradient_accumulation_steps
     per_process = per_process_batch(batch_size, processes, accumulation)
-    return (f"{processes} process{'es' if processes > 1 else ''} on {accelerator.device.type}: global batch {batch_size} = "
-            f"{per_process} per process x {processes} x {accumulation} accumulation step{'s' if accumulation > 1 else ''}")
+    return (
+        f"{processes} process{'es' if processes > 1 else ''} on {accelerator.device.type}: global batch {batch_size} = "
+        f"{per_process} per process x {processes} x {accumulation} accumulation step{'s' if accumulation > 1 else ''}"
+    )
 
 
 def warn_if_bf16_is_emulated(mixed_precision: str) -> None:
     """Warn about bf16 on a CPU that emulates it: measured 35x slower than float32 on an AVX2-only EPYC."""
     if mixed_precision == "bf16" and not cpu_has_bf16():  # the probe runs only when bf16 is asked for
-        warnings.warn("mixed precision bf16 on a CPU without bf16 hardware (no AMX or AVX-512 BF16) trains far slower "
-                      "than float32 (35x measured); use --mixed-precision no", stacklevel=3)
+        warnings.warn(
+            "mixed precision bf16 on a CPU without bf16 hardware (no AMX or AVX-512 BF16) trains far slower "
+            "than float32 (35x measured); use --mixed-precision no",
+            stacklevel=3,
+        )
 
 
 # --- what a batch costs: cross-entropy, or distillation from a frozen teacher ---------------------------
@@ -148,8 +165,13 @@ class Supervised:
         return self
 
     def cross_entropy(self, logits, labels, mix=None) -> torch.Tensor:
-        """Cross-entropy on the labels, or on the mixed labels of a mixed batch: lam * CE(y) + (1 - lam) * CE(y[perm])."""
-        ce = lambda targets: F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.stage.label_smoothing)  # noqa: E731
+        """Cross-entropy on the labels, or on the mixed labels of a mixed batch:
+        lam * CE(y) + (1 - lam) * CE(y[perm])."""
+
+        def ce(targets):
+            smoothing = self.stage.label_smoothing
+            return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=smoothing)
+
         if mix is None:
             return ce(labels)
         lam, perm = mix
@@ -176,14 +198,23 @@ class Distillation(Supervised):
     kd.teacher_views = mean the target is the teacher's mean over all 8 views instead.
     """
 
-    def __init__(self, stage: StageConfig, kd: KDConfig, teacher=None, teacher_logits_cache=None, class_weights=None,
-                 autocast=None):
+    def __init__(
+        self,
+        stage: StageConfig,
+        kd: KDConfig,
+        teacher=None,
+        teacher_logits_cache=None,
+        class_weights=None,
+        autocast=None,
+    ):
         super().__init__(stage, class_weights)
         if (teacher is None) == (teacher_logits_cache is None):
             raise ValueError("give exactly one of teacher and teacher_logits_cache")
         self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
         self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
-        self.autocast = autocast or contextlib.nullcontext  # the teacher's: the student's (accelerator.autocast), or bf16's (to())
+        self.autocast = (
+            autocast or contextlib.nullcontext
+        )  # the teacher's: the student's (accelerator.autocast), or bf16's (to())
         if teacher is not None:
             self.teacher = frozen_copy(teacher)  # BatchNorms folded into the convolutions: the same logits, faster
             if kd.compile_teacher:  # compiled lazily, on the first batch, on the device the teacher is then on
@@ -216,14 +247,17 @@ class Distillation(Supervised):
     def loss(self, logits, labels, targets=None, mix=None):
         kd = self.kd
         if mix is not None and self.cache is not None:
-            raise KdistError("mixup/cutmix needs the teacher online (kd.teacher_mode: online): the cache holds its outputs on unmixed images")
-        kd_term, ce_term = distillation_terms(logits, targets, labels, kd.method, kd.temperature, kd.standardize, kd.options,
-                                              self.class_weights)
+            raise KdistError(
+                "mixup/cutmix needs the teacher online (kd.teacher_mode: online): the cache holds its outputs on "
+                "unmixed images"
+            )
+        kd_term, ce_term = distillation_terms(
+            logits, targets, labels, kd.method, kd.temperature, kd.standardize, kd.options, self.class_weights
+        )
         if mix is not None:  # the teacher saw the mixed batch; the labels only count on request, mixed
             ce_term = self.cross_entropy(logits, labels, mix)
-            loss = kd.alpha * kd_term + (1 - kd.alpha) * ce_term if kd.mixed_ce else kd_term
-        else:
-            loss = kd_term if kd.alpha == 1.0 else kd.alpha * kd_term + (1 - kd.alpha) * ce_term
+        alpha = kd.alpha if mix is None or kd.mixed_ce else 1.0
+        loss = mix_terms(kd_term, ce_term, alpha)
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
 
 
@@ -243,7 +277,9 @@ def gather_batch(accelerator: Accelerator, logits: torch.Tensor, *others):
     return (gathered, *(None if t is None else accelerator.gather(t) for t in others))
 
 
-def train_loader(images, labels, stage: StageConfig, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, accumulation: int = 1):
+def train_loader(
+    images, labels, stage: StageConfig, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, accumulation: int = 1
+):
     """One epoch of train batches (uint8 images, labels, positions, views, shifts) for process `rank`: this process's
     slice of every micro-batch of the global order (data.EpochBatchSampler), or, for shards too large for
     memory, streamed (shard_data.ShardImages). `stage.batch_size` is the global batch."""
@@ -267,15 +303,20 @@ def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def eval_loader(accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> DataLoader:
+def eval_loader(
+    accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
+) -> DataLoader:
     """A prepared loader of (uint8 images, labels): each process a shard, padded to equal length;
     `gather_for_metrics` drops the padding again."""
-    return accelerator.prepare_data_loader(DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False))
+    return accelerator.prepare_data_loader(
+        DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+    )
 
 
 @torch.no_grad()
-def gathered_logits(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    views: str = "one") -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_logits(
+    accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, views: str = "one"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) float32 logits and (N,) labels of the whole split, in order, on every process: each process
     runs its shard, then `gather_for_metrics` joins them without duplicates."""
     check_views(views)
@@ -290,8 +331,9 @@ def gathered_logits(accelerator: Accelerator, model: torch.nn.Module, images: to
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def predict_probs(accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  views: str = "one") -> np.ndarray:
+def split_probs(
+    accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, views: str = "one"
+) -> np.ndarray:
     """Softmax probabilities of the whole split, computed by every process on its shard."""
     logits, _ = gathered_logits(accelerator, model, images, labels, views)
     return torch.softmax(logits, dim=1).numpy()
@@ -300,8 +342,18 @@ def predict_probs(accelerator: Accelerator, model: torch.nn.Module, images: torc
 # --- the loop -------------------------------------------------------------------------------------------
 
 
-def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised, stage: StageConfig, splits: dict,
-        folder: Path, seed: int, resume: bool = False, progress_bar: bool = True, sync_batchnorm: bool = True) -> torch.nn.Module:
+def fit(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    objective: Supervised,
+    stage: StageConfig,
+    splits: dict,
+    folder: Path,
+    seed: int,
+    resume: bool = False,
+    progress_bar: bool = True,
+    sync_batchnorm: bool = True,
+) -> torch.nn.Module:
     """Train `model` on `objective`, validating every epoch; return it (unwrapped, on the CPU, eval mode)
     holding its best-on-val weights. Writes <folder>/metrics.csv and <folder>/checkpoints/.
 
@@ -312,17 +364,31 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
     checkpoints = folder / "checkpoints"
     if accelerator.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
-    rank, world, accumulation = accelerator.process_index, accelerator.num_processes, accelerator.gradient_accumulation_steps
+    rank, world, accumulation = (
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.gradient_accumulation_steps,
+    )
     train_images, train_labels = splits["train"]
     first_epoch = train_loader(train_images, train_labels, stage, seed, rank, world, 0, accumulation)
     if len(first_epoch) == 0:
-        raise KdistError(f"{len(train_labels)} train images are fewer than one global batch of {stage.batch_size}; lower {folder.name}'s batch_size")
+        raise KdistError(
+            f"{len(train_labels)} train images are fewer than one global batch of {stage.batch_size}; lower "
+            f"{folder.name}'s batch_size"
+        )
     optimizer_steps = len(first_epoch) // accumulation  # per epoch
     streamed = isinstance(train_images, ShardImages)
-    accelerator.print(f"{folder.name}: {describe_batch(accelerator, stage.batch_size)}; {optimizer_steps} steps per epoch, "
-                      f"{len(train_labels) % stage.batch_size} of {len(train_labels)} train samples left out each epoch (the last partial global batch)"
-                      + ("; streamed from shards: each sample at most once per epoch, in a shuffle-buffer order that depends on "
-                         "the process count" if streamed else ""))
+    accelerator.print(
+        f"{folder.name}: {describe_batch(accelerator, stage.batch_size)}; {optimizer_steps} steps per epoch, "
+        f"{len(train_labels) % stage.batch_size} of {len(train_labels)} train samples left out each epoch (the last "
+        "partial global batch)"
+        + (
+            "; streamed from shards: each sample at most once per epoch, in a shuffle-buffer order that depends on "
+            "the process count"
+            if streamed
+            else ""
+        )
+    )
     if sync_batchnorm and world > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     total_steps = max(1, optimizer_steps * stage.epochs)
@@ -333,126 +399,212 @@ def fit(accelerator: Accelerator, model: torch.nn.Module, objective: Supervised,
     plain = accelerator.unwrap_model(model)
     ema = None
     if stage.ema_decay:  # validation and the kept weights use the exponential moving average
-        ema = torch.optim.swa_utils.AveragedModel(plain, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage.ema_decay),
-                                                  use_buffers=True)
-    progress = Progress()
+        ema = torch.optim.swa_utils.AveragedModel(
+            plain, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage.ema_decay), use_buffers=True
+        )
+    state = TrainState()
     last = last_checkpoint(checkpoints) if resume else None
     if last is not None:
         accelerator.load_state(str(last))
-        progress = Progress.from_json((last / "progress.json").read_text())
+        state = TrainState.from_json((last / "progress.json").read_text())
         if ema is not None:
             ema.load_state_dict(load_file(str(last / "ema.safetensors")))
-        accelerator.print(f"resumed {folder.name} at epoch {progress.epoch} from {last}")
-    best_path = checkpoints / "best.safetensors"
-    audit = Path(os.environ["KDIST_AUDIT_SAMPLES"]) if os.environ.get("KDIST_AUDIT_SAMPLES") else None
+        accelerator.print(f"resumed {folder.name} at epoch {state.epoch} from {last}")
+
+    def epoch_batches(epoch):
+        return train_loader(train_images, train_labels, stage, seed, rank, world, epoch, accumulation)
+
+    if os.environ.get("KDIST_AUDIT_SAMPLES"):  # tests of the sharding: which samples each process saw
+        epoch_batches = audited(epoch_batches, Path(os.environ["KDIST_AUDIT_SAMPLES"]), folder.name, rank)
+    loop = TrainLoop(
+        accelerator,
+        model,
+        ema,
+        optimizer,
+        scheduler,
+        objective,
+        stage,
+        val=splits["val"],
+        folder=folder,
+        seed=seed,
+        state=state,
+        epoch_batches=epoch_batches,
+        progress_bar=progress_bar,
+    )
     start = time.perf_counter()
-    watch = StopWatch()
-    try:
-        _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, stage, splits, folder, seed, progress, watch,
-                audit, progress_bar)
-    finally:
-        watch.close()
+    with StopWatch() as loop.watch:
+        loop.run()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
-    model.load_state_dict(load_file(str(best_path)))
+    model.load_state_dict(load_file(str(checkpoints / "best.safetensors")))
     model.train_time_s = time.perf_counter() - start
     return model.cpu().eval()
 
 
-def _epochs(accelerator, model, plain, ema, optimizer, scheduler, objective, stage, splits, folder, seed, progress, watch,
-            audit, progress_bar) -> None:
-    """The epochs of `fit` from where `progress` stands; raises StopRequested after saving, if asked to stop."""
-    checkpoints, best_path = folder / "checkpoints", folder / "checkpoints" / "best.safetensors"
-    rank, world, accumulation = accelerator.process_index, accelerator.num_processes, accelerator.gradient_accumulation_steps
-    train_images, train_labels = splits["train"]
-    for epoch in range(progress.epoch, stage.epochs):
-        skip = progress.step_in_epoch  # > 0: this epoch was stopped part-way and resumes after that step
+def audited(epoch_batches, folder: Path, name: str, rank: int):
+    """`epoch_batches` that also write the dataset indices each epoch yielded to
+    <folder>/<name>-epoch<E>-rank<R>.npy once the epoch's batches run out (KDIST_AUDIT_SAMPLES)."""
+
+    def batches(epoch):
+        indices = []
+        for batch in epoch_batches(epoch):
+            indices.append(batch[2])
+            yield batch
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{name}-epoch{epoch}-rank{rank}.npy", torch.cat(indices).numpy())
+
+    return batches
+
+
+@dataclass
+class TrainLoop:
+    """One stage's training from where `state` stands: `run` is the epochs, `step` one batch, `validate` and
+    `end_epoch` what follows each epoch. Raises StopRequested after saving, when `watch` is asked to stop."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared (DDP-wrapped under several processes)
+    ema: torch.optim.swa_utils.AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    objective: Supervised
+    stage: StageConfig
+    val: tuple  # (uint8 images, labels)
+    folder: Path
+    seed: int
+    state: TrainState
+    epoch_batches: Callable  # epoch -> this process's train batches (raw, labels, indices, views, shifts)
+    progress_bar: bool
+    watch: StopWatch | None = None
+
+    def __post_init__(self):
+        self.plain = self.accelerator.unwrap_model(self.model)
+        self.checkpoints = self.folder / "checkpoints"
+
+    def run(self) -> None:
+        for epoch in range(self.state.epoch, self.stage.epochs):
+            sums = self.train_epoch(epoch)
+            self.end_epoch(epoch, {"epoch": epoch, **self.train_figures(sums), **self.validate()})
+
+    def train_epoch(self, epoch: int) -> dict:
+        """This process's running sums (loss, correct, loss parts, "seen") over the epoch's batches."""
+        skip = self.state.step_in_epoch  # > 0: this epoch was stopped part-way and resumes after that step
         if not skip:
             # Every epoch depends only on (seed, epoch) and the weights, so a resumed run repeats an uninterrupted
             # one: batch order, views and shifts come from the sampler's (seed, epoch) generator, dropout from the
             # global RNG seeded here alike on every process (models.BatchDropout draws the global batch's mask, so
             # a sample's mask does not depend on the process count). Part-way through an epoch, load_state has
             # restored the RNG as it was at the stop instead.
-            torch.manual_seed(epoch_seed(seed, epoch))
-        model.train()
-        saved = dict(progress.epoch_sums) if skip else {}
-        seen = int(saved.pop("seen", 0))
-        sums = {key: torch.tensor(saved.get(key, 0.0), device=accelerator.device) for key in ("loss", "correct")}
-        sums.update({key: torch.tensor(value, device=accelerator.device) for key, value in saved.items() if key not in sums})
-        loader = train_loader(train_images, train_labels, stage, seed, rank, world, epoch, accumulation)
-        seen_indices = []  # for KDIST_AUDIT_SAMPLES: which train samples this process saw this epoch
-        for step, (raw, labels, indices, views, shifts) in enumerate(loader):
-            seen_indices.append(indices)
+            torch.manual_seed(epoch_seed(self.seed, epoch))
+        self.model.train()
+        device = self.accelerator.device
+        saved = dict(self.state.epoch_sums) if skip else {}
+        sums = {key: torch.tensor(float(saved.pop(key, 0.0)), device=device) for key in ("loss", "correct", "seen")}
+        sums.update({key: torch.tensor(value, device=device) for key, value in saved.items()})
+        for step, batch in enumerate(self.epoch_batches(epoch)):
             if step < skip:
                 continue
-            with record_function("kdist/augment"):
-                raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in (raw, labels, indices, views, shifts))
-                images, mix = augment(raw, views, shifts, stage.translate), None
-            if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, the same for teacher and student
-                batch = accelerator.gather(images.contiguous()).contiguous(memory_format=torch.channels_last) if world > 1 else images
-                images, mix = mix_batch(images, np.random.default_rng((seed, epoch, step)), stage.mixup_alpha, stage.cutmix_alpha,
-                                        batch=batch, offset=rank * len(images))
-            with accelerator.accumulate(model):
-                with record_function("kdist/student_forward"), accelerator.autocast():
-                    logits = model(images)
-                with record_function("kdist/teacher_forward"):
-                    targets = objective.targets(images, indices, views)
-                with record_function("kdist/loss"):
-                    loss, parts = objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
-                if not torch.isfinite(loss):
-                    # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
-                    raise KdistError(f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good checkpoint is kept in "
-                                     f"{checkpoints / 'last'}; lower the learning rate")
-                with record_function("kdist/backward"):
-                    accelerator.backward(loss)
-                with record_function("kdist/optimizer"):
-                    if stage.gradient_clip and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), stage.gradient_clip)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if ema is not None and accelerator.sync_gradients:
-                ema.update_parameters(plain)
-            n = len(labels)
-            seen += n
-            sums["loss"] += loss.detach() * n  # the global micro-batch's loss, weighted by this process's share
-            sums["correct"] += (logits.argmax(1) == labels).sum()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n
-            if watch.requested(accelerator):  # finish this step, save, stop; --resume goes on after it
-                progress.step_in_epoch, progress.epoch_sums = step + 1, {**{k: v.item() for k, v in sums.items()}, "seen": seen}
-                save_last(accelerator, checkpoints, progress, ema)
-                raise StopRequested(f"stopped on request at epoch {epoch}, step {step}; state saved in {checkpoints / 'last'}")
-        if audit:  # tests of the sharding read these
-            audit.mkdir(parents=True, exist_ok=True)
-            np.save(audit / f"{folder.name}-epoch{epoch}-rank{rank}.npy", torch.cat(seen_indices).numpy())
-        # Train figures over every process's samples; val over the whole split.
-        totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(seen), device=accelerator.device)]), "sum")
-        row = {"epoch": epoch}
-        for key, value in zip(sums, totals[:-1].tolist()):
-            row["train/acc" if key == "correct" else f"train/{key}"] = value / totals[-1].item()
-        row["lr"] = scheduler.get_last_lr()[0]
-        judged = ema.module if ema is not None else plain
-        logits, labels = gathered_logits(accelerator, judged, *splits["val"])
-        row["val/loss"] = F.cross_entropy(logits, labels).item()
-        row["val/acc"] = (logits.argmax(1) == labels).float().mean().item()
-        teacher_logits = getattr(objective, "val_teacher_logits", None)
-        if teacher_logits is not None:  # how closely the student follows its teacher on val
+            self.step(batch, epoch, step, sums)
+            if self.watch.requested(self.accelerator):  # finish this step, save, stop; --resume goes on after it
+                self.state.step_in_epoch = step + 1
+                self.state.epoch_sums = {key: value.item() for key, value in sums.items()}
+                save_last(self.accelerator, self.checkpoints, self.state, self.ema)
+                raise StopRequested(
+                    f"stopped on request at epoch {epoch}, step {step}; state saved in {self.checkpoints / 'last'}"
+                )
+        return sums
+
+    def step(self, batch, epoch: int, step: int, sums: dict) -> None:
+        """One (micro-)batch: augment, mix, forward, the loss on the gathered batch, backward, optimizer."""
+        accelerator, stage = self.accelerator, self.stage
+        with record_function("kdist/augment"):
+            raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in batch)
+            images, mix = augment(raw, views, shifts, stage.translate), None
+        if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, for teacher and student
+            whole = images
+            if accelerator.num_processes > 1:
+                whole = accelerator.gather(images.contiguous()).contiguous(memory_format=torch.channels_last)
+            images, mix = mix_batch(
+                images,
+                np.random.default_rng((self.seed, epoch, step)),
+                stage.mixup_alpha,
+                stage.cutmix_alpha,
+                batch=whole,
+                offset=accelerator.process_index * len(images),
+            )
+        with accelerator.accumulate(self.model):
+            with record_function("kdist/student_forward"), accelerator.autocast():
+                logits = self.model(images)
+            with record_function("kdist/teacher_forward"):
+                targets = self.objective.targets(images, indices, views)
+            with record_function("kdist/loss"):
+                loss, parts = self.objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
+            if not torch.isfinite(loss):
+                # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
+                raise KdistError(
+                    f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good "
+                    f"checkpoint is kept in {self.checkpoints / 'last'}; lower the learning rate"
+                )
+            with record_function("kdist/backward"):
+                accelerator.backward(loss)
+            with record_function("kdist/optimizer"):
+                if stage.gradient_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.model.parameters(), stage.gradient_clip)
+                self.optimizer.step()
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and accelerator.sync_gradients:
+            self.ema.update_parameters(self.plain)
+        n = len(labels)
+        sums["seen"] += n
+        sums["loss"] += loss.detach() * n  # the global micro-batch's loss, weighted by this process's share
+        sums["correct"] += (logits.argmax(1) == labels).sum()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n
+
+    def train_figures(self, sums: dict) -> dict:
+        """Train loss, accuracy and loss parts over every process's samples, and the learning rate."""
+        totals = dict(zip(sums, self.accelerator.reduce(torch.stack(list(sums.values())), "sum").tolist()))
+        seen = totals.pop("seen")
+        row = {"train/acc" if key == "correct" else f"train/{key}": value / seen for key, value in totals.items()}
+        return {**row, "lr": self.scheduler.get_last_lr()[0]}
+
+    def judged(self) -> torch.nn.Module:
+        """The weights validated and kept: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.plain
+
+    def validate(self) -> dict:
+        """Val loss and accuracy over the whole split; for distillation, how closely the student follows its teacher."""
+        logits, labels = gathered_logits(self.accelerator, self.judged(), *self.val)
+        row = {
+            "val/loss": F.cross_entropy(logits, labels).item(),
+            "val/acc": (logits.argmax(1) == labels).float().mean().item(),
+        }
+        teacher_logits = getattr(self.objective, "val_teacher_logits", None)
+        if teacher_logits is not None:
             row["val/teacher_agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
-            row["val/teacher_kl"] = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True,
-                                             reduction="batchmean").item()
-        progress.history.append(row)
-        progress.epoch, progress.step_in_epoch, progress.epoch_sums = epoch + 1, 0, {}
-        if row["val/acc"] > progress.best_acc:  # the kept weights: best on val, first of ties
-            progress.best_acc, progress.best_epoch = row["val/acc"], epoch
+            row["val/teacher_kl"] = F.kl_div(
+                F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="batchmean"
+            ).item()
+        return row
+
+    def end_epoch(self, epoch: int, row: dict) -> None:
+        """Record the epoch: curves, best-on-val weights, trackers, the checkpoint to resume from."""
+        accelerator, state = self.accelerator, self.state
+        state.history.append(row)
+        state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+        if row["val/acc"] > state.best_acc:  # the kept weights: best on val, first of ties
+            state.best_acc, state.best_epoch = row["val/acc"], epoch
             if accelerator.is_main_process:
-                save_weights_file(judged, best_path)
+                save_weights(self.judged(), self.checkpoints / "best.safetensors")
         if accelerator.is_main_process:
-            write_history(folder / "metrics.csv", progress.history)
-        accelerator.log({key: value for key, value in row.items() if key != "epoch"}, step=epoch)  # trackers, main process only
-        save_last(accelerator, checkpoints, progress, ema)
-        if progress_bar:
-            accelerator.print(f"{folder.name} epoch {epoch + 1}/{stage.epochs}  train loss {row['train/loss']:.4f} acc {row['train/acc']:.4f}"
-                              f"  val loss {row['val/loss']:.4f} acc {row['val/acc']:.4f}")
+            write_history(self.folder / "metrics.csv", state.history)
+        accelerator.log({key: value for key, value in row.items() if key != "epoch"}, step=epoch)  # main process only
+        save_last(accelerator, self.checkpoints, state, self.ema)
+        if self.progress_bar:
+            accelerator.print(
+                f"{self.folder.name} epoch {epoch + 1}/{self.stage.epochs}  train loss "
+                f"{row['train/loss']:.4f} acc {row['train/acc']:.4f}  val loss {row['val/loss']:.4f} "
+                f"acc {row['val/acc']:.4f}"
+            )

@@ -14,18 +14,22 @@ from . import KdistError
 from .options import PATH, entry_point, views_option
 
 
-def evaluate_weights(weights: list, data_root: str | None, split: str, views: str, cpu: bool = False, shards=None) -> dict:
+def evaluate_weights(
+    weights: list, data_root: str | None, split: str, views: str, cpu: bool = False, shards=None
+) -> dict:
     """Headline metrics of saved weights; the data size comes from the weights' metadata. `shards`: the shard
     folder to read val/test from (`auto`: the data file's cached shards), or None / "none": the npz."""
     from .config import TrainerConfig
     from .data import load_dermamnist
-    from .engine import make_accelerator, predict_probs
+    from .engine import make_accelerator, split_probs
     from .metrics import classification_metrics
     from .models import data_size_of, load_teacher, read_metadata
 
     sizes = {data_size_of(read_metadata(path)) for path in weights}
     if len(sizes) > 1:
-        raise KdistError(f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately")
+        raise KdistError(
+            f"these weights were trained on different image sizes {sorted(sizes)}; evaluate them separately"
+        )
     model = load_teacher(list(weights))
     accelerator = make_accelerator(TrainerConfig(cpu=cpu))
     size = sizes.pop()
@@ -36,15 +40,21 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
         from .study_data import locate_shards
 
         with accelerator.main_process_first():
-            folder, manifest = locate_shards(DataConfig(root=data_root, size=size, shards=str(shards)), check=accelerator.is_main_process)
+            folder, manifest = locate_shards(
+                DataConfig(root=data_root, size=size, shards=str(shards)), check=accelerator.is_main_process
+            )
         splits = {name: evaluation_samples(folder, name, size, manifest=manifest) for name in names}
     else:
         splits = load_dermamnist(data_root, size)
-    out = {"weights": [str(path) for path in weights] if len(weights) > 1 else str(weights[0]), "arch": model.arch, "views": views}
+    out = {
+        "weights": [str(path) for path in weights] if len(weights) > 1 else str(weights[0]),
+        "arch": model.arch,
+        "views": views,
+    }
     model.to(accelerator.device)
     for name in names:
         images, labels = splits[name]
-        metrics = classification_metrics(predict_probs(accelerator, model, images, labels, views), labels.numpy())
+        metrics = classification_metrics(split_probs(accelerator, model, images, labels, views), labels.numpy())
         out[name] = {key: value for key, value in metrics.items() if key != "per_class"}
     out["num_processes"] = accelerator.num_processes
     return out if accelerator.is_main_process else {}
@@ -55,8 +65,14 @@ def evaluate_weights(weights: list, data_root: str | None, split: str, views: st
 @click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT)")
 @click.option("--split", type=click.Choice(["val", "test", "both"]), default="both", show_default=True)
 @click.option("--cpu", is_flag=True, help="run on the CPU even where CUDA is present")
-@click.option("--shards", metavar="auto|FOLDER|none", default="auto", show_default=True,
-              help="read val/test from webdataset shards: the data file's (auto), a folder from `kdist shards`, or none (the npz in memory)")
+@click.option(
+    "--shards",
+    metavar="auto|FOLDER|none",
+    default="auto",
+    show_default=True,
+    help="read val/test from webdataset shards: the data file's (auto), a folder from `kdist shards`, or none (the "
+    "npz in memory)",
+)
 @views_option
 def command(weights, data_root, split, cpu, shards, views):
     """Evaluate saved weights (a .safetensors written by kdist; several: their ensemble, mean logits)."""

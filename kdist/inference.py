@@ -16,7 +16,6 @@ from .files import atomic_output
 from .models import data_size_of, load_model, read_metadata
 from .preprocess import collect_images, load_image, to_batch
 
-
 VIEWS = ("one", "mean")
 
 
@@ -31,7 +30,9 @@ def view_logits(model: torch.nn.Module, images: torch.Tensor, views: str) -> tor
 
 
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, views: str = "one") -> np.ndarray:
+def predict_probs(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, views: str = "one"
+) -> np.ndarray:
     """Softmax probabilities for uint8 NCHW images, in large batches. views="mean" is test-time
     augmentation: the softmax of the logits averaged over the 8 flips/rotations that training shows
     (the teachers' `kd.teacher_views: mean`), which makes the prediction invariant to them."""
@@ -50,8 +51,14 @@ def data_size(weights: Path) -> int:
     return data_size_of(read_metadata(weights))
 
 
-def predict_files(weights: Path, paths: list[Path], teacher: Path | None = None, batch_size: int = 256,
-                  progress: bool = True, views: str = "one") -> tuple[list[dict], list[str]]:
+def predict_files(
+    weights: Path,
+    paths: list[Path],
+    teacher: Path | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    views: str = "one",
+) -> tuple[list[dict], list[str]]:
     """Rows of {file, predicted, prob_<class>...} (and teacher_* columns); plus one error line per unreadable file.
     `views` as in predict_probs, for every model."""
     models = {"": load_model(weights)}
@@ -116,9 +123,16 @@ class WithSoftmax(torch.nn.Module):
 def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
     """The legacy (TorchScript) exporter: it needs no onnxscript and handles these CNNs exactly."""
     with atomic_output(out) as tmp:
-        torch.onnx.export(model, (torch.rand(2, 3, size, size),), str(tmp), dynamo=False, input_names=["images"],
-                          output_names=["probabilities"], dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
-                          opset_version=17)
+        torch.onnx.export(
+            model,
+            (torch.rand(2, 3, size, size),),
+            str(tmp),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=17,
+        )
 
 
 def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None, views: str = "one") -> dict:
@@ -129,7 +143,12 @@ def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = No
     size = data_size(weights)
     out = Path(out)
     write_onnx(model, size, out)
-    report = {"onnx": str(out), "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]", "classes": CLASS_NAMES, "views": views}
+    report = {
+        "onnx": str(out),
+        "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]",
+        "classes": CLASS_NAMES,
+        "views": views,
+    }
     if check_images is not None:
         import onnxruntime
 

@@ -32,7 +32,9 @@ def get_kd_loss(name: str) -> Callable[..., torch.Tensor]:
 
 
 @register("hinton")
-def hinton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def hinton(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
     """Soft-target KD (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015).
 
         kd = T^2 * mean_batch KL( softmax(z_t / T) || softmax(z_s / T) )
@@ -52,7 +54,9 @@ def _kl(p_teacher: torch.Tensor, p_student: torch.Tensor) -> torch.Tensor:
 
 
 @register("dkd")
-def dkd(student_logits, teacher_logits, labels, temperature: float, beta: float = 8.0, tckd_weight: float = 1.0) -> torch.Tensor:
+def dkd(
+    student_logits, teacher_logits, labels, temperature: float, beta: float = 8.0, tckd_weight: float = 1.0
+) -> torch.Tensor:
     """Decoupled KD (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
 
         b = [p_y, 1 - p_y]                         binary target / non-target split, p = softmax(z / T)
@@ -81,7 +85,9 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @register("dist")
-def dist(student_logits, teacher_logits, labels, temperature: float, inter_weight: float = 1.0, intra_weight: float = 1.0) -> torch.Tensor:
+def dist(
+    student_logits, teacher_logits, labels, temperature: float, inter_weight: float = 1.0, intra_weight: float = 1.0
+) -> torch.Tensor:
     """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022).
 
         Y = softmax(z / T)                               (batch x classes)
@@ -117,13 +123,33 @@ def distillation_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd(z_s, z_t, y; T), CE(z_s, y)): the two parts of the distillation loss, z standardised first for
     kd if asked; `class_weights` weight the CE term only (the teacher's soft targets are left as they are)."""
-    z_s, z_t = (standardize(student_logits), standardize(teacher_logits)) if standardize_logits else (student_logits, teacher_logits)
+    z_s, z_t = (
+        (standardize(student_logits), standardize(teacher_logits))
+        if standardize_logits
+        else (student_logits, teacher_logits)
+    )
     kd = get_kd_loss(method)(z_s, z_t, labels, temperature, **(options or {}))
     return kd, F.cross_entropy(student_logits, labels, weight=class_weights)
 
 
-def distillation_loss(student_logits, teacher_logits, labels, method: str = "hinton", temperature: float = 4.0, alpha: float = 0.9,
-                      standardize_logits: bool = False, options: dict | None = None, class_weights=None) -> torch.Tensor:
+def distillation_loss(
+    student_logits,
+    teacher_logits,
+    labels,
+    method: str = "hinton",
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    standardize_logits: bool = False,
+    options: dict | None = None,
+    class_weights=None,
+) -> torch.Tensor:
     """loss = alpha * kd(z_s, z_t, y; T) + (1 - alpha) * CE(z_s, y) (see distillation_terms)."""
-    kd, ce = distillation_terms(student_logits, teacher_logits, labels, method, temperature, standardize_logits, options, class_weights)
+    kd, ce = distillation_terms(
+        student_logits, teacher_logits, labels, method, temperature, standardize_logits, options, class_weights
+    )
+    return mix_terms(kd, ce, alpha)
+
+
+def mix_terms(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * kd + (1 - alpha) * ce; with alpha = 1 exactly kd (no 0 x ce term, which a non-finite ce would spoil)."""
     return kd if alpha == 1.0 else alpha * kd + (1 - alpha) * ce

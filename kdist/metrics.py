@@ -1,4 +1,4 @@
-"""Classification metrics from predicted probabilities, via scikit-learn, torchmetrics and medmnist.
+"""Classification metrics from predicted probabilities, via scikit-learn and medmnist.
 
 AUC is medmnist's definition (mean of the one-vs-rest AUCs of the 7 classes), taken from
 medmnist's own evaluator so numbers are comparable with the MedMNIST v2 benchmark.
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from medmnist.evaluator import getAUC
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, precision_recall_fscore_support, roc_auc_score
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from .data import CLASS_NAMES, INFO, NUM_CLASSES
 
@@ -24,9 +23,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     labels = np.asarray(labels).reshape(-1)
     preds = probs.argmax(1)
     classes = list(range(NUM_CLASSES))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, preds, labels=classes, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
     per_class = {}
     for c in classes:
         present = (labels == c).any() and not (labels == c).all()
@@ -45,13 +42,24 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
         "auc": float(getAUC(labels, probs, INFO["task"])) if all_present else None,
         "balanced_acc": float(balanced_accuracy_score(labels, preds)),
         "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0)),
-        "ece": float(
-            multiclass_calibration_error(
-                torch.from_numpy(probs).float(), torch.from_numpy(labels), NUM_CLASSES, n_bins=ECE_BINS, norm="l1"
-            )
-        ),
+        "ece": expected_calibration_error(probs, labels),
         "per_class": per_class,
     }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE (Guo et al. 2017): sum over equal-width confidence bins of |accuracy - mean confidence|
+    weighted by the bin's share of samples; computed in float32 as torchmetrics' multiclass_calibration_error
+    (norm l1), which kdist used before: a confidence equal to a bin edge goes to the bin above it."""
+    probs = torch.from_numpy(probs).float()
+    confidences, predictions = probs.max(dim=1)
+    correct = predictions.eq(torch.from_numpy(labels)).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    index = torch.bucketize(confidences, edges, right=True) - 1
+    count = torch.zeros(bins + 1).scatter_add_(0, index, torch.ones_like(confidences))
+    mean_confidence = torch.nan_to_num(torch.zeros(bins + 1).scatter_add_(0, index, confidences) / count)
+    accuracy = torch.nan_to_num(torch.zeros(bins + 1).scatter_add_(0, index, correct) / count)
+    return float(torch.sum(torch.abs(accuracy - mean_confidence) * (count / count.sum())))
 
 
 def sample_std(values) -> float:
@@ -65,3 +73,16 @@ def majority_baseline(train_labels: np.ndarray, labels: np.ndarray) -> dict:
     prior = np.bincount(np.asarray(train_labels), minlength=NUM_CLASSES) / len(train_labels)
     probs = np.tile(prior, (len(labels), 1))
     return classification_metrics(probs, labels)
+
+
+def mean_std_text(stat, pct: bool) -> str:
+    """(mean, std, values) as text: percentages with 2 decimals, fractions with 4; no ± for one value."""
+    mean, std, values = stat
+    if mean is None:
+        return "n/a"
+    scale, unit = (100, "%") if pct else (1, "")
+    digits = 2 if pct else 4
+    text = f"{mean * scale:.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {std * scale:.{digits}f}"
+    return text + unit

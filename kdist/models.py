@@ -59,7 +59,9 @@ class BatchDropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         world, rank = _process_slice()
-        mask = torch.empty((len(x) * world, *x.shape[1:]), device=x.device).bernoulli_(1 - self.p)[rank * len(x) : (rank + 1) * len(x)]
+        mask = torch.empty((len(x) * world, *x.shape[1:]), device=x.device).bernoulli_(1 - self.p)[
+            rank * len(x) : (rank + 1) * len(x)
+        ]
         return x * mask.to(x.dtype) / (1 - self.p)
 
 
@@ -109,7 +111,12 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     names = list(module._modules)
     for first, second in zip(names, names[1:]):
         conv, norm = module._modules[first], module._modules[second]
-        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats:
+        if (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(norm, nn.BatchNorm2d)
+            and not norm.training
+            and norm.track_running_stats
+        ):
             module._modules[first] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
             module._modules[second] = _without_norm(norm)
     return module
@@ -150,7 +157,9 @@ class DermClassifier(nn.Module):
         }
 
 
-def create_model(name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=None, pretrained=None) -> DermClassifier:
+def create_model(
+    name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=None, pretrained=None
+) -> DermClassifier:
     """`pretrained="imagenet"`: start from ImageNet weights, with the normalisation they were trained with."""
     arch = resolve_arch(name)
     if pretrained:
@@ -175,7 +184,9 @@ class TeacherEnsemble(nn.Module):
         self.input_size = sizes[0] if len(sizes) == 1 else sizes  # recorded in results.json
         data_sizes = sorted({member.data_size for member in members}, key=lambda size: size or 0)
         if len(data_sizes) > 1:  # the ensemble sees one image per sample, so its members must share a size
-            raise KdistError(f"the teachers were trained on different image sizes {data_sizes}; ensemble teachers of one size")
+            raise KdistError(
+                f"the teachers were trained on different image sizes {data_sizes}; ensemble teachers of one size"
+            )
         self.data_size = data_sizes[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -193,12 +204,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_weights(model: DermClassifier, path: Path, extra: dict | None = None) -> None:
-    """safetensors state dict; metadata (arch, classes, normalisation, ...) as JSON in the header."""
-    meta = {**model.metadata(), **(extra or {})}
+def save_weights(model: nn.Module, path: Path, extra: dict | None = None) -> None:
+    """A safetensors state dict, written atomically (a killed run never leaves half a file); for a DermClassifier
+    its metadata (arch, classes, normalisation, ...) as JSON in the header, which load_model reads."""
+    meta = {**model.metadata(), **(extra or {})} if isinstance(model, DermClassifier) else None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_output(path) as tmp:  # a killed run never leaves a half-written weights file
-        save_file(state, str(tmp), metadata={"kdist": json.dumps(meta)})
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata={"kdist": json.dumps(meta)} if meta else None)
 
 
 def read_metadata(path: Path) -> dict:

@@ -50,26 +50,47 @@ def study_options(command=None, *, without: tuple = ()):
         click.option("--out", type=PATH, help="run folder (default: runs/<timestamp>)"),
         click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT, else ~/.medmnist)"),
         click.option("--size", type=int, help="image size of the data file: 28 (default), 64, 128 or 224"),
-        click.option("--shards", metavar="auto|FOLDER|none",
-                     help="where the data is read from: auto (default: the data file's webdataset shards, written once into "
-                          "$KDIST_SHARD_CACHE, else ~/.cache/kdist/shards), a folder written by `kdist shards`, or none (the npz in memory)"),
+        click.option(
+            "--shards",
+            metavar="auto|FOLDER|none",
+            help="where the data is read from: auto (default: the data file's webdataset shards, written once into "
+            "$KDIST_SHARD_CACHE, else ~/.cache/kdist/shards), a folder written by `kdist shards`, or none (the npz "
+            "in memory)",
+        ),
         click.option("--seed", type=int, help="random seed (default 0)"),
         click.option("--quick", is_flag=True, help="2 epochs per model on a subset: a smoke run of about a minute"),
-        click.option("--teacher-mode", type=click.Choice(["auto", "cached", "online"]),
-                     help="distillation: online (the frozen teacher beside the student on every batch), cached (its logits "
-                          "computed once per view: the fast path on CPUs) or auto (default: online on GPUs, cached on CPUs)"),
-        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]),
-                     help="default: the launcher's (accelerate launch --mixed_precision), else no"),
+        click.option(
+            "--teacher-mode",
+            type=click.Choice(["auto", "cached", "online"]),
+            help="distillation: online (the frozen teacher beside the student on every batch), cached (its logits "
+            "computed once per view: the fast path on CPUs) or auto (default: online on GPUs, cached on CPUs)",
+        ),
+        click.option(
+            "--mixed-precision",
+            type=click.Choice(["no", "fp16", "bf16"]),
+            help="default: the launcher's (accelerate launch --mixed_precision), else no",
+        ),
         click.option("--cpu", is_flag=True, default=None, help="run on the CPU even where CUDA is present"),
         click.option("--no-progress", is_flag=True, help="no per-epoch lines"),
-        click.option("--tracker", type=click.Choice(["csv", "none", "wandb", "jsonl"]),
-                     help="experiment tracker: wandb (offline without an API key), jsonl, or csv/none (default: the run "
-                          "folder's metrics.csv and results.json only, which are always written)"),
-        click.option("--pretrained", type=click.Choice(["imagenet"]),
-                     help="start the teacher (with `train student`: the student) from published ImageNet weights"),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set kd.temperature=2 (repeatable); a stage's batch_size "
-                          "(e.g. --set distill.batch_size=256) is the global batch, split over processes and accumulation steps"),
+        click.option(
+            "--tracker",
+            type=click.Choice(["csv", "none", "wandb", "jsonl"]),
+            help="experiment tracker: wandb (offline without an API key), jsonl, or csv/none (default: the run "
+            "folder's metrics.csv and results.json only, which are always written)",
+        ),
+        click.option(
+            "--pretrained",
+            type=click.Choice(["imagenet"]),
+            help="start the teacher (with `train student`: the student) from published ImageNet weights",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set kd.temperature=2 (repeatable); a stage's batch_size "
+            "(e.g. --set distill.batch_size=256) is the global batch, split over processes and accumulation steps",
+        ),
     ]
     for option in reversed(options):
         name = option(lambda: None).__click_params__[0].name
@@ -79,13 +100,21 @@ def study_options(command=None, *, without: tuple = ()):
 
 
 def views_option(command):
-    return click.option("--views", type=click.Choice(["one", "mean"]), default="one", show_default=True,
-                        help="mean: test-time augmentation, logits averaged over the 8 flips/rotations")(command)
+    return click.option(
+        "--views",
+        type=click.Choice(["one", "mean"]),
+        default="one",
+        show_default=True,
+        help="mean: test-time augmentation, logits averaged over the 8 flips/rotations",
+    )(command)
 
 
 def val_only_option(command):
-    return click.option("--val-only", is_flag=True,
-                        help="evaluate on val only (a tuning run); test the chosen model later with `kdist evaluate --split test`")(command)
+    return click.option(
+        "--val-only",
+        is_flag=True,
+        help="evaluate on val only (a tuning run); test the chosen model later with `kdist evaluate --split test`",
+    )(command)
 
 
 class ResumeTarget(click.ParamType):
@@ -98,10 +127,14 @@ class ResumeTarget(click.ParamType):
 
 
 def resume_option(command):
-    return click.option("--resume", type=ResumeTarget(), metavar="RUN_DIR|auto",
-                        help="continue a killed run in RUN_DIR with its saved config: finished stages are kept, the "
-                             "interrupted one goes on from its last checkpoint; `auto` (with --out and the run's own "
-                             "options, as Slurm jobs pass them): continue --out if it holds this run, else start it")(command)
+    return click.option(
+        "--resume",
+        type=ResumeTarget(),
+        metavar="RUN_DIR|auto",
+        help="continue a killed run in RUN_DIR with its saved config: finished stages are kept, the "
+        "interrupted one goes on from its last checkpoint; `auto` (with --out and the run's own "
+        "options, as Slurm jobs pass them): continue --out if it holds this run, else start it",
+    )(command)
 
 
 def config_overrides(opts: dict, role: str | None = None) -> list[dict]:
@@ -178,13 +211,20 @@ def open_study(opts: dict, command: str, role: str | None = None):
         saved = resume / "config.yaml"
         if not saved.exists():
             raise KdistError(f"{saved} not found; --resume needs a run folder written by `kdist {command}`")
-        changed = [name for name in ("config", "quick", "seeds", "seed", "out") if opts.get(name)] + (["set"] if opts.get("overrides") else [])
+        changed = [name for name in ("config", "quick", "seeds", "seed", "out") if opts.get(name)] + (
+            ["set"] if opts.get("overrides") else []
+        )
         if changed:
-            raise KdistError("--resume continues a run with its saved config and folder; drop --config/--set/--quick/--seed(s)/--out "
-                             "(or use --resume auto with the run's own options)")
+            raise KdistError(
+                "--resume continues a run with its saved config and folder; drop "
+                "--config/--set/--quick/--seed(s)/--out "
+                "(or use --resume auto with the run's own options)"
+            )
         import yaml
 
-        return Study.open(config_from_dict(yaml.safe_load(saved.read_text())), resume, resume=True, eval_splits=eval_splits)
+        return Study.open(
+            config_from_dict(yaml.safe_load(saved.read_text())), resume, resume=True, eval_splits=eval_splits
+        )
     return Study.open(resolve_config(opts, role), opts.get("out") or default_out(), eval_splits=eval_splits)
 
 
@@ -193,7 +233,9 @@ def summary(results_path: Path) -> str:
     lines = [f"results: {results_path}"]
     for name, entry in results.get("models", {}).items():
         split = "test" if "test" in entry else "val"  # a --val-only run has no test entry
-        lines.append(f"  {name:10s} {split} acc {entry[split]['acc']:.4f}  auc {entry[split]['auc'] or float('nan'):.4f}")
+        lines.append(
+            f"  {name:10s} {split} acc {entry[split]['acc']:.4f}  auc {entry[split]['auc'] or float('nan'):.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -235,4 +277,3 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-

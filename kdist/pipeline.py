@@ -31,14 +31,23 @@ from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
 from .data import channel_stats, class_weights, load_dermamnist, subset
-from .engine import Distillation, Supervised, describe_batch, fit, gathered_logits, make_accelerator, per_process_batch, predict_probs
-from .inference import predict_probs as predict_probs_local
+from .engine import (
+    Distillation,
+    Supervised,
+    describe_batch,
+    fit,
+    gathered_logits,
+    make_accelerator,
+    per_process_batch,
+    split_probs,
+)
+from .files import atomic_output, atomic_write_text
+from .inference import predict_probs
+from .metrics import classification_metrics, majority_baseline
+from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
 from .shard_data import ShardImages
 from .study_data import open_shard_splits
 from .tracking import log_results, stage_run
-from .files import atomic_output, atomic_write_text
-from .metrics import classification_metrics, majority_baseline
-from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
 
 MODELS = ("teacher", "student", "distilled")
 
@@ -60,8 +69,14 @@ class Study:
     shard_folder: Path | None = None  # where the data is read from, when from shards
 
     @classmethod
-    def open(cls, cfg: Config, out: Path, resume: bool = False, eval_splits: tuple = ("val", "test"),
-             accelerator: Accelerator | None = None) -> "Study":
+    def open(
+        cls,
+        cfg: Config,
+        out: Path,
+        resume: bool = False,
+        eval_splits: tuple = ("val", "test"),
+        accelerator: Accelerator | None = None,
+    ) -> "Study":
         accelerator = accelerator or make_accelerator(cfg.trainer)
         for stage in (cfg.teacher, cfg.student, cfg.distill):  # a batch that does not divide fails before any work
             per_process_batch(stage.batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
@@ -77,7 +92,9 @@ class Study:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
         study = cls(cfg, out, accelerator, splits, mean, std, resume, eval_splits, shard_folder=shard_folder)
-        if accelerator.is_main_process and not (out / "config.yaml").exists():  # the first command into a folder describes the run
+        if (
+            accelerator.is_main_process and not (out / "config.yaml").exists()
+        ):  # the first command into a folder describes the run
             study.write_run_info()
         if accelerator.is_main_process and not (out / "predictions" / "test_samples.npz").exists():
             study.save_test_samples()
@@ -93,10 +110,18 @@ class Study:
         if size == cfg.data.size:
             return self.splits[split]
         if size not in self.other_sizes:  # read each other file once
-            self.other_sizes[size] = subset(load_dermamnist(cfg.data.root, size, cfg.data.download), cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+            self.other_sizes[size] = subset(
+                load_dermamnist(cfg.data.root, size, cfg.data.download),
+                cfg.data.train_subset,
+                cfg.data.val_subset,
+                cfg.seed,
+            )
         images, labels = self.other_sizes[size][split]
         if not torch.equal(labels, self.splits[split][1]):
-            raise KdistError(f"the {size} px and {cfg.data.size} px data files do not hold the same {split} images in the same order; use files of one DermaMNIST release")
+            raise KdistError(
+                f"the {size} px and {cfg.data.size} px data files do not hold the same {split} images in the same "
+                "order; use files of one DermaMNIST release"
+            )
         return images, labels
 
     def finished(self, name: str) -> bool:
@@ -106,7 +131,10 @@ class Study:
     def claim(self, name: str) -> None:
         """Refuse to overwrite a finished stage unless resuming (where it is skipped instead)."""
         if (self.out / f"{name}.safetensors").exists() and not self.resume:
-            raise KdistError(f"{self.out} already holds {name}.safetensors; choose another --out, or --resume {self.out} to continue that run")
+            raise KdistError(
+                f"{self.out} already holds {name}.safetensors; choose another --out, or --resume {self.out} to "
+                "continue that run"
+            )
 
     def save_test_samples(self, count: int = 25) -> None:
         """A fixed random set of test images for the report's qualitative grids (same for every model)."""
@@ -120,7 +148,7 @@ class Study:
     def write_run_info(self) -> None:
         processes, accumulation = self.accelerator.num_processes, self.accelerator.gradient_accumulation_steps
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        packages = ["torch", "torchvision", "accelerate", "torchmetrics", "medmnist", "numpy", "scikit-learn"]
+        packages = ["torch", "torchvision", "accelerate", "medmnist", "numpy", "scikit-learn"]
         info = {
             "seed": self.cfg.seed,
             "kdist": __version__,
@@ -130,10 +158,22 @@ class Study:
             "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "num_processes": self.accelerator.num_processes,
-            "device": {"type": self.device.type, "count": self.accelerator.num_processes if self.device.type == "cuda" else 0},
-            "batch": {name: {"global": stage.batch_size, "per_process": stage.batch_size // (processes * accumulation),
-                             "accumulation_steps": accumulation}
-                      for name, stage in (("teacher", self.cfg.teacher), ("student", self.cfg.student), ("distill", self.cfg.distill))},
+            "device": {
+                "type": self.device.type,
+                "count": self.accelerator.num_processes if self.device.type == "cuda" else 0,
+            },
+            "batch": {
+                name: {
+                    "global": stage.batch_size,
+                    "per_process": stage.batch_size // (processes * accumulation),
+                    "accumulation_steps": accumulation,
+                }
+                for name, stage in (
+                    ("teacher", self.cfg.teacher),
+                    ("student", self.cfg.student),
+                    ("distill", self.cfg.distill),
+                )
+            },
             "mixed_precision": self.accelerator.mixed_precision,
             "data": str(self.shard_folder) if self.shard_folder else "npz in memory",
             "packages": {name: version(name) for name in packages},
@@ -185,14 +225,24 @@ def git_commit() -> str | None:
 
 def fit_stage(study: Study, name: str, model: DermClassifier, objective: Supervised, stage) -> DermClassifier:
     """Train `model` with the engine into <out>/<name>/; record the config it ran with."""
-    model = fit(study.accelerator, model, objective, stage, study.splits, study.out / name, study.cfg.seed,
-                resume=study.resume, progress_bar=study.cfg.trainer.progress, sync_batchnorm=study.cfg.trainer.sync_batchnorm)
+    model = fit(
+        study.accelerator,
+        model,
+        objective,
+        stage,
+        study.splits,
+        study.out / name,
+        study.cfg.seed,
+        resume=study.resume,
+        progress_bar=study.cfg.trainer.progress,
+        sync_batchnorm=study.cfg.trainer.sync_batchnorm,
+    )
     if study.is_main:
         atomic_write_text(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
     return model
 
 
-def evaluate(study: Study, name: str, model: DermClassifier, teacher: torch.nn.Module | None = None) -> dict:
+def record_model(study: Study, name: str, model: DermClassifier, teacher: torch.nn.Module | None = None) -> dict:
     """Evaluate kept weights once on val and test (`study.eval_splits`), save predictions, record them, and
     send them to the stage's tracker (with `teacher`'s predictions on the fixed test samples beside a
     distilled student's). Every process scores its shard; the main process writes."""
@@ -206,7 +256,10 @@ def evaluate(study: Study, name: str, model: DermClassifier, teacher: torch.nn.M
     arrays, probs, labels = {}, {}, {}
     for split in study.eval_splits:
         images, split_labels = study.split_at(split, size)
-        probs[split], labels[split] = predict_probs(study.accelerator, model, images, split_labels), split_labels.numpy()
+        probs[split], labels[split] = (
+            split_probs(study.accelerator, model, images, split_labels),
+            split_labels.numpy(),
+        )
         arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs[split].astype(np.float32), labels[split]
         entry[split] = classification_metrics(probs[split], labels[split])
     model.cpu()
@@ -219,7 +272,7 @@ def evaluate(study: Study, name: str, model: DermClassifier, teacher: torch.nn.M
         if teacher is not None and (study.out / "predictions" / "test_samples.npz").exists() and "test" in probs:
             indices = np.load(study.out / "predictions" / "test_samples.npz")["indices"]
             samples = study.split_at("test", study.size_for(teacher))[0][indices]
-            teacher_sample_probs = predict_probs_local(teacher, samples)
+            teacher_sample_probs = predict_probs(teacher, samples)
         log_results(study, name, entry, probs, labels, teacher_sample_probs)
     study.accelerator.wait_for_everyone()
     return entry
@@ -241,7 +294,9 @@ def record_result(study: Study, name: str, entry: dict) -> None:
         train_labels = study.splits["train"][1].numpy()
         results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
         results["baselines"] = {
-            "majority": {split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits}
+            "majority": {
+                split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits
+            }
         }
         results.setdefault("models", {})[name] = entry
         results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}
@@ -262,7 +317,7 @@ def train_stage(study: Study, role: str) -> DermClassifier:
         model = fit_stage(study, role, study.new_model(role), Supervised(stage, weights), stage)
         if study.is_main:
             save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
-        evaluate(study, role, model)
+        record_model(study, role, model)
     return model
 
 
@@ -280,10 +335,15 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     # teaching a 28 px student); the student only ever sees its own data.
     teacher_size = study.size_for(teacher)
     if mode == "cached" and (study.cfg.distill.mixup_alpha or study.cfg.distill.cutmix_alpha):
-        raise KdistError("distill.mixup_alpha/cutmix_alpha need kd.teacher_mode online (or auto): the teacher must see the mixed batch")
+        raise KdistError(
+            "distill.mixup_alpha/cutmix_alpha need kd.teacher_mode online (or auto): the teacher must see the mixed "
+            "batch"
+        )
     if teacher_size != study.cfg.data.size and mode != "cached":
-        raise KdistError(f"the teacher was trained on {teacher_size} px images and the student's data is {study.cfg.data.size} px; "
-                         "a teacher of another size needs kd.teacher_mode: cached")
+        raise KdistError(
+            f"the teacher was trained on {teacher_size} px images and the student's data is {study.cfg.data.size} px; "
+            "a teacher of another size needs kd.teacher_mode: cached"
+        )
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
     images, labels = study.split_at("train", teacher_size)  # a teacher of another file: the same samples, checked
@@ -298,16 +358,27 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
         teacher.cpu()
         objective = Distillation(study.cfg.distill, kd, teacher_logits_cache=logits, class_weights=weights)
     else:  # the frozen teacher beside the student on every process, fed the same augmented batch
-        objective = Distillation(study.cfg.distill, kd, teacher=teacher, class_weights=weights, autocast=study.accelerator.autocast)
+        objective = Distillation(
+            study.cfg.distill, kd, teacher=teacher, class_weights=weights, autocast=study.accelerator.autocast
+        )
     objective.val_teacher_logits = val_teacher_logits
     study.seed()
     with stage_run(study, "distilled"):
         model = fit_stage(study, "distilled", study.new_model("student"), objective, study.cfg.distill)
         teacher.cpu()
         if study.is_main:
-            save_weights(model, study.out / "distilled.safetensors", {"data_size": study.cfg.data.size, "kd": study.cfg.kd.__dict__,
-                                                                       "teacher_mode": mode, "teacher": teacher.arch, "teacher_data_size": teacher_size})
-        evaluate(study, "distilled", model, teacher=teacher)
+            save_weights(
+                model,
+                study.out / "distilled.safetensors",
+                {
+                    "data_size": study.cfg.data.size,
+                    "kd": study.cfg.kd.__dict__,
+                    "teacher_mode": mode,
+                    "teacher": teacher.arch,
+                    "teacher_data_size": teacher_size,
+                },
+            )
+        record_model(study, "distilled", model, teacher=teacher)
     return model
 
 

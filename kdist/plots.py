@@ -67,7 +67,13 @@ def comparison(histories: dict[str, dict], out: Path) -> list[Path]:
         for name, history in histories.items():
             points = history.get(f"val/{metric}", [])
             if points:
-                ax.plot(*zip(*[(e + 1, v) for e, v in points]), marker="o", ms=3, color=COLORS.get(name), label=LABELS.get(name, name))
+                ax.plot(
+                    *zip(*[(e + 1, v) for e, v in points]),
+                    marker="o",
+                    ms=3,
+                    color=COLORS.get(name),
+                    label=LABELS.get(name, name),
+                )
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"All models: {ylabel}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -84,8 +90,11 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, n
     for ax, image, label, prob in zip(np.ravel(axes), images, labels, probs):
         pred = int(prob.argmax())
         ax.imshow(image, interpolation="nearest")
-        ax.set_title(f"pred {SHORT_NAMES[pred]} {prob[pred]:.2f}\ntrue {SHORT_NAMES[label]}", fontsize=8,
-                     color="green" if pred == label else "red")
+        ax.set_title(
+            f"pred {SHORT_NAMES[pred]} {prob[pred]:.2f}\ntrue {SHORT_NAMES[label]}",
+            fontsize=8,
+            color="green" if pred == label else "red",
+        )
     fig.suptitle(f"{LABELS.get(name, name)}: test images (pred / true)", fontsize=10)
     return _save(fig, out / f"{name}_test_grid.png")
 
@@ -97,8 +106,15 @@ def confusion(labels: np.ndarray, probs: np.ndarray, name: str, out: Path) -> Pa
     im = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(matrix)):
         for j in range(len(matrix)):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] > 0.5 else "black",
+            )
     ticks = range(len(CLASS_NAMES))
     ax.set_xticks(ticks, SHORT_NAMES)
     ax.set_yticks(ticks, SHORT_NAMES)
@@ -117,8 +133,14 @@ def reliability(predictions: dict[str, tuple[np.ndarray, np.ndarray]], eces: dic
         confidence, correct = probs.max(1), probs.argmax(1) == labels
         bins = np.clip(np.digitize(confidence, edges[1:-1]), 0, ECE_BINS - 1)
         accuracy = [correct[bins == b].mean() if (bins == b).any() else np.nan for b in range(ECE_BINS)]
-        ax.plot(centres, accuracy, marker="o", ms=4, color=COLORS.get(name),
-                label=f"{LABELS.get(name, name)} (ECE {eces[name]:.3f})")
+        ax.plot(
+            centres,
+            accuracy,
+            marker="o",
+            ms=4,
+            color=COLORS.get(name),
+            label=f"{LABELS.get(name, name)} (ECE {eces[name]:.3f})",
+        )
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability on test (15 bins)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

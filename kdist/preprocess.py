@@ -50,7 +50,10 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_PIXELS:
-                raise KdistError(f"{name}: {image.width}x{image.height} pixels is over the {MAX_PIXELS:,} limit (possible decompression bomb)")
+                raise KdistError(
+                    f"{name}: {image.width}x{image.height} pixels is over the {MAX_PIXELS:,} limit (possible "
+                    "decompression bomb)"
+                )
             image.load()
     except KdistError:
         raise

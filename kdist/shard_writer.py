@@ -38,7 +38,9 @@ def medmnist_samples(root, flag: str, size: int) -> tuple[dict, dict]:
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise KdistError(f"data file {path} not found; put it there or point --data-root / $KDIST_DATA_ROOT at its folder") from None
+        raise KdistError(
+            f"data file {path} not found; put it there or point --data-root / $KDIST_DATA_ROOT at its folder"
+        ) from None
     except (ValueError, OSError, EOFError) as exc:
         raise KdistError(f"{path} is not a readable npz file ({exc})") from None
     classes = [info["label"][str(i)] for i in range(len(info["label"]))]
@@ -46,7 +48,9 @@ def medmnist_samples(root, flag: str, size: int) -> tuple[dict, dict]:
     for split in ("train", "val", "test"):
         images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
         if len(images) != info["n_samples"][split] or images.shape[1:3] != (size, size):
-            raise KdistError(f"{path}: {split} holds {images.shape}, expected {info['n_samples'][split]} images of {size}x{size}")
+            raise KdistError(
+                f"{path}: {split} holds {images.shape}, expected {info['n_samples'][split]} images of {size}x{size}"
+            )
         if labels.min() < 0 or labels.max() >= len(classes):
             raise KdistError(f"{path}: {split} labels {labels.min()}..{labels.max()} outside 0..{len(classes) - 1}")
         splits[split] = (images, labels)
@@ -67,9 +71,15 @@ def folder_samples(source: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if source.is_dir():
         classes = sorted(p.name for p in source.iterdir() if p.is_dir())
         if not classes:
-            raise KdistError(f"{source} has no class sub-folders; give one sub-folder per class, or a CSV of path,label")
-        rows = [(path, label) for label, name in enumerate(classes)
-                for path in sorted((source / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
+            raise KdistError(
+                f"{source} has no class sub-folders; give one sub-folder per class, or a CSV of path,label"
+            )
+        rows = [
+            (path, label)
+            for label, name in enumerate(classes)
+            for path in sorted((source / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
         return rows, classes
     import csv
 
@@ -103,7 +113,9 @@ def write_split(out: Path, split: str, samples, maxcount: int, maxsize: int) -> 
         # tar parsing, the largest cost of a 28 px sample) and the same bytes, so the same sha256, every time
         with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0) as writer:
             for data, extension, label, index in samples:
-                writer.write({"__key__": f"{split}-{index:07d}", extension: data, "cls": int(label), "idx.cls": int(index)})
+                writer.write(
+                    {"__key__": f"{split}-{index:07d}", extension: data, "cls": int(label), "idx.cls": int(index)}
+                )
                 histogram[int(label)] = histogram.get(int(label), 0) + 1
                 labels[int(index)] = int(label)
     except BaseException:
@@ -116,9 +128,13 @@ def write_split(out: Path, split: str, samples, maxcount: int, maxsize: int) -> 
             count = len({Path(member.name).name.split(".")[0] for member in tar.getmembers()})
         shards.append({"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256(path)})
     last = len(shards) - 1
-    return {"count": sum(s["count"] for s in shards), "class_histogram": {str(k): v for k, v in sorted(histogram.items())},
-            "pattern": f"{split}-{{000000..{last:06d}}}.tar", "shards": shards,
-            "labels": [labels[i] for i in sorted(labels)]}  # in index order: a study's train labels without reading the shards
+    return {
+        "count": sum(s["count"] for s in shards),
+        "class_histogram": {str(k): v for k, v in sorted(histogram.items())},
+        "pattern": f"{split}-{{000000..{last:06d}}}.tar",
+        "shards": shards,
+        "labels": [labels[i] for i in sorted(labels)],
+    }  # in index order: a study's train labels without reading the shards
 
 
 def write_medmnist(root, flag: str, size: int, out: Path, maxcount: int = 2000, maxsize: int = 1 << 30) -> dict:
@@ -127,10 +143,18 @@ def write_medmnist(root, flag: str, size: int, out: Path, maxcount: int = 2000, 
     _refuse_existing(out)
     manifest = {"format": FORMAT, **facts, "splits": {}}
     for split, (images, labels) in splits.items():
-        manifest["splits"][split] = write_split(out, split, ((_png(image), "png", label, i) for i, (image, label) in enumerate(zip(images, labels))),
-                                                maxcount, maxsize)
+        manifest["splits"][split] = write_split(
+            out,
+            split,
+            ((_png(image), "png", label, i) for i, (image, label) in enumerate(zip(images, labels))),
+            maxcount,
+            maxsize,
+        )
     train = splits["train"][0].astype(np.float64) / 255.0
-    manifest["channel_mean"], manifest["channel_std"] = train.mean(axis=(0, 1, 2)).tolist(), train.std(axis=(0, 1, 2), ddof=1).tolist()
+    manifest["channel_mean"], manifest["channel_std"] = (
+        train.mean(axis=(0, 1, 2)).tolist(),
+        train.std(axis=(0, 1, 2), ddof=1).tolist(),
+    )
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
@@ -152,7 +176,9 @@ def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 
                 data = path.read_bytes()
             except OSError as exc:
                 raise KdistError(f"{path}: cannot read ({exc.strerror}); fix or remove that row") from None
-            pixels = np.asarray(decode_image(data, str(path)), dtype=np.float64).reshape(-1, 3) / 255.0  # unreadable: refused now
+            pixels = (
+                np.asarray(decode_image(data, str(path)), dtype=np.float64).reshape(-1, 3) / 255.0
+            )  # unreadable: refused now
             moments[:] += [[len(pixels)] * 3, pixels.sum(0), (pixels**2).sum(0)]
             yield data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"), label, index
 
@@ -160,7 +186,10 @@ def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 
     manifest["splits"][split] = write_split(out, split, samples(), maxcount, maxsize)
     if split == "train":
         mean = moments[1] / moments[0]
-        manifest["channel_mean"], manifest["channel_std"] = mean.tolist(), np.sqrt(moments[2] / moments[0] - mean**2).tolist()
+        manifest["channel_mean"], manifest["channel_std"] = (
+            mean.tolist(),
+            np.sqrt(moments[2] / moments[0] - mean**2).tolist(),
+        )
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 

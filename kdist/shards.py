@@ -13,9 +13,15 @@ from .shard_writer import write_images, write_medmnist
 @click.command("shards")
 @click.option("--out", type=PATH, required=True, help="folder for the tar shards and manifest.json")
 @click.option("--data-root", help="folder with the MedMNIST npz (default: $KDIST_DATA_ROOT)")
-@click.option("--flag", default="dermamnist", show_default=True, help="MedMNIST dataset (any 2D flag medmnist's INFO knows)")
+@click.option(
+    "--flag", default="dermamnist", show_default=True, help="MedMNIST dataset (any 2D flag medmnist's INFO knows)"
+)
 @click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size: 28, 64, 128 or 224")
-@click.option("--images", type=PATH, help="instead of a MedMNIST file: an image folder (one sub-folder per class) or a CSV of path,label")
+@click.option(
+    "--images",
+    type=PATH,
+    help="instead of a MedMNIST file: an image folder (one sub-folder per class) or a CSV of path,label",
+)
 @click.option("--split", default="train", show_default=True, help="with --images: the split these images form")
 @click.option("--maxcount", type=int, default=2000, show_default=True, help="samples per shard at most")
 @click.option("--maxsize", type=int, default=1 << 30, show_default=True, help="bytes per shard at most")
@@ -30,7 +36,10 @@ def command(out, data_root, flag, size, images, split, maxcount, maxsize, verify
     else:
         manifest = write_medmnist(data_root, flag, size, out, maxcount, maxsize)
     for name, entry in manifest["splits"].items():
-        click.echo(f"{name:6s} {entry['count']:7d} samples in {len(entry['shards'])} shard(s)  classes {entry['class_histogram']}")
+        click.echo(
+            f"{name:6s} {entry['count']:7d} samples in {len(entry['shards'])} shard(s)  classes "
+            f"{entry['class_histogram']}"
+        )
     click.echo(f"{'verified' if verify_only else 'written'}: {out / MANIFEST}")
 
 

@@ -51,7 +51,9 @@ def auto_shards(root, size: int) -> Path:
     folder = cache_folder(npz, FLAG, size)
     if (folder / MANIFEST).exists():
         return folder
-    load_dermamnist(root, size, download=False)  # a broken file is named as the in-memory path names it, before any writing
+    load_dermamnist(
+        root, size, download=False
+    )  # a broken file is named as the in-memory path names it, before any writing
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"kdist: writing the webdataset shards of {npz} once, into {folder}", file=sys.stderr, flush=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
@@ -88,11 +90,18 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
     with accelerator.main_process_first():
         folder, manifest = locate_shards(data, check=accelerator.is_main_process)
     if len(manifest["classes"]) != NUM_CLASSES:
-        raise KdistError(f"{folder / MANIFEST} has {len(manifest['classes'])} classes; kdist trains DermaMNIST's {NUM_CLASSES}")
+        raise KdistError(
+            f"{folder / MANIFEST} has {len(manifest['classes'])} classes; kdist trains DermaMNIST's {NUM_CLASSES}"
+        )
     for split in ("train", "val", "test"):
         if split not in manifest["splits"]:
-            raise KdistError(f"{folder / MANIFEST} has no {split} split; write train, val and test shards (kdist shards --images ... --split {split})")
-    splits = {split: evaluation_samples(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")}
+            raise KdistError(
+                f"{folder / MANIFEST} has no {split} split; write train, val and test shards (kdist shards --images "
+                f"... --split {split})"
+            )
+    splits = {
+        split: evaluation_samples(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")
+    }
     train_labels = torch.tensor(manifest["splits"]["train"]["labels"])
     if "channel_mean" not in manifest:
         raise KdistError(f"{folder / MANIFEST} lacks channel statistics; rewrite the shards with `kdist shards`")
@@ -103,6 +112,15 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
         splits["train"] = evaluation_samples(folder, "train", data.size, data.shard_url, manifest)
         mean, std = channel_stats(splits["train"][0])
     else:  # streamed every epoch (ShardImages.loader)
-        splits["train"] = (ShardImages(folder, manifest, "train", data.size, url_template=data.shard_url,
-                                       num_workers=loader_workers(data.num_workers)), train_labels)
+        splits["train"] = (
+            ShardImages(
+                folder,
+                manifest,
+                "train",
+                data.size,
+                url_template=data.shard_url,
+                num_workers=loader_workers(data.num_workers),
+            ),
+            train_labels,
+        )
     return splits, mean, std, folder

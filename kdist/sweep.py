@@ -30,9 +30,8 @@ from . import KdistError
 from .config import config_from_dict, load_config, merge, parse_override
 from .files import atomic_write_text
 from .inference import predict_probs
-from .metrics import classification_metrics, sample_std
+from .metrics import classification_metrics, mean_std_text, sample_std
 from .models import load_model, load_teacher
-from .report import mean_std_text
 
 
 def read_sweep(path: Path) -> tuple[dict, dict]:
@@ -77,11 +76,19 @@ def _check_reusable(cfg, folder: Path) -> None:
             config["trainer"].pop("progress")  # a progress bar changes no result
         differing = [key for key in wanted if saved[key] != wanted[key]]
         if differing:
-            raise KdistError(f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or choose another --out")
+            raise KdistError(
+                f"{folder} holds a run of another config ({', '.join(differing)} differ); delete that folder or "
+                "choose another --out"
+            )
 
 
-def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_only: bool = False,
-              only_seeds: list[int] | None = None) -> dict | None:
+def run_sweep(
+    config_path: Path,
+    out: Path,
+    extra_overrides: list[dict],
+    val_only: bool = False,
+    only_seeds: list[int] | None = None,
+) -> dict | None:
     """The sweep's record (also written to out/sweep.json and sweep.md); None when `only_seeds` ran a part."""
     from .engine import make_accelerator
     from .pipeline import Study, distill_stage, teacher_stage
@@ -101,7 +108,9 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
     else:
         teacher_cfg = config_from_dict(merge(first_cfg.to_dict(), {"seed": seeds[0]}))
         _check_reusable(teacher_cfg, out / "teacher")
-        teacher_study = Study.open(teacher_cfg, out / "teacher", resume=True, eval_splits=("val",), accelerator=accelerator)
+        teacher_study = Study.open(
+            teacher_cfg, out / "teacher", resume=True, eval_splits=("val",), accelerator=accelerator
+        )
         teacher = teacher_stage(teacher_study)  # a rerun (a killed sweep, the test after --val-only) reuses it
 
     rows = {}
@@ -127,7 +136,9 @@ def run_sweep(config_path: Path, out: Path, extra_overrides: list[dict], val_onl
         images, labels = study.splits["test"]
         model = load_model(study.out / "distilled.safetensors")
         tests.append(classification_metrics(predict_probs(model, images), labels.numpy()))
-    chosen_test = {key: _stats([m[key] for m in tests]) for key in ("acc", "auc", "balanced_acc", "macro_f1")} if tests else None
+    chosen_test = (
+        {key: _stats([m[key] for m in tests]) for key in ("acc", "auc", "balanced_acc", "macro_f1")} if tests else None
+    )
     record = {"grid": grid, "seeds": seeds, "val": rows, "chosen": best, "chosen_test": chosen_test}
     atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
     atomic_write_text(out / "sweep.md", sweep_markdown(record))
@@ -142,17 +153,27 @@ def sweep_markdown(record: dict) -> str:
     lines = [
         "# kdist sweep (distilled student, val split)",
         "",
-        f"Mean ± std over seeds {record['seeds']}; the teacher is fixed. Chosen on val accuracy: **{record['chosen']}**.",
+        f"Mean ± std over seeds {record['seeds']}; the teacher is fixed. Chosen on val accuracy: "
+        f"**{record['chosen']}**.",
         "",
         "| Setting | Val accuracy | Val AUC | Val balanced acc | Val macro F1 |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(record["val"].items(), key=lambda kv: -kv[1]["acc"]["mean"]):
         mark = " (chosen)" if name == record["chosen"] else ""
-        lines.append(f"| {name}{mark} | {_pm(row['acc'])} | {_pm(row['auc'], False)} | {_pm(row['balanced_acc'])} | {_pm(row['macro_f1'], False)} |")
+        lines.append(
+            f"| {name}{mark} | {_pm(row['acc'])} | {_pm(row['auc'], False)} | {_pm(row['balanced_acc'])} | "
+            f"{_pm(row['macro_f1'], False)} |"
+        )
     t = record["chosen_test"]
     if t is None:
-        return "\n".join(lines + ["", "Test: not evaluated (`--val-only`); rerun without it to test the chosen setting.", ""])
-    lines += ["", f"Test, chosen setting only: accuracy {_pm(t['acc'])}, AUC {_pm(t['auc'], False)}, "
-              f"balanced accuracy {_pm(t['balanced_acc'])}, macro F1 {_pm(t['macro_f1'], False)}.", ""]
+        return "\n".join(
+            lines + ["", "Test: not evaluated (`--val-only`); rerun without it to test the chosen setting.", ""]
+        )
+    lines += [
+        "",
+        f"Test, chosen setting only: accuracy {_pm(t['acc'])}, AUC {_pm(t['auc'], False)}, "
+        f"balanced accuracy {_pm(t['balanced_acc'])}, macro F1 {_pm(t['macro_f1'], False)}.",
+        "",
+    ]
     return "\n".join(lines)

@@ -95,8 +95,13 @@ def choose_wandb_mode(out: Path) -> None:
         return
     if not has_wandb_key():
         os.environ["WANDB_MODE"] = "offline"
-        print(f"kdist: no W&B API key (WANDB_API_KEY, `wandb login`): W&B runs are written offline under {out / 'wandb'}; "
-              f"upload them later with `wandb sync {out / 'wandb'}/offline-run-*`", file=sys.stderr, flush=True)
+        print(
+            "kdist: no W&B API key (WANDB_API_KEY, `wandb login`): W&B runs are written offline under "
+            f"{out / 'wandb'}; "
+            f"upload them later with `wandb sync {out / 'wandb'}/offline-run-*`",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def group_of(out: Path, group: str | None = None) -> str:
@@ -146,10 +151,19 @@ def stage_run(study, name: str):
             # One bounded try to reach the server (WANDB_INIT_TIMEOUT, else 30 s); after a failure the rest of
             # the study logs offline (WANDB_MODE below), so a study never hangs on an unreachable server.
             timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 30))
-            init_kwargs = {"wandb": {"dir": str(study.out), "group": group, "job_type": name, "name": run_name,
-                                     "id": _run_id(folder), "resume": "allow", "reinit": "finish_previous",
-                                     "settings": wandb.Settings(init_timeout=timeout),
-                                     **({"entity": trainer.wandb_entity} if trainer.wandb_entity else {})}}
+            init_kwargs = {
+                "wandb": {
+                    "dir": str(study.out),
+                    "group": group,
+                    "job_type": name,
+                    "name": run_name,
+                    "id": _run_id(folder),
+                    "resume": "allow",
+                    "reinit": "finish_previous",
+                    "settings": wandb.Settings(init_timeout=timeout),
+                    **({"entity": trainer.wandb_entity} if trainer.wandb_entity else {}),
+                }
+            }
         else:
             accelerator.log_with[0].path = folder / "tracker.jsonl"
         try:
@@ -161,8 +175,13 @@ def stage_run(study, name: str):
             import wandb
 
             wandb.teardown()  # the failed attempt keeps the run id in use in wandb's service; start a fresh one
-            print(f"kdist: W&B could not start online ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); this study logs "
-                  f"offline under {study.out / 'wandb'}: upload with `wandb sync`", file=sys.stderr, flush=True)
+            print(
+                f"kdist: W&B could not start online ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); this "
+                "study logs "
+                f"offline under {study.out / 'wandb'}: upload with `wandb sync`",
+                file=sys.stderr,
+                flush=True,
+            )
             accelerator.trackers = []
             accelerator.init_trackers(project_of(study.cfg.trainer), config=config, init_kwargs=init_kwargs)
     accelerator.wait_for_everyone()
@@ -179,7 +198,11 @@ def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teache
     """The end of a stage, on the main process: metrics as the run summary, the confusion matrix, the
     qualitative table and the grid figure (from the fixed test samples of predictions/test_samples.npz)."""
     accelerator = study.accelerator
-    if study.cfg.trainer.tracker not in ("wandb", "jsonl") or not accelerator.is_main_process or not accelerator.trackers:
+    if (
+        study.cfg.trainer.tracker not in ("wandb", "jsonl")
+        or not accelerator.is_main_process
+        or not accelerator.trackers
+    ):
         return
     summary = {}
     for split in ("val", "test"):
@@ -195,18 +218,34 @@ def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teache
     run = accelerator.get_tracker("wandb", unwrap=True)
     run.summary.update(summary)
     split = "test" if "test" in probs else "val"
-    run.log({f"{split}/confusion_matrix": wandb.plot.confusion_matrix(y_true=labels[split].tolist(), preds=probs[split].argmax(1).tolist(),
-                                                                       class_names=CLASS_NAMES, title=f"{name}: {split} confusion")})
+    run.log(
+        {
+            f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=labels[split].tolist(),
+                preds=probs[split].argmax(1).tolist(),
+                class_names=CLASS_NAMES,
+                title=f"{name}: {split} confusion",
+            )
+        }
+    )
     samples_path = study.out / "predictions" / "test_samples.npz"
     if split == "test" and samples_path.exists():
         samples = np.load(samples_path)
         indices, images = samples["indices"], samples["images"]
         sample_probs = probs["test"][indices]
-        columns = ["index", "image", "true", "predicted", "confidence"] + (["teacher predicted", "teacher confidence"] if teacher_sample_probs is not None else [])
+        columns = ["index", "image", "true", "predicted", "confidence"] + (
+            ["teacher predicted", "teacher confidence"] if teacher_sample_probs is not None else []
+        )
         table = wandb.Table(columns=columns)
         for row, index in enumerate(indices):
             prob = sample_probs[row]
-            cells = [int(index), wandb.Image(images[row]), CLASS_NAMES[labels["test"][index]], CLASS_NAMES[int(prob.argmax())], float(prob.max())]
+            cells = [
+                int(index),
+                wandb.Image(images[row]),
+                CLASS_NAMES[labels["test"][index]],
+                CLASS_NAMES[int(prob.argmax())],
+                float(prob.max()),
+            ]
             if teacher_sample_probs is not None:
                 cells += [CLASS_NAMES[int(teacher_sample_probs[row].argmax())], float(teacher_sample_probs[row].max())]
             table.add_data(*cells)

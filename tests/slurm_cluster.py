@@ -19,8 +19,13 @@ def ensure_installed() -> str | None:
     if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch")):
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "Slurm is not installed and cannot be (needs root and apt-get: apt-get install slurmctld slurmd slurm-client)"
-    done = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], capture_output=True, text=True)
+        return (
+            "Slurm is not installed and cannot be "
+            "(needs root and apt-get: apt-get install slurmctld slurmd slurm-client)"
+        )
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], capture_output=True, text=True
+    )
     if done.returncode != 0:
         return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip().splitlines()[-1:]}"
     return None
@@ -69,7 +74,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def run(self, *args, check=True, env=None, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(list(map(str, args)), env=env or self.env, capture_output=True, text=True, check=check, **kwargs)
+        return subprocess.run(
+            list(map(str, args)), env=env or self.env, capture_output=True, text=True, check=check, **kwargs
+        )
 
     def start(self, timeout: float = 30) -> None:
         self.run("slurmctld", "-f", self.conf)
@@ -99,7 +106,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
-    def wait_for(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout: float = 600) -> str:
+    def wait_for(
+        self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout: float = 600
+    ) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = self.job_state(job_id)

@@ -33,10 +33,15 @@ def test_cached_and_online_distillation_give_the_same_loss():
     views = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     augmented = apply_views(images[indices], views)
     batch = (to_float(augmented), labels[indices], indices, views)
-    torch.testing.assert_close(cached.teacher_logits(batch[0], indices, views), online.teacher_logits(batch[0], indices, views), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        cached.teacher_logits(batch[0], indices, views),
+        online.teacher_logits(batch[0], indices, views),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     student.eval()  # same student forward for both (no dropout randomness)
     logits = student(batch[0])
-    (cached_loss, cached_parts), (online_loss, online_parts) = cached(logits, *batch), online(logits, *batch)
+    (cached_loss, cached_parts), (online_loss, _) = cached(logits, *batch), online(logits, *batch)
     torch.testing.assert_close(cached_loss, online_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached_loss, 0.8 * cached_parts["kd"] + 0.2 * cached_parts["ce"])
 
@@ -46,7 +51,6 @@ def test_view_mean_teacher_is_the_same_cached_and_online_and_for_every_view():
     teacher = create_model("resnet18").eval()
     cache = compute_teacher_logits(teacher, images)
     kd = KDConfig(teacher_views="mean")
-    student = create_model("student")
     online = Distillation(StageConfig(), kd, teacher=teacher)
     cached = Distillation(StageConfig(), kd, teacher_logits_cache=cache)
     indices = torch.arange(8)

@@ -1,10 +1,10 @@
 """The kdist command end to end: help, bad arguments, and full quick runs."""
 
 import json
-from pathlib import Path
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +26,8 @@ def test_help_lists_commands():
 
 @pytest.mark.parametrize("module", ["kdist.train", "kdist.distill", "kdist.evaluate"])
 def test_launcher_modules_take_the_same_options(module):
-    """`python -m kdist.distill --help` (what `accelerate launch -m kdist.distill` runs) shows the subcommand's options."""
+    """`python -m kdist.distill --help` (what `accelerate launch -m kdist.distill` runs) shows the subcommand's
+    options."""
     as_module = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     as_subcommand = kdist(module.split(".")[1], "--help")
     assert as_module.returncode == 0 and as_subcommand.returncode == 0
@@ -88,8 +89,21 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
 
     # Each stage also runs alone from saved weights.
     again = tmp_path / "distill-only"
-    code = main(["distill", "--teacher", str(out / "teacher.safetensors"), "--quick", "--data-root", str(synthetic_root),
-                 "--out", str(again), "--no-progress", "--teacher-mode", "online"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(out / "teacher.safetensors"),
+            "--quick",
+            "--data-root",
+            str(synthetic_root),
+            "--out",
+            str(again),
+            "--no-progress",
+            "--teacher-mode",
+            "online",
+        ]
+    )
     assert code == 0
     first = json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]
     second = json.loads((again / "results.json").read_text())["models"]["distilled"]["test"]
@@ -100,12 +114,28 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     assert list((out / "cache").glob("teacher_logits-*.safetensors")) and not (again / "cache").exists()
     # `distill` also evaluates its teacher, so the run folder compares the two: the same numbers as `run`.
     teacher_again = json.loads((again / "results.json").read_text())["models"]["teacher"]
-    assert teacher_again["test"]["acc"] == json.loads((out / "results.json").read_text())["models"]["teacher"]["test"]["acc"]
+    assert (
+        teacher_again["test"]["acc"]
+        == json.loads((out / "results.json").read_text())["models"]["teacher"]["test"]["acc"]
+    )
 
     # Two teacher files: their ensemble (mean logits) is distilled; the weights record it.
     ensemble = tmp_path / "ensemble"
-    code = main(["distill", "--teacher", str(out / "teacher.safetensors"), "--teacher", str(out / "student.safetensors"),
-                 "--quick", "--data-root", str(synthetic_root), "--out", str(ensemble), "--no-progress"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(out / "teacher.safetensors"),
+            "--teacher",
+            str(out / "student.safetensors"),
+            "--quick",
+            "--data-root",
+            str(synthetic_root),
+            "--out",
+            str(ensemble),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     from kdist.models import read_metadata
 
@@ -118,7 +148,9 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     student = json.loads((out / "results.json").read_text())["models"]["student"]["test"]
     assert json.loads(result.stdout)["test"]["acc"] == pytest.approx(student["acc"])
     # --views mean: the same weights scored on the mean logits of the 8 flips/rotations.
-    result = kdist("evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "val", "--views", "mean")
+    result = kdist(
+        "evaluate", out / "student.safetensors", "--data-root", synthetic_root, "--split", "val", "--views", "mean"
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     from kdist.data import load_dermamnist
@@ -127,9 +159,13 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     from kdist.models import load_model
 
     images, labels = load_dermamnist(synthetic_root, 28)["val"]
-    expected = classification_metrics(predict_probs(load_model(out / "student.safetensors"), images, views="mean"), labels.numpy())
+    expected = classification_metrics(
+        predict_probs(load_model(out / "student.safetensors"), images, views="mean"), labels.numpy()
+    )
     assert record["views"] == "mean" and "test" not in record
-    assert record["val"]["loss"] == pytest.approx(expected["loss"]) and record["val"]["acc"] == pytest.approx(expected["acc"])
+    assert record["val"]["loss"] == pytest.approx(expected["loss"]) and record["val"]["acc"] == pytest.approx(
+        expected["acc"]
+    )
     # Several files: their ensemble, the same numbers `distill` recorded for it.
     result = kdist("evaluate", out / "teacher.safetensors", out / "student.safetensors", "--data-root", synthetic_root)
     assert result.returncode == 0, result.stderr
@@ -154,7 +190,16 @@ def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
         save_weights(DermClassifier("squeezenet1_1", [0.5] * 3, [0.2] * 3), path)
     else:
         path.write_bytes(b"\x00" * 64)
-    args = ["distill", "--teacher", str(path), "--quick", "--data-root", str(synthetic_root), "--out", str(tmp_path / "o")]
+    args = [
+        "distill",
+        "--teacher",
+        str(path),
+        "--quick",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "teacher.safetensors" in err and err.count("\n") == 1
@@ -165,14 +210,30 @@ def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
 
 
 def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
-    args = ["bench", "--quick", "--steps", "2", "--data-root", str(synthetic_root), "--out", str(tmp_path), "--no-progress"]
+    args = [
+        "bench",
+        "--quick",
+        "--steps",
+        "2",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "distill, cached" in printed and "ratio" in printed
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["throughput"]["data_path_img_s"] > 0 and bench["epochs"]["distill_cached_over_student"] > 0
-    assert bench["throughput"]["shard_path_img_s"] > 0 and bench["throughput"]["shard_data_only_img_s"] > 0 and re.search(r"shards, \d+ workers", printed)
-    assert bench["epochs"]["distill_cached_bf16_over_32"] > 0 and bench["epochs"]["student_epoch_shards_over_memory"] > 0
+    assert (
+        bench["throughput"]["shard_path_img_s"] > 0
+        and bench["throughput"]["shard_data_only_img_s"] > 0
+        and re.search(r"shards, \d+ workers", printed)
+    )
+    assert (
+        bench["epochs"]["distill_cached_bf16_over_32"] > 0 and bench["epochs"]["student_epoch_shards_over_memory"] > 0
+    )
     assert bench["models"]["student"]["flops_per_image"] > 0 and bench["train_images"] == 1024
     assert bench["models"]["teacher"]["onnx_latency_ms_batch256"] > 0
     step = bench["online_step"]  # the online step's breakdown from the torch profiler
@@ -180,14 +241,30 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     assert "teacher_forward" in printed and (tmp_path / "online_profile.txt").exists()
     assert ("distill_online_bf16_teacher_epoch_s" in bench["epochs"]) == cpu_has_bf16()
     processes = bench["processes"]  # one cached distillation epoch under accelerate launch, 1 and 2 processes
-    assert processes["processes1_img_s"] > 0 and processes["processes2_img_s"] > 0 and processes["processes2_over_1"] > 0
+    assert (
+        processes["processes1_img_s"] > 0 and processes["processes2_img_s"] > 0 and processes["processes2_over_1"] > 0
+    )
     assert "2 processes" in printed
 
 
 def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsys):
     out = tmp_path / "run"
-    args = ["train", "student", "--quick", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress",
-            "--set", "student.lr=1e12", "--set", "student.epochs=3", "--set", "student.schedule=none"]
+    args = [
+        "train",
+        "student",
+        "--quick",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "student.lr=1e12",
+        "--set",
+        "student.epochs=3",
+        "--set",
+        "student.schedule=none",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert re.search(r"non-finite loss at epoch \d+, step \d+", err) and err.count("\n") == 1
@@ -197,33 +274,79 @@ def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsy
 def test_val_only_training_run_never_touches_test(tmp_path, synthetic_root, capsys):
     """A tuning run (--val-only) records val alone; the chosen model is tested later, once, by evaluate."""
     out = tmp_path / "tune"
-    args = ["train", "student", "--quick", "--val-only", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]
+    args = [
+        "train",
+        "student",
+        "--quick",
+        "--val-only",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "student    val acc" in capsys.readouterr().out
     entry = json.loads((out / "results.json").read_text())["models"]["student"]
     assert "val" in entry and "test" not in entry
     assert set(np.load(out / "predictions" / "student.npz")) == {"val_probs", "val_labels"}
     assert main(["report", str(out)]) == 2 and "val-only" in capsys.readouterr().err  # no test table to draw
-    assert main(["evaluate", str(out / "student.safetensors"), "--split", "test", "--data-root", str(synthetic_root)]) == 0
+    assert (
+        main(["evaluate", str(out / "student.safetensors"), "--split", "test", "--data-root", str(synthetic_root)]) == 0
+    )
     assert set(json.loads(capsys.readouterr().out)) == {"weights", "arch", "views", "test", "num_processes"}
 
 
 def test_a_failed_start_leaves_no_new_folder_and_an_old_one_unchanged(tmp_path, synthetic_root, capsys):
     """Inputs are checked before the run folder is touched: a missing teacher, a bad config."""
-    missing = ["distill", "--teacher", str(tmp_path / "nowhere.safetensors"), "--quick", "--data-root", str(synthetic_root)]
+    missing = [
+        "distill",
+        "--teacher",
+        str(tmp_path / "nowhere.safetensors"),
+        "--quick",
+        "--data-root",
+        str(synthetic_root),
+    ]
     assert main([*missing, "--out", str(tmp_path / "new")]) == 2
     assert "nowhere.safetensors not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
     old = tmp_path / "old"
     old.mkdir()
     (old / "notes.txt").write_text("mine")
     assert main([*missing, "--out", str(old)]) == 2
-    assert main(["train", "student", "--quick", "--data-root", str(synthetic_root), "--set", "student.lr=-1", "--out", str(old)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "student",
+                "--quick",
+                "--data-root",
+                str(synthetic_root),
+                "--set",
+                "student.lr=-1",
+                "--out",
+                str(old),
+            ]
+        )
+        == 2
+    )
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
 
 
 def test_resume_auto_starts_a_run_then_continues_only_the_same_run(tmp_path, synthetic_root, capsys):
-    args = ["train", "student", "--quick", "--no-progress", "--data-root", str(synthetic_root), "--set", "student.epochs=1",
-            "--out", str(tmp_path / "R"), "--resume", "auto"]
+    args = [
+        "train",
+        "student",
+        "--quick",
+        "--no-progress",
+        "--data-root",
+        str(synthetic_root),
+        "--set",
+        "student.epochs=1",
+        "--out",
+        str(tmp_path / "R"),
+        "--resume",
+        "auto",
+    ]
     assert main(args) == 0 and (tmp_path / "R" / "student.safetensors").exists()
     assert main(args) == 0  # the same options again: the finished stage is kept (a requeued job's second start)
     assert main([*args, "--seed", "7"]) == 2

@@ -6,13 +6,13 @@ import torch
 
 from kdist import KdistError
 from kdist.data import (
+    apply_views,
     augment,
     batch_loader,
     channel_stats,
     dihedral,
     load_dermamnist,
     load_npz,
-    apply_views,
     resolve_root,
     to_float,
 )
@@ -146,22 +146,37 @@ def test_every_process_count_deals_out_the_same_global_batches(world, accumulati
     from kdist.data import EpochBatchSampler
 
     def global_order(world, accumulation):
-        ranks = [list(EpochBatchSampler(1000, 64, seed=5, rank=r, world_size=world, epoch=3, translate=2, accumulation=accumulation))
-                 for r in range(world)]
+        ranks = [
+            list(
+                EpochBatchSampler(
+                    1000, 64, seed=5, rank=r, world_size=world, epoch=3, translate=2, accumulation=accumulation
+                )
+            )
+            for r in range(world)
+        ]
         assert len({len(batches) for batches in ranks}) == 1 and len(ranks[0]) == 1000 // 64 * accumulation
-        columns = [torch.stack([indices, views, *shifts.T]) for step in range(len(ranks[0])) for indices, views, shifts in
-                   (ranks[r][step] for r in range(world))]
-        return torch.cat(columns, 1)  # rows: index, view, shift down, shift right; columns: the epoch's samples in order
+        columns = [
+            torch.stack([indices, views, *shifts.T])
+            for step in range(len(ranks[0]))
+            for indices, views, shifts in (ranks[r][step] for r in range(world))
+        ]
+        return torch.cat(
+            columns, 1
+        )  # rows: index, view, shift down, shift right; columns: the epoch's samples in order
 
     assert torch.equal(global_order(world, accumulation), global_order(1, 1))
-    assert len(set(global_order(world, accumulation)[0].tolist())) == 1000 - 1000 % 64  # each sample once, the rest left out
+    assert (
+        len(set(global_order(world, accumulation)[0].tolist())) == 1000 - 1000 % 64
+    )  # each sample once, the rest left out
 
 
 def test_a_batch_that_does_not_divide_names_the_process_counts_that_work():
     from kdist.engine import per_process_batch
 
     assert per_process_batch(128, 4, 1) == 32 and per_process_batch(128, 4, 2) == 16
-    with pytest.raises(KdistError, match=r"global batch 128 does not divide into 3 processes x 1.*1, 2, 4, 8, 16, 32, 64, 128"):
+    with pytest.raises(
+        KdistError, match=r"global batch 128 does not divide into 3 processes x 1.*1, 2, 4, 8, 16, 32, 64, 128"
+    ):
         per_process_batch(128, 3, 1)
     with pytest.raises(KdistError, match="divisible by trainer.gradient_accumulation_steps"):
         per_process_batch(100, 1, 3)
@@ -177,7 +192,9 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     key=st.sampled_from(["train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"]),
     array=hnp.arrays(
@@ -227,7 +244,9 @@ def test_class_weights_golden_values():
 def test_apply_shifts_moves_each_image_and_reflects_the_border():
     from kdist.data import apply_shifts
 
-    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    images = (
+        torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    )
     shifts = torch.tensor([[1, -2], [0, 0]])
     out = apply_shifts(images, shifts, pad=2)
     assert out.shape == images.shape and out.is_contiguous(memory_format=torch.channels_last)
@@ -248,7 +267,9 @@ def test_translate_draws_shifts_within_range_without_changing_order_or_views(syn
         assert i0.tolist() == i1.tolist() and v0.tolist() == v1.tolist()  # translate 0 runs stay as they were
         assert not s0.any() and s1.abs().max() <= 2
     assert torch.cat([s for _, _, s in shifted]).abs().sum() > 0
-    assert [s.tolist() for _, _, s in EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2)] == [s.tolist() for _, _, s in shifted]
+    assert [s.tolist() for _, _, s in EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2)] == [
+        s.tolist() for _, _, s in shifted
+    ]
     splits = load_dermamnist(synthetic_root)
     raw, labels, indices, views, shifts = next(iter(batch_loader(*splits["train"], 64, shuffle=True, translate=2)))
     images = augment(raw, views, shifts, 2)

@@ -21,7 +21,11 @@ from kdist.models import create_model, save_weights
 def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     for role in ("student", "teacher"):
-        save_weights(create_model(role, mean=[0.76, 0.54, 0.56], std=[0.14, 0.15, 0.17]).eval(), folder / f"{role}.safetensors", {"data_size": 28})
+        save_weights(
+            create_model(role, mean=[0.76, 0.54, 0.56], std=[0.14, 0.15, 0.17]).eval(),
+            folder / f"{role}.safetensors",
+            {"data_size": 28},
+        )
     return folder
 
 
@@ -38,7 +42,17 @@ def lesion_images(tmp_path_factory):
 
 def test_predict_folder_with_teacher(tmp_path, weights, lesion_images, capsys):
     out = tmp_path / "p.csv"
-    code = main(["predict", str(weights / "student.safetensors"), str(lesion_images), "--teacher", str(weights / "teacher.safetensors"), "--out", str(out)])
+    code = main(
+        [
+            "predict",
+            str(weights / "student.safetensors"),
+            str(lesion_images),
+            "--teacher",
+            str(weights / "teacher.safetensors"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(out)))
     assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["alpha.png", "gray.png", "lesion.jpg"]
@@ -51,7 +65,19 @@ def test_predict_json_and_a_bad_file(tmp_path, weights, lesion_images, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really")
     out = tmp_path / "p.json"
-    assert main(["predict", str(weights / "student.safetensors"), str(lesion_images / "lesion.jpg"), str(bad), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(weights / "student.safetensors"),
+                str(lesion_images / "lesion.jpg"),
+                str(bad),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert len(json.loads(out.read_text())) == 1  # the good file is still predicted
     assert "broken.jpg" in capsys.readouterr().err
     assert main(["predict", str(weights / "student.safetensors"), str(bad), "--out", str(tmp_path / "q.csv")]) == 2
@@ -64,7 +90,20 @@ def test_predict_mean_views_is_blind_to_a_rotated_photo(tmp_path, weights, capsy
 
     def probs(*views):
         out = tmp_path / "p.csv"
-        assert main(["predict", str(weights / "student.safetensors"), str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(out), *views]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(weights / "student.safetensors"),
+                    str(tmp_path / "a.png"),
+                    str(tmp_path / "b.png"),
+                    "--out",
+                    str(out),
+                    *views,
+                ]
+            )
+            == 0
+        )
         rows = list(csv.DictReader(open(out)))
         return np.array([[float(row[f"prob_{c}"]) for c in CLASS_NAMES] for row in rows])
 
@@ -75,7 +114,18 @@ def test_predict_mean_views_is_blind_to_a_rotated_photo(tmp_path, weights, capsy
 
 def test_export_onnx_matches_pytorch(tmp_path, weights, real_root, capsys):
     out = tmp_path / "student.onnx"
-    code = main(["export", str(weights / "student.safetensors"), "--onnx", str(out), "--data-root", str(real_root), "--check-images", "256"])
+    code = main(
+        [
+            "export",
+            str(weights / "student.safetensors"),
+            "--onnx",
+            str(out),
+            "--data-root",
+            str(real_root),
+            "--check-images",
+            "256",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["checked_images"] == 256 and report["max_abs_diff_probabilities"] < 1e-4
@@ -91,19 +141,37 @@ def test_export_onnx_matches_pytorch(tmp_path, weights, real_root, capsys):
 def test_export_and_serve_mean_views_match_evaluate(tmp_path, weights, real_root, capsys):
     """--views mean in ONNX and in serve: the mean of the 8 flips/rotations, as predict_probs computes it."""
     out = tmp_path / "student-mean.onnx"
-    assert main(["export", str(weights / "student.safetensors"), "--onnx", str(out), "--data-root", str(real_root),
-                 "--check-images", "64", "--views", "mean"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(weights / "student.safetensors"),
+                "--onnx",
+                str(out),
+                "--data-root",
+                str(real_root),
+                "--check-images",
+                "64",
+                "--views",
+                "mean",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["views"] == "mean" and report["max_abs_diff_probabilities"] < 1e-4
 
     import io
 
     import onnxruntime
+
     from kdist.serve import Classifier
 
     images = np.random.default_rng(2).random((3, 3, 28, 28), dtype=np.float32)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    straight, turned = (session.run(None, {"images": x})[0] for x in (images, np.ascontiguousarray(np.rot90(images, 1, (2, 3)))))
+    straight, turned = (
+        session.run(None, {"images": x})[0] for x in (images, np.ascontiguousarray(np.rot90(images, 1, (2, 3))))
+    )
     np.testing.assert_allclose(straight, turned, atol=1e-5)
 
     photo = np.random.default_rng(3).integers(0, 255, (28, 28, 3), dtype=np.uint8)
@@ -111,7 +179,11 @@ def test_export_and_serve_mean_views_match_evaluate(tmp_path, weights, real_root
     for array in (photo, np.ascontiguousarray(np.rot90(photo))):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
-        answers.append(Classifier(weights / "student.safetensors", views="mean").classify(buffer.getvalue())["student"]["probabilities"])
+        answers.append(
+            Classifier(weights / "student.safetensors", views="mean").classify(buffer.getvalue())["student"][
+                "probabilities"
+            ]
+        )
     assert answers[0] == pytest.approx(answers[1], abs=2e-6)
 
 
@@ -133,7 +205,9 @@ def test_serve_page_end_to_end_in_chromium(tmp_path, weights, lesion_images):
     big.write_bytes(b"\xff" * (10 * 1024 * 1024 + 10))
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+            )
             page = browser.new_page()
             page.goto(url)
             assert "not a medical device" in page.content()
@@ -146,7 +220,9 @@ def test_serve_page_end_to_end_in_chromium(tmp_path, weights, lesion_images):
 
             page.set_input_files("#file", str(lesion_images / "lesion.jpg"))  # the server survived
             page.wait_for_selector(".teacher .row")
-            probs = [float(v) for v in page.eval_on_selector_all(".student .row", "rows => rows.map(r => r.dataset.prob)")]
+            probs = [
+                float(v) for v in page.eval_on_selector_all(".student .row", "rows => rows.map(r => r.dataset.prob)")
+            ]
             assert len(probs) == 7 and sum(probs) == pytest.approx(1, abs=1e-3)
             page.screenshot(path=str(tmp_path / "serve.png"))
             browser.close()
@@ -182,7 +258,9 @@ def test_mean_views_is_the_softmax_of_the_logits_averaged_over_the_8_flips_rotat
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, len(CLASS_NAMES)))
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     with torch.no_grad():
-        by_hand = torch.softmax(torch.stack([model(to_float(dihedral(images, view))) for view in range(8)]).mean(0), dim=1)
+        by_hand = torch.softmax(
+            torch.stack([model(to_float(dihedral(images, view))) for view in range(8)]).mean(0), dim=1
+        )
     mean_views = predict_probs(model, images, batch_size=4, views="mean")
     np.testing.assert_allclose(mean_views, by_hand.numpy(), atol=1e-6)
     # Invariant to a flip/rotation of the input; the image as it is is not.

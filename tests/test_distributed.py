@@ -18,12 +18,23 @@ import pytest
 from kdist.models import create_model, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--quick", "--no-progress", "--set", "distill.epochs=2", "--set", "data.train_subset=512", "--set", "data.val_subset=256"]
+QUICK = [
+    "--quick",
+    "--no-progress",
+    "--set",
+    "distill.epochs=2",
+    "--set",
+    "data.train_subset=512",
+    "--set",
+    "data.val_subset=256",
+]
 
 
 def launch(*args, env=None, config=True):
     """`accelerate launch [--config_file launch/cpu.yaml] ARGS`, as a user types it."""
-    head = [sys.executable, "-m", "accelerate.commands.launch"] + (["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else [])
+    head = [sys.executable, "-m", "accelerate.commands.launch"] + (
+        ["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else []
+    )
     return [*head, *map(str, args)]
 
 
@@ -49,8 +60,12 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
     """The npz in memory (--shards none) under 2 processes: disjoint equal shares, every test sample once."""
     out, audit = tmp_path / "ddp", tmp_path / "audit"
     env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit)}
-    done = subprocess.run(launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--shards", "none", "--out", out), env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--shards", "none", "--out", out),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2  # not two world-size-1 jobs
     results = json.loads((out / "results.json").read_text())
@@ -62,11 +77,17 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
         rank0, rank1 = (np.load(audit / f"distilled-epoch{epoch}-rank{rank}.npy") for rank in (0, 1))
         assert len(rank0) == len(rank1) and not set(rank0) & set(rank1)
         assert len(rank0) + len(rank1) == 512  # 4 batches of 128: 2 each
-    assert not np.array_equal(np.load(audit / "distilled-epoch0-rank0.npy"), np.load(audit / "distilled-epoch1-rank0.npy"))
+    assert not np.array_equal(
+        np.load(audit / "distilled-epoch0-rank0.npy"), np.load(audit / "distilled-epoch1-rank0.npy")
+    )
 
     # val/test metrics of the 2-process run equal those of one process on the same weights: every sample once
-    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"], env=env,
-                         capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     alone = json.loads(one.stdout)
     assert alone["num_processes"] == 1
@@ -80,35 +101,72 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
 
     # ... and `accelerate launch -m kdist.evaluate` with 2 processes (reading the shards, the default) prints what
     # one process on the npz prints
-    two = subprocess.run(launch("-m", "kdist.evaluate", out / "distilled.safetensors"), env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        launch("-m", "kdist.evaluate", out / "distilled.safetensors"), env=env, capture_output=True, text=True
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     both = json.loads(two.stdout)
     assert both["num_processes"] == 2
     for split in ("val", "test"):
-        assert metrics_of(both[split]) == metrics_of(alone[split]) and both[split]["n"] == {"val": 1003, "test": 2005}[split]
+        assert (
+            metrics_of(both[split]) == metrics_of(alone[split])
+            and both[split]["n"] == {"val": 1003, "test": 2005}[split]
+        )
 
 
 def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, real_root, teacher):
     """`--shards auto`: the data file's shards are written once, each rank streams its own shards (two
     DataLoader workers each), and test metrics equal a 1-process evaluation from the npz (PNG is lossless)."""
     out, audit = tmp_path / "ddp-shards", tmp_path / "audit"
-    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit), "KDIST_SHARD_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--set", "distill.batch_size=64", "--shards", "auto",
-                                 "--out", out), env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "KDIST_DATA_ROOT": str(real_root),
+        "KDIST_AUDIT_SAMPLES": str(audit),
+        "KDIST_SHARD_CACHE": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        launch(
+            "-m",
+            "kdist.distill",
+            "--teacher",
+            teacher,
+            *QUICK,
+            "--set",
+            "distill.batch_size=64",
+            "--shards",
+            "auto",
+            "--out",
+            out,
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2
     assert len(list((tmp_path / "cache").glob("dermamnist_28-*/train-*.tar"))) == 16
     for epoch in range(2):
         rank0, rank1 = (np.load(audit / f"distilled-epoch{epoch}-rank{rank}.npy") for rank in (0, 1))
-        assert len(rank0) == len(rank1) == 8 * 32 and not set(rank0) & set(rank1)  # 512 / global batch 64 = 8 steps of 32 per rank
+        assert len(rank0) == len(rank1) == 8 * 32 and not set(rank0) & set(
+            rank1
+        )  # 512 / global batch 64 = 8 steps of 32 per rank
     distilled = json.loads((out / "results.json").read_text())["models"]["distilled"]
-    one = subprocess.run([sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"], env=env,
-                         capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     alone = json.loads(one.stdout)  # one process, the npz
     assert distilled["test"]["n"] == 2005 and metrics_of(distilled["test"]) == metrics_of(alone["test"])
     # 2 processes evaluating from the shards count every val and test sample once, as one process on the npz
-    two = subprocess.run(launch("-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "auto"), env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        launch("-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "auto"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     both = json.loads(two.stdout)
     assert both["num_processes"] == 2 and both["val"]["n"] == 1003 and both["test"]["n"] == 2005
@@ -120,10 +178,35 @@ def test_two_machines_on_localhost_distil_together(tmp_path, real_root, teacher)
     out, port = tmp_path / "two-machines", free_port()
     env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "ACCELERATE_USE_CPU": "true"}
     machines = [
-        subprocess.Popen(launch("--multi_gpu", "--num_machines", 2, "--machine_rank", rank, "--num_processes", 2,
-                                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "kdist.distill",
-                                "--teacher", teacher, *QUICK, "--set", "distill.epochs=1", "--out", out, config=False),
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            launch(
+                "--multi_gpu",
+                "--num_machines",
+                2,
+                "--machine_rank",
+                rank,
+                "--num_processes",
+                2,
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "-m",
+                "kdist.distill",
+                "--teacher",
+                teacher,
+                *QUICK,
+                "--set",
+                "distill.epochs=1",
+                "--out",
+                out,
+                config=False,
+            ),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     outputs = [machine.communicate(timeout=600) for machine in machines]

@@ -36,7 +36,7 @@ def test_no_import_cycle():
         path.append(module)
         for other in sorted(graph.get(module, ())):
             if state.get(other) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(other):] + [other]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(other) :] + [other]))
             if other not in state:
                 visit(other)
         path.pop()

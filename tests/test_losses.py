@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kdist.losses import KD_LOSSES, distillation_loss, dist, dkd, get_kd_loss, hinton, standardize
 from kdist import KdistError
+from kdist.losses import KD_LOSSES, dist, distillation_loss, dkd, get_kd_loss, hinton, standardize
 
 # Two samples, 3 classes, T = 2, alpha = 0.7. Computed by hand with math.exp/math.log:
 #   row 1: KL(softmax(zt/2) || softmax(zs/2)) = 0.2205144151612286, CE(zs, y=0) = 1.4076059644443804
@@ -22,7 +22,9 @@ def test_hinton_matches_hand_computed_value():
 
 
 def test_distillation_loss_combines_kd_and_ce():
-    expected = 0.7 * 4 * (0.2205144151612286 + 0.2681956364930115) / 2 + 0.3 * (1.4076059644443804 + 1.1041306053367284) / 2
+    expected = (
+        0.7 * 4 * (0.2205144151612286 + 0.2681956364930115) / 2 + 0.3 * (1.4076059644443804 + 1.1041306053367284) / 2
+    )
     loss = distillation_loss(STUDENT, TEACHER, LABELS, "hinton", temperature=2.0, alpha=0.7)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(1.0609545577831025)
@@ -112,7 +114,8 @@ def test_class_weights_weight_only_the_label_term():
     # the KD term is untouched by class weights
     teacher = torch.tensor([[0.5, 1.0, 0, 0, 0, 0, 0]] * 2)
     assert float(distillation_loss(logits, teacher, labels, alpha=1.0, class_weights=weights)) == float(
-        distillation_loss(logits, teacher, labels, alpha=1.0))
+        distillation_loss(logits, teacher, labels, alpha=1.0)
+    )
 
 
 def test_supervised_objective_uses_the_class_weights():

@@ -27,8 +27,13 @@ def test_headline_metrics_match_sklearn(fixed):
     assert m["balanced_acc"] == pytest.approx(m["acc"])  # balanced classes
     assert 0 <= m["ece"] <= 1
     assert set(m["per_class"]) == {
-        "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
-        "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions",
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
     }
 
 
@@ -38,3 +43,17 @@ def test_majority_baseline_on_real_test_split(real_root):
     splits = load_dermamnist(real_root)
     m = majority_baseline(splits["train"][1].numpy(), splits["test"][1].numpy())
     assert m["acc"] == pytest.approx(0.6688, abs=1e-4) and m["auc"] == pytest.approx(0.5)
+
+
+def test_expected_calibration_error_by_hand_and_as_torchmetrics_computed_it():
+    """Four samples, 15 bins: confidences 0.9 (right), 0.9 (wrong), 0.5 (right), 1.0 (right). Bins: {0.9, 0.9}
+    accuracy 0.5, confidence 0.9 -> 0.4 x 2/4; {0.5}: 0.5 x 1/4; {1.0} (its own bin, above the last edge): 0.
+    ECE = 0.2 + 0.125 = 0.325."""
+    from kdist.metrics import expected_calibration_error
+
+    probs = np.array(
+        [[0.9, 0.1, 0, 0, 0, 0, 0], [0.9, 0.1, 0, 0, 0, 0, 0], [0.5, 0.3, 0.2, 0, 0, 0, 0], [0, 0, 0, 1.0, 0, 0, 0]]
+    )
+    labels = np.array([0, 1, 0, 3])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.325, abs=1e-6)
+    assert expected_calibration_error(np.eye(7)[labels], labels) == 0.0  # certain and right: calibrated

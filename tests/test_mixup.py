@@ -38,7 +38,9 @@ def test_mixed_cross_entropy_weights_both_labels():
     logits, labels = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
     perm = torch.tensor([1, 0, 3, 2])
     loss, _ = Supervised(StageConfig())(logits, None, labels, None, None, mix=(0.3, perm))
-    torch.testing.assert_close(loss, 0.3 * F.cross_entropy(logits, labels) + 0.7 * F.cross_entropy(logits, labels[perm]))
+    torch.testing.assert_close(
+        loss, 0.3 * F.cross_entropy(logits, labels) + 0.7 * F.cross_entropy(logits, labels[perm])
+    )
 
 
 def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
@@ -49,7 +51,9 @@ def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
     teacher, student = create_model("student").eval(), create_model("student")
     seen = {"teacher": [], "student": []}
     teacher.register_forward_pre_hook(lambda module, args: seen["teacher"].append(args[0].detach().clone()))
-    student.register_forward_pre_hook(lambda module, args: seen["student"].append(args[0].detach().clone()) if module.training else None)
+    student.register_forward_pre_hook(
+        lambda module, args: seen["student"].append(args[0].detach().clone()) if module.training else None
+    )
     stage = StageConfig(epochs=1, batch_size=16, mixup_alpha=0.4, cutmix_alpha=1.0)
     accelerator = make_accelerator(TrainerConfig(progress=False))
     objective = Distillation(stage, KDConfig(), teacher=teacher, autocast=accelerator.autocast)
@@ -66,5 +70,11 @@ def test_mixup_with_the_cached_teacher_is_refused():
     cache = torch.zeros(8, 8, 7)
     objective = Distillation(StageConfig(mixup_alpha=0.4), KDConfig(), teacher_logits_cache=cache)
     with pytest.raises(KdistError, match="teacher_mode: online"):
-        objective(torch.randn(2, 7), torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 0]),
-                  mix=(0.5, torch.tensor([1, 0])))
+        objective(
+            torch.randn(2, 7),
+            torch.rand(2, 3, 8, 8),
+            torch.tensor([0, 1]),
+            torch.tensor([0, 1]),
+            torch.tensor([0, 0]),
+            mix=(0.5, torch.tensor([1, 0])),
+        )

@@ -142,7 +142,9 @@ def test_folding_batchnorm_keeps_a_frozen_models_logits(name):
     before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     after = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert after < before or before == 0  # SqueezeNet has none
-    assert frozen_copy(model) is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen_copy(model).modules())
+    assert frozen_copy(model) is not model and not any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in frozen_copy(model).modules()
+    )
 
 
 def test_frozen_copy_keeps_the_batchnorms_of_modules_not_known_to_run_in_order():

@@ -85,7 +85,10 @@ def test_pretrained_must_be_imagenet_or_null():
         load_config(None, [{"teacher_model": {"pretrained": "cifar"}}])
 
 
-@pytest.mark.parametrize("argv, key", [(["run"], "teacher_model"), (["train", "teacher"], "teacher_model"), (["train", "student"], "student_model")])
+@pytest.mark.parametrize(
+    "argv, key",
+    [(["run"], "teacher_model"), (["train", "teacher"], "teacher_model"), (["train", "student"], "student_model")],
+)
 def test_pretrained_flag_sets_the_model_being_trained(argv, key):
     from kdist.options import resolve_config
 

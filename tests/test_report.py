@@ -12,7 +12,11 @@ from kdist.cli import main
 from kdist.metrics import classification_metrics, majority_baseline
 from kdist.report import write_report
 
-MODELS = {"teacher": ("efficientnet_b0", 4_016_515), "student": ("squeezenet1_1", 726_087), "distilled": ("squeezenet1_1", 726_087)}
+MODELS = {
+    "teacher": ("efficientnet_b0", 4_016_515),
+    "student": ("squeezenet1_1", 726_087),
+    "distilled": ("squeezenet1_1", 726_087),
+}
 FIGURES = ["compare_val_acc.png", "compare_val_loss.png", "reliability.png"] + [
     f"{m}_{kind}.png" for m in MODELS for kind in ("loss", "acc", "test_grid", "confusion")
 ]
@@ -24,8 +28,13 @@ def fake_run(folder, seed, skill):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "predictions").mkdir()
     labels = {"val": rng.integers(0, 7, 60), "test": rng.integers(0, 7, 80)}
-    results = {"dataset": "dermamnist", "size": 28, "seed": seed, "models": {},
-               "baselines": {"majority": {s: majority_baseline(labels["val"], labels[s]) for s in labels}}}
+    results = {
+        "dataset": "dermamnist",
+        "size": 28,
+        "seed": seed,
+        "models": {},
+        "baselines": {"majority": {s: majority_baseline(labels["val"], labels[s]) for s in labels}},
+    }
     for offset, (name, (arch, params)) in enumerate(MODELS.items()):
         arrays, entry = {}, {"arch": arch, "params": params}
         for split, y in labels.items():
@@ -38,9 +47,16 @@ def fake_run(folder, seed, skill):
         (folder / name).mkdir()
         lines = ["epoch,step,train/acc,train/loss,val/acc,val/loss"]
         for epoch in range(4):
-            lines += [f"{epoch},{epoch},,,{0.5 + 0.05 * epoch},{1.2 - 0.1 * epoch}", f"{epoch},{epoch},{0.4 + 0.1 * epoch},{1.5 - 0.2 * epoch},,"]
+            lines += [
+                f"{epoch},{epoch},,,{0.5 + 0.05 * epoch},{1.2 - 0.1 * epoch}",
+                f"{epoch},{epoch},{0.4 + 0.1 * epoch},{1.5 - 0.2 * epoch},,",
+            ]
         (folder / name / "metrics.csv").write_text("\n".join(lines) + "\n")
-    np.savez(folder / "predictions" / "test_samples.npz", indices=np.arange(9), images=rng.integers(0, 255, (9, 28, 28, 3), dtype=np.uint8))
+    np.savez(
+        folder / "predictions" / "test_samples.npz",
+        indices=np.arange(9),
+        images=rng.integers(0, 255, (9, 28, 28, 3), dtype=np.uint8),
+    )
     results["wall_time_s"] = 60.0
     (folder / "results.json").write_text(json.dumps(results))
     return results
@@ -88,15 +104,35 @@ def test_html_renders_in_headless_chromium(tmp_path):
     write_report(tmp_path)
     # Count images that loaded (naturalWidth > 0) after the page is rendered, via the DOM dump.
     probe = tmp_path / "probe.html"
-    page = (tmp_path / "report.html").read_text().replace(
-        "</body>", "<script>window.onload=()=>{const b=[...document.images].filter(i=>!i.naturalWidth).length;"
-        "document.body.setAttribute('data-broken', b);document.body.setAttribute('data-images', document.images.length)}</script></body>")
+    page = (
+        (tmp_path / "report.html")
+        .read_text()
+        .replace(
+            "</body>",
+            "<script>window.onload=()=>{const b=[...document.images].filter(i=>!i.naturalWidth).length;"
+            "document.body.setAttribute('data-broken', b);document.body.setAttribute('data-images', "
+            "document.images.length)}</script></body>",
+        )
+    )
     probe.write_text(page)
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert f'data-images="{len(FIGURES)}"' in result.stdout, result.stderr[-2000:]
     assert 'data-broken="0"' in result.stdout

@@ -11,7 +11,6 @@ import time
 import pytest
 
 
-
 def strip_times(results):
     results.pop("wall_time_s", None)
     for entry in results["models"].values():
@@ -35,8 +34,18 @@ def kill_after_first_checkpoint(command, out):
 
 
 def test_sigkill_mid_training_then_resume(tmp_path, synthetic_root):
-    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--set", "student.epochs=8",
-              "--set", "data.train_subset=384", "--set", "data.val_subset=128"]
+    common = [
+        "--quick",
+        "--data-root",
+        synthetic_root,
+        "--no-progress",
+        "--set",
+        "student.epochs=8",
+        "--set",
+        "data.train_subset=384",
+        "--set",
+        "data.val_subset=128",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert subprocess.run(kdist("run", *common, "--out", whole), capture_output=True).returncode == 0
 
@@ -67,17 +76,32 @@ def test_sigkill_mid_training_then_resume(tmp_path, synthetic_root):
 
 def test_a_killed_train_student_resumes_with_its_config(tmp_path, synthetic_root):
     # `train` and `distill` resume as `run` does: the saved config, --val-only kept from the command line.
-    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--val-only", "--set", "student.epochs=6",
-              "--set", "data.train_subset=384", "--set", "data.val_subset=128"]
+    common = [
+        "--quick",
+        "--data-root",
+        synthetic_root,
+        "--no-progress",
+        "--val-only",
+        "--set",
+        "student.epochs=6",
+        "--set",
+        "data.train_subset=384",
+        "--set",
+        "data.val_subset=128",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert subprocess.run(kdist("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
 
     kill_after_first_checkpoint(kdist("train", "student", *common, "--out", killed), killed)
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test resuming"
 
-    changed = subprocess.run(kdist("train", "student", "--resume", killed, "--seed", "1"), capture_output=True, text=True)
+    changed = subprocess.run(
+        kdist("train", "student", "--resume", killed, "--seed", "1"), capture_output=True, text=True
+    )
     assert changed.returncode == 2 and "saved config" in changed.stderr
-    resumed = subprocess.run(kdist("train", "student", "--resume", killed, "--val-only", "--no-progress"), capture_output=True, text=True)
+    resumed = subprocess.run(
+        kdist("train", "student", "--resume", killed, "--val-only", "--no-progress"), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = strip_times(json.loads((killed / "results.json").read_text()))
     assert got == strip_times(json.loads((whole / "results.json").read_text()))
@@ -97,17 +121,36 @@ def test_last_checkpoint_is_written_every_epoch(tmp_path, synthetic_root):
     # At a learning rate this small val accuracy never improves after epoch 0, so the best weights stay
     # those of epoch 0; the last checkpoint must still be the final epoch's, or a resume repeats every epoch since.
     out = tmp_path / "run"
-    args = ["train", "student", "--quick", "--data-root", synthetic_root, "--no-progress", "--val-only",
-            "--set", "student.epochs=4", "--set", "student.lr=1e-12", "--set", "data.train_subset=256",
-            "--set", "data.val_subset=128", "--out", out]
+    args = [
+        "train",
+        "student",
+        "--quick",
+        "--data-root",
+        synthetic_root,
+        "--no-progress",
+        "--val-only",
+        "--set",
+        "student.epochs=4",
+        "--set",
+        "student.lr=1e-12",
+        "--set",
+        "data.train_subset=256",
+        "--set",
+        "data.val_subset=128",
+        "--out",
+        out,
+    ]
     assert subprocess.run(kdist(*args), capture_output=True).returncode == 0
     folder = out / "student" / "checkpoints"
     progress = json.loads((folder / "last" / "progress.json").read_text())
     assert progress["best_epoch"] == 0, "val improved after epoch 0: this test no longer checks what it means to"
     assert progress["epoch"] == 4 and len(progress["history"]) == 4
     assert sorted(path.name for path in folder.iterdir()) == ["best.safetensors", "last"]
-    # Accelerate's save_state: model as safetensors, optimizer and scheduler beside it; nothing else of kdist's is pickled
-    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "progress.json"} <= {p.name for p in (folder / "last").iterdir()}
+    # Accelerate's save_state: model as safetensors, optimizer and scheduler beside it;
+    # nothing else of kdist's is pickled
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "progress.json"} <= {
+        p.name for p in (folder / "last").iterdir()
+    }
     assert not list((folder / "last").glob("custom_checkpoint_*"))
 
 
@@ -116,14 +159,32 @@ def test_a_stop_request_mid_epoch_saves_and_resumes_exactly(tmp_path, synthetic_
     """SIGUSR1 (what Slurm sends before preemption or the time limit): the step finishes, the state is saved
     part-way through the epoch, the command exits with 75, and --resume ends as an uninterrupted run; from
     the npz in memory and from shards streamed by two DataLoader workers."""
-    common = ["--quick", "--data-root", synthetic_root, "--no-progress", "--val-only", "--set", "student.epochs=3",
-              "--set", "student.batch_size=16", "--set", "data.train_subset=512", "--set", "data.val_subset=128"]
+    common = [
+        "--quick",
+        "--data-root",
+        synthetic_root,
+        "--no-progress",
+        "--val-only",
+        "--set",
+        "student.epochs=3",
+        "--set",
+        "student.batch_size=16",
+        "--set",
+        "data.train_subset=512",
+        "--set",
+        "data.val_subset=128",
+    ]
     monkeypatch.setenv("KDIST_SHARD_CACHE", str(tmp_path / "cache"))
     common += ["--shards", "auto" if source == "shards" else "none"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert subprocess.run(kdist("train", "student", *common, "--out", whole), capture_output=True).returncode == 0
 
-    process = subprocess.Popen(kdist("train", "student", *common, "--out", stopped), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        kdist("train", "student", *common, "--out", stopped),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     marker = stopped / "student" / "checkpoints" / "last" / "progress.json"
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -136,8 +197,12 @@ def test_a_stop_request_mid_epoch_saves_and_resumes_exactly(tmp_path, synthetic_
     progress = json.loads(marker.read_text())
     assert progress["step_in_epoch"] > 0 and progress["epoch"] >= 1, "the stop did not fall part-way through an epoch"
 
-    resumed = subprocess.run(kdist("train", "student", "--resume", stopped, "--val-only", "--no-progress"), capture_output=True, text=True)
+    resumed = subprocess.run(
+        kdist("train", "student", "--resume", stopped, "--val-only", "--no-progress"), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert strip_times(json.loads((stopped / "results.json").read_text())) == strip_times(json.loads((whole / "results.json").read_text()))
+    assert strip_times(json.loads((stopped / "results.json").read_text())) == strip_times(
+        json.loads((whole / "results.json").read_text())
+    )
     assert (stopped / "student.safetensors").read_bytes() == (whole / "student.safetensors").read_bytes()
     assert (stopped / "student" / "metrics.csv").read_text() == (whole / "student" / "metrics.csv").read_text()

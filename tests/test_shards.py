@@ -25,8 +25,24 @@ from kdist.shard_writer import write_images
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, synthetic_root):
     out = tmp_path_factory.mktemp("shards") / "S"
-    assert main(["shards", "--data-root", str(synthetic_root), "--flag", "dermamnist", "--size", "28", "--out", str(out),
-                 "--maxcount", "1000"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "--data-root",
+                str(synthetic_root),
+                "--flag",
+                "dermamnist",
+                "--size",
+                "28",
+                "--out",
+                str(out),
+                "--maxcount",
+                "1000",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -39,7 +55,9 @@ def test_manifest_counts_histograms_and_checksums(shards, synthetic_root):
         histogram = np.bincount(npz[split][1].numpy(), minlength=7)
         assert entry["class_histogram"] == {str(k): int(v) for k, v in enumerate(histogram) if v}
     assert len(manifest["splits"]["train"]["shards"]) == 8 and manifest["image_size"] == 28
-    np.testing.assert_allclose(manifest["channel_mean"], (npz["train"][0].double() / 255).mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
+    np.testing.assert_allclose(
+        manifest["channel_mean"], (npz["train"][0].double() / 255).mean(dim=(0, 2, 3)).numpy(), atol=1e-9
+    )
 
 
 def test_shards_are_plain_ustar_and_rewritten_byte_for_byte(shards, synthetic_root, tmp_path):
@@ -48,8 +66,13 @@ def test_shards_are_plain_ustar_and_rewritten_byte_for_byte(shards, synthetic_ro
 
     with tarfile.open(shards / "val-000000.tar") as tar:
         assert not any(member.pax_headers for member in tar.getmembers())
-    assert main(["shards", "--data-root", str(synthetic_root), "--out", str(tmp_path / "again"), "--maxcount", "1000"]) == 0
-    assert read_manifest(tmp_path / "again")["splits"] == read_manifest(shards)["splits"]  # sha256 of every shard included
+    assert (
+        main(["shards", "--data-root", str(synthetic_root), "--out", str(tmp_path / "again"), "--maxcount", "1000"])
+        == 0
+    )
+    assert (
+        read_manifest(tmp_path / "again")["splits"] == read_manifest(shards)["splits"]
+    )  # sha256 of every shard included
 
 
 def test_evaluation_reads_every_sample_once_losslessly(shards, synthetic_root):
@@ -85,8 +108,19 @@ def test_streaming_uses_each_sample_once_for_any_process_and_worker_count(shards
     batch = 96 * accumulation
     per_rank = []
     for rank in range(world):
-        batches = stream(shards, "train", 28, batch, seed=0, epoch=0, rank=rank, world=world, accumulation=accumulation,
-                         num_workers=2, keep=keep)
+        batches = stream(
+            shards,
+            "train",
+            28,
+            batch,
+            seed=0,
+            epoch=0,
+            rank=rank,
+            world=world,
+            accumulation=accumulation,
+            num_workers=2,
+            keep=keep,
+        )
         got = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=batches.num_workers))
         assert len(got) == len(batches) and all(len(labels) == batch // (world * accumulation) for _, labels, _ in got)
         per_rank.append(indices_of(got))
@@ -144,12 +178,29 @@ def test_an_undecodable_image_in_training_ends_in_one_line_naming_shard_and_samp
     samples = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
     with wds.TarWriter(str(shard)) as writer:
         for sample in samples:
-            writer.write({"__key__": sample["__key__"], "png": b"not a png", "cls": sample["cls"], "idx.cls": sample["idx.cls"]})
+            writer.write(
+                {"__key__": sample["__key__"], "png": b"not a png", "cls": sample["cls"], "idx.cls": sample["idx.cls"]}
+            )
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][2].update(bytes=shard.stat().st_size, sha256=sha256(shard))
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["train", "student", "--shards", str(broken), "--quick", "--no-progress", "--out", str(tmp_path / "run"),
-                 "--set", f"data.memory_mb={memory_mb}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "student",
+                "--shards",
+                str(broken),
+                "--quick",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"data.memory_mb={memory_mb}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train-000002.tar: sample train-" in err, err
 
@@ -174,19 +225,22 @@ def test_the_train_loader_repeats_itself_and_reads_the_stored_pixels(shards, syn
 def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root):
     """data.memory_mb: the train split decoded once is trained on as the npz is: the same images in the same
     order and the same normalisation, so a study from shards equals one from the npz (test_cli checks the run)."""
-    from kdist.config import DataConfig
+    from kdist.config import DataConfig, TrainerConfig
     from kdist.data import channel_stats
     from kdist.engine import make_accelerator
-    from kdist.config import TrainerConfig
     from kdist.study_data import open_shard_splits
 
     accelerator = make_accelerator(TrainerConfig(cpu=True))
     npz = load_dermamnist(synthetic_root)
     splits, mean, std, _ = open_shard_splits(DataConfig(root=str(synthetic_root), shards=str(shards)), accelerator)
-    assert all(torch.equal(splits[split][0], npz[split][0].contiguous()) and torch.equal(splits[split][1], npz[split][1])
-               for split in ("train", "val", "test"))
+    assert all(
+        torch.equal(splits[split][0], npz[split][0].contiguous()) and torch.equal(splits[split][1], npz[split][1])
+        for split in ("train", "val", "test")
+    )
     assert (mean, std) == channel_stats(npz["train"][0])
-    streamed, _, _, _ = open_shard_splits(DataConfig(root=str(synthetic_root), shards=str(shards), memory_mb=1), accelerator)
+    streamed, _, _, _ = open_shard_splits(
+        DataConfig(root=str(synthetic_root), shards=str(shards), memory_mb=1), accelerator
+    )
     assert isinstance(streamed["train"][0], ShardImages) and torch.equal(streamed["train"][1], npz["train"][1])
 
 
@@ -247,7 +301,11 @@ def test_writing_over_existing_shards_is_refused(shards, synthetic_root):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(offset=st.integers(min_value=0, max_value=10**7), length=st.integers(min_value=1, max_value=4096), truncate=st.booleans())
+@given(
+    offset=st.integers(min_value=0, max_value=10**7),
+    length=st.integers(min_value=1, max_value=4096),
+    truncate=st.booleans(),
+)
 def test_corrupted_shards_end_in_one_named_error_or_valid_samples(shards, tmp_path_factory, offset, length, truncate):
     """Reading a damaged shard without the manifest check: every outcome is valid samples or a KdistError,
     never another exception (the checksum check in verify catches all of these first)."""
@@ -264,7 +322,9 @@ def test_corrupted_shards_end_in_one_named_error_or_valid_samples(shards, tmp_pa
     with pytest.raises(KdistError, match="val-000000.tar"):
         verify(folder / "S")
     manifest = json.loads((folder / "S" / "manifest.json").read_text())
-    manifest["splits"]["val"]["shards"][0].update(bytes=len(data), sha256=__import__("kdist.shard_data", fromlist=["sha256"]).sha256(shard))
+    manifest["splits"]["val"]["shards"][0].update(
+        bytes=len(data), sha256=__import__("kdist.shard_data", fromlist=["sha256"]).sha256(shard)
+    )
     (folder / "S" / "manifest.json").write_text(json.dumps(manifest))  # the manifest now agrees: only reading can tell
     try:
         images, labels = evaluation_samples(folder / "S", "val", 28)
@@ -313,7 +373,9 @@ def test_image_folder_shards_keep_the_original_bytes_and_resize_on_read(tmp_path
     (tmp_path / "photos" / "benign" / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(KdistError, match="bad.jpg"):
         write_images(tmp_path / "photos", tmp_path / "S2", split="train")
-    assert not (tmp_path / "S2" / "manifest.json").exists() and not list((tmp_path / "S2").glob("*.tar"))  # nothing half-written
+    assert not (tmp_path / "S2" / "manifest.json").exists() and not list(
+        (tmp_path / "S2").glob("*.tar")
+    )  # nothing half-written
 
 
 def test_loader_workers_default_from_the_cpus_a_process_may_use(monkeypatch):

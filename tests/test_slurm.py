@@ -10,13 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import Cluster, ensure_installed
 
 from kdist.models import create_model, save_weights
 
-from slurm_cluster import Cluster, ensure_installed
-
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--quick", "--no-progress", "--set", "distill.epochs=3", "--set", "data.train_subset=512", "--set", "data.val_subset=128"]
+QUICK = [
+    "--quick",
+    "--no-progress",
+    "--set",
+    "distill.epochs=3",
+    "--set",
+    "data.train_subset=512",
+    "--set",
+    "data.val_subset=128",
+]
 NO_GPUS = ["--gres=none", "--cpus-per-task=2"]  # the test node has 2 CPUs and no GPUs
 
 
@@ -39,8 +47,15 @@ def teacher(tmp_path_factory):
 
 
 def job_env(slurm, real_root, out, **extra):
-    env = {**slurm.env, "KDIST_DATA_ROOT": str(real_root), "KDIST_OUT": str(out), "KDIST_LAUNCH_CONFIG": "launch/cpu.yaml",
-           "KDIST_PROCS_PER_NODE": "2", "ACCELERATE_USE_CPU": "true", "KDIST_VENV": sys.prefix}
+    env = {
+        **slurm.env,
+        "KDIST_DATA_ROOT": str(real_root),
+        "KDIST_OUT": str(out),
+        "KDIST_LAUNCH_CONFIG": "launch/cpu.yaml",
+        "KDIST_PROCS_PER_NODE": "2",
+        "ACCELERATE_USE_CPU": "true",
+        "KDIST_VENV": sys.prefix,
+    }
     return {**env, **{key: str(value) for key, value in extra.items()}}
 
 
@@ -63,7 +78,19 @@ def uninterrupted(slurm, real_root, teacher, tmp_path_factory):
     folder = tmp_path_factory.mktemp("whole")
     out, log = folder / "run", folder / "job.log"
     env = job_env(slurm, real_root, out)
-    done = slurm.run("sbatch", "--wait", f"--output={log}", *NO_GPUS, "slurm/distill.sh", "--teacher", teacher, *QUICK, check=False, cwd=REPO, env=env)
+    done = slurm.run(
+        "sbatch",
+        "--wait",
+        f"--output={log}",
+        *NO_GPUS,
+        "slurm/distill.sh",
+        "--teacher",
+        teacher,
+        *QUICK,
+        check=False,
+        cwd=REPO,
+        env=env,
+    )
     assert done.returncode == 0, log.read_text()[-3000:]
     return out, log
 
@@ -76,7 +103,9 @@ def test_sbatch_distill_with_two_processes(uninterrupted):
     assert "1 node(s) x 2 process(es)" in log.read_text()
 
 
-def test_preempted_job_saves_requeues_and_resumes_to_the_same_result(slurm, real_root, teacher, uninterrupted, tmp_path):
+def test_preempted_job_saves_requeues_and_resumes_to_the_same_result(
+    slurm, real_root, teacher, uninterrupted, tmp_path
+):
     out, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(slurm, job_env(slurm, real_root, out), log, "slurm/distill.sh", "--teacher", teacher, *QUICK)
     first_checkpoint = out / "distilled" / "checkpoints" / "last" / "progress.json"
@@ -86,7 +115,9 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_result(slurm, real
     assert first_checkpoint.exists(), log.read_text()[-3000:] if log.exists() else "no log"
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@T does before the time limit
     # The script saves, requeues; the job waits for its begin time: start it again at once.
-    assert slurm.wait_for(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING", log.read_text()[-3000:]
+    assert slurm.wait_for(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING", log.read_text()[
+        -3000:
+    ]
     time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     assert slurm.wait_for(job) == "COMPLETED", log.read_text()[-3000:]
@@ -114,14 +145,35 @@ def test_study_chain_signals_one_stage_alone_and_logs_one_wandb_group(slurm, rea
     from wandb_records import read_run
 
     out = tmp_path / "study"
-    env = job_env(slurm, real_root, out, KDIST_PROCS_PER_NODE=1, WANDB_MODE="offline",
-                  KDIST_SBATCH=f"--gres=none --cpus-per-task=1 --output={tmp_path}/%x-%j.out")
-    done = slurm.run("bash", "slurm/study.sh", "--quick", "--no-progress", "--tracker", "wandb", "--set", "student.epochs=4",
-                     "--set", "distill.epochs=4", check=False, cwd=REPO, env=env)
+    env = job_env(
+        slurm,
+        real_root,
+        out,
+        KDIST_PROCS_PER_NODE=1,
+        WANDB_MODE="offline",
+        KDIST_SBATCH=f"--gres=none --cpus-per-task=1 --output={tmp_path}/%x-%j.out",
+    )
+    done = slurm.run(
+        "bash",
+        "slurm/study.sh",
+        "--quick",
+        "--no-progress",
+        "--tracker",
+        "wandb",
+        "--set",
+        "student.epochs=4",
+        "--set",
+        "distill.epochs=4",
+        check=False,
+        cwd=REPO,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     jobs = dict(part.strip().rsplit(" ", 1) for part in done.stdout.split(": ", 1)[1].split(","))
     assert f"W&B group {out.name}" in done.stdout
-    assert wait_for_file(out / "student" / "checkpoints" / "last" / "progress.json"), "\n".join(p.read_text()[-1500:] for p in tmp_path.glob("*.out"))
+    assert wait_for_file(out / "student" / "checkpoints" / "last" / "progress.json"), "\n".join(
+        p.read_text()[-1500:] for p in tmp_path.glob("*.out")
+    )
     assert slurm.job_state(jobs["distilled"]) == "RUNNING"
     slurm.run("scancel", "--signal=USR1", "--batch", jobs["student"])
     assert slurm.wait_for(jobs["student"], states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING"
@@ -147,9 +199,13 @@ def test_slurm_requeue_of_a_running_job_resumes_to_the_same_result(slurm, real_r
     kdist saves mid-epoch on TERM and the requeued job resumes to the uninterrupted result. `--teacher=PATH`."""
     out, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(slurm, job_env(slurm, real_root, out), log, "slurm/distill.sh", f"--teacher={teacher}", *QUICK)
-    assert wait_for_file(out / "distilled" / "checkpoints" / "last" / "progress.json"), log.read_text()[-3000:] if log.exists() else "no log"
+    assert wait_for_file(out / "distilled" / "checkpoints" / "last" / "progress.json"), (
+        log.read_text()[-3000:] if log.exists() else "no log"
+    )
     slurm.run("scontrol", "requeue", job)
-    assert slurm.wait_for(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING", log.read_text()[-3000:]
+    assert slurm.wait_for(job, states=("PENDING", "COMPLETED", "FAILED"), timeout=300) == "PENDING", log.read_text()[
+        -3000:
+    ]
     time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     assert slurm.wait_for(job) == "COMPLETED", log.read_text()[-3000:]
@@ -163,7 +219,9 @@ def test_slurm_requeue_of_a_running_job_resumes_to_the_same_result(slurm, real_r
 def test_a_plain_scancel_leaves_the_job_cancelled(slurm, real_root, teacher, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     job = sbatch(slurm, job_env(slurm, real_root, out), log, "slurm/distill.sh", "--teacher", teacher, *QUICK)
-    assert wait_for_file(out / "distilled" / "checkpoints" / "last" / "progress.json"), log.read_text()[-3000:] if log.exists() else "no log"
+    assert wait_for_file(out / "distilled" / "checkpoints" / "last" / "progress.json"), (
+        log.read_text()[-3000:] if log.exists() else "no log"
+    )
     slurm.run("scancel", job)
     assert slurm.wait_for(job, timeout=120) == "CANCELLED"
     time.sleep(3)
@@ -174,8 +232,24 @@ def test_a_plain_scancel_leaves_the_job_cancelled(slurm, real_root, teacher, tmp
 def test_two_tasks_emulating_two_nodes_train_together(slurm, real_root, teacher, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     env = job_env(slurm, real_root, out, KDIST_PROCS_PER_NODE=1, KDIST_TASKS_PER_NODE_OK=1)
-    done = slurm.run("sbatch", "--wait", f"--output={log}", "--gres=none", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "slurm/distill.sh",
-                     "--teacher", teacher, *QUICK, "--set", "distill.epochs=1", check=False, cwd=REPO, env=env)
+    done = slurm.run(
+        "sbatch",
+        "--wait",
+        f"--output={log}",
+        "--gres=none",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "slurm/distill.sh",
+        "--teacher",
+        teacher,
+        *QUICK,
+        "--set",
+        "distill.epochs=1",
+        check=False,
+        cwd=REPO,
+        env=env,
+    )
     assert done.returncode == 0, log.read_text()[-3000:] if log.exists() else done.stderr
     assert "2 node(s) x 1 process(es)" in log.read_text()
     assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2
@@ -196,15 +270,33 @@ def test_bad_settings_fail_at_once_with_one_line(slurm, real_root, teacher, tmp_
     else:
         env["KDIST_LAUNCH_CONFIG"] = "launch/multinode.yaml"
     start = time.time()
-    done = slurm.run("sbatch", "--wait", f"--output={log}", *NO_GPUS, *args, "slurm/distill.sh", "--teacher", teacher_path, *QUICK,
-                     check=False, cwd=REPO, env=env)
+    done = slurm.run(
+        "sbatch",
+        "--wait",
+        f"--output={log}",
+        *NO_GPUS,
+        *args,
+        "slurm/distill.sh",
+        "--teacher",
+        teacher_path,
+        *QUICK,
+        check=False,
+        cwd=REPO,
+        env=env,
+    )
     assert log.exists(), done.stderr
-    errors = [line for line in log.read_text().splitlines() if line.startswith(("kdist-slurm: error:", "kdist: error:"))]
+    errors = [
+        line for line in log.read_text().splitlines() if line.startswith(("kdist-slurm: error:", "kdist: error:"))
+    ]
     assert done.returncode != 0 and len(errors) == 1, log.read_text()[-2000:]
     # at once: the script's own checks before any launch; kdist's (the teacher) right after its start, never
     # after training or a collective timeout (600 s)
     assert time.time() - start < (120 if problem == "missing-teacher" else 30)
-    expected = {"tasks-per-node": "one task per node", "missing-teacher": "nowhere.safetensors not found",  # kdist's own check, before the run folder
-                "owned-folder": "of job 12345", "config-machines": "is for 2 machines"}[problem]
+    expected = {
+        "tasks-per-node": "one task per node",
+        "missing-teacher": "nowhere.safetensors not found",  # kdist's own check, before the run folder
+        "owned-folder": "of job 12345",
+        "config-machines": "is for 2 machines",
+    }[problem]
     assert expected in errors[0]
     assert not (out / "results.json").exists() and not (out / "config.yaml").exists()

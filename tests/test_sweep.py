@@ -16,7 +16,12 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
     )
     out = tmp_path / "sweep"
     # --val-only: the grid's val table, nothing tested
-    assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress", "--val-only"]) == 0
+    assert (
+        main(
+            ["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress", "--val-only"]
+        )
+        == 0
+    )
     record = json.loads((out / "sweep.json").read_text())
     assert record["chosen_test"] is None and "Test: not evaluated" in (out / "sweep.md").read_text()
     val_only_table = record["val"]
@@ -27,7 +32,10 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
     assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out)]) == 0
     record = json.loads((out / "sweep.json").read_text())
     assert record["val"] == val_only_table and [w.stat().st_mtime_ns for w in weights] == stamps
-    assert set(record["val"]) == {"kd.method=hinton,distill.class_weights=inverse_sqrt", "kd.method=dist,distill.class_weights=inverse_sqrt"}
+    assert set(record["val"]) == {
+        "kd.method=hinton,distill.class_weights=inverse_sqrt",
+        "kd.method=dist,distill.class_weights=inverse_sqrt",
+    }
     assert record["chosen"] == max(record["val"], key=lambda k: record["val"][k]["acc"]["mean"])
     assert len(record["chosen_test"]["acc"]["values"]) == 2
     # grid points only ever saw val: no test metrics in their results
@@ -42,7 +50,9 @@ def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):
     # a rerun (here with the teacher it trained) reuses a point's runs only when their config is the point's
     saved = out / "kd.method=hinton,distill.class_weights=inverse_sqrt" / "seed0" / "config.yaml"
     saved.write_text(saved.read_text().replace("temperature: 4.0", "temperature: 2.0"))
-    config.write_text(config.read_text().replace("sweep:\n", f"sweep:\n  teacher: {out / 'teacher' / 'teacher.safetensors'}\n"))
+    config.write_text(
+        config.read_text().replace("sweep:\n", f"sweep:\n  teacher: {out / 'teacher' / 'teacher.safetensors'}\n")
+    )
     capsys.readouterr()
     assert main(["sweep", str(config), "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) != 0
     assert "holds a run of another config (kd differ)" in capsys.readouterr().err
@@ -63,7 +73,10 @@ def test_sweep_seeds_run_apart_then_gather(tmp_path, synthetic_root, capsys):
         "teacher: {epochs: 1}\ndistill: {epochs: 1}\n"
         "sweep:\n  seeds: [0, 1]\n  grid:\n    kd.method: [dist]\n"
     )
-    out, common = tmp_path / "sweep", ["--data-root", str(synthetic_root), "--out", str(tmp_path / "sweep"), "--no-progress"]
+    out, common = (
+        tmp_path / "sweep",
+        ["--data-root", str(synthetic_root), "--out", str(tmp_path / "sweep"), "--no-progress"],
+    )
     assert main(["sweep", str(config), "--seeds", "5", *common]) == 2
     assert "the sweep's seeds are [0, 1]" in capsys.readouterr().err
     # one seed only: its run, no table (a table over part of the seeds would mislead)

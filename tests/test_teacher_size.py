@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import synthetic_arrays
 
 from kdist.cache import cache_key
 from kdist.cli import main
@@ -14,9 +15,14 @@ from kdist.inference import predict_probs
 from kdist.metrics import classification_metrics
 from kdist.models import DermClassifier, load_model, read_metadata, save_weights
 
-from conftest import synthetic_arrays
-
-QUICK_DISTILL = ["--quick", "--no-progress", "--set", "teacher_model.arch=squeezenet1_1", "--set", "student_model.input_size=null"]
+QUICK_DISTILL = [
+    "--quick",
+    "--no-progress",
+    "--set",
+    "teacher_model.arch=squeezenet1_1",
+    "--set",
+    "student_model.input_size=null",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +46,27 @@ def teacher_file(path, data_size):
 def test_a_64px_teacher_is_cached_on_the_64px_images(tmp_path, two_size_root):
     teacher_path = teacher_file(tmp_path / "teacher64.safetensors", 64)
     out = tmp_path / "distilled"
-    assert main(["distill", "--teacher", str(teacher_path), "--data-root", str(two_size_root), "--out", str(out), *QUICK_DISTILL]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_path),
+                "--data-root",
+                str(two_size_root),
+                "--out",
+                str(out),
+                *QUICK_DISTILL,
+            ]
+        )
+        == 0
+    )
     # the cache's key hashes the images it was computed on: the 64 px train split, not the 28 px one
     data = yaml.safe_load((out / "config.yaml").read_text())["data"]
-    sizes = {size: subset(load_dermamnist(two_size_root, size), data["train_subset"], data["val_subset"], 0) for size in (28, 64)}
+    sizes = {
+        size: subset(load_dermamnist(two_size_root, size), data["train_subset"], data["val_subset"], 0)
+        for size in (28, 64)
+    }
     train64, train28 = sizes[64]["train"], sizes[28]["train"]
     teacher = load_model(teacher_path)
     (cache,) = (out / "cache").glob("teacher_logits-*.safetensors")
@@ -63,7 +86,17 @@ def test_a_64px_teacher_is_cached_on_the_64px_images(tmp_path, two_size_root):
 def test_online_teaching_across_sizes_is_refused(tmp_path, two_size_root, capsys):
     teacher_path = teacher_file(tmp_path / "teacher64.safetensors", 64)
     out = tmp_path / "o"
-    args = ["distill", "--teacher", str(teacher_path), "--data-root", str(two_size_root), "--out", str(out), "--teacher-mode", "online"]
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher_path),
+        "--data-root",
+        str(two_size_root),
+        "--out",
+        str(out),
+        "--teacher-mode",
+        "online",
+    ]
     assert main(args + QUICK_DISTILL) == 2
     err = capsys.readouterr().err
     assert "trained on 64 px images" in err and "kd.teacher_mode: cached" in err and err.count("\n") == 1
@@ -76,13 +109,36 @@ def test_files_of_other_samples_are_refused(tmp_path, synthetic_root, capsys):
     (root / "dermamnist.npz").symlink_to(synthetic_root / "dermamnist.npz")
     np.savez(root / "dermamnist_64.npz", **synthetic_arrays(64, seed=3))  # other labels: other samples
     teacher_path = teacher_file(tmp_path / "teacher64.safetensors", 64)
-    assert main(["distill", "--teacher", str(teacher_path), "--data-root", str(root), "--out", str(tmp_path / "o"), *QUICK_DISTILL]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher_path),
+                "--data-root",
+                str(root),
+                "--out",
+                str(tmp_path / "o"),
+                *QUICK_DISTILL,
+            ]
+        )
+        == 2
+    )
     assert "do not hold the same train images in the same order" in capsys.readouterr().err
 
 
 def test_an_ensemble_of_teachers_of_two_sizes_is_refused(tmp_path, two_size_root, capsys):
     paths = [teacher_file(tmp_path / "t28.safetensors", 28), teacher_file(tmp_path / "t64.safetensors", 64)]
-    args = ["distill", "--teacher", str(paths[0]), "--teacher", str(paths[1]), "--data-root", str(two_size_root),
-            "--out", str(tmp_path / "o")]
+    args = [
+        "distill",
+        "--teacher",
+        str(paths[0]),
+        "--teacher",
+        str(paths[1]),
+        "--data-root",
+        str(two_size_root),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(args + QUICK_DISTILL) == 2
     assert "trained on different image sizes [28, 64]" in capsys.readouterr().err

@@ -25,9 +25,23 @@ def wandb_run(tmp_path_factory, real_root):
     """`kdist run --quick --tracker wandb` with no API key and WANDB_MODE unset: it must go offline by itself."""
     folder = tmp_path_factory.mktemp("wandb")
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(KDIST_DATA_ROOT=str(real_root), HOME=str(folder), WANDB_CONFIG_DIR=str(folder / "config"))  # no ~/.netrc key
-    done = kdist("run", "--quick", "--no-progress", "--tracker", "wandb", "--set", "data.train_subset=512", "--set", "data.val_subset=128",
-                 "--out", folder / "R", env=env)
+    env.update(
+        KDIST_DATA_ROOT=str(real_root), HOME=str(folder), WANDB_CONFIG_DIR=str(folder / "config")
+    )  # no ~/.netrc key
+    done = kdist(
+        "run",
+        "--quick",
+        "--no-progress",
+        "--tracker",
+        "wandb",
+        "--set",
+        "data.train_subset=512",
+        "--set",
+        "data.val_subset=128",
+        "--out",
+        folder / "R",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "R", done.stderr
 
@@ -60,7 +74,11 @@ def test_offline_runs_hold_the_results_and_curves(wandb_run):
         assert [entry["_step"] for entry in epochs] == [0, 1]
         logged = {key for entry in run["history"] for key in entry}
         assert {"lr", "train/loss", "val/loss"} <= logged
-        for media in ("qualitative/test_samples", "qualitative/test_grid", "test/confusion_matrix_table"):  # logged as nested records
+        for media in (
+            "qualitative/test_samples",
+            "qualitative/test_grid",
+            "test/confusion_matrix_table",
+        ):  # logged as nested records
             assert any(key.startswith(media) for key in logged), (media, sorted(logged))
     distilled = {key for entry in runs["distilled"]["history"] for key in entry}
     assert {"train/kd", "train/ce", "val/teacher_agreement", "val/teacher_kl"} <= distilled
@@ -75,15 +93,36 @@ def test_only_the_main_process_logs_under_two_processes(tmp_path, real_root):
     save_weights(create_model("teacher", input_size=None), teacher, {"data_size": 28})
     out = tmp_path / "ddp"
     env = {**os.environ, "KDIST_DATA_ROOT": str(real_root)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"), "-m", "kdist.distill",
-               "--teacher", teacher, "--quick", "--no-progress", "--tracker", "jsonl", "--set", "data.train_subset=512",
-               "--set", "data.val_subset=256", "--out", out]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / "cpu.yaml"),
+        "-m",
+        "kdist.distill",
+        "--teacher",
+        teacher,
+        "--quick",
+        "--no-progress",
+        "--tracker",
+        "jsonl",
+        "--set",
+        "data.train_subset=512",
+        "--set",
+        "data.val_subset=256",
+        "--out",
+        out,
+    ]
     done = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "distilled" / "tracker.jsonl").read_text().splitlines()]
     assert {line["process_index"] for line in lines} == {0}
     assert [line["step"] for line in lines if "values" in line] == [0, 1]  # one entry per epoch, not one per process
-    assert lines[-1]["summary"]["test/acc"] == json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]["acc"]
+    assert (
+        lines[-1]["summary"]["test/acc"]
+        == json.loads((out / "results.json").read_text())["models"]["distilled"]["test"]["acc"]
+    )
 
 
 def test_wandb_report_compares_the_three_models_without_saving():
@@ -137,11 +176,33 @@ def test_a_key_without_a_reachable_server_goes_offline_once_and_completes(tmp_pa
     then offline; the study completes and keeps its 3 runs for `wandb sync`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
     write_netrc_for_wandbs_host(tmp_path)
-    env.update(KDIST_DATA_ROOT=str(real_root), HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), WANDB_INIT_TIMEOUT="2",
-               WANDB_CONFIG_DIR=str(tmp_path / "config"))
-    done = kdist("run", "--quick", "--no-progress", "--tracker", "wandb", "--set", "data.train_subset=256", "--set",
-                 "data.val_subset=128", "--set", "teacher.epochs=1", "--set", "student.epochs=1", "--set", "distill.epochs=1",
-                 "--out", tmp_path / "R", env=env)
+    env.update(
+        KDIST_DATA_ROOT=str(real_root),
+        HOME=str(tmp_path),
+        NETRC=str(tmp_path / ".netrc"),
+        WANDB_INIT_TIMEOUT="2",
+        WANDB_CONFIG_DIR=str(tmp_path / "config"),
+    )
+    done = kdist(
+        "run",
+        "--quick",
+        "--no-progress",
+        "--tracker",
+        "wandb",
+        "--set",
+        "data.train_subset=256",
+        "--set",
+        "data.val_subset=128",
+        "--set",
+        "teacher.epochs=1",
+        "--set",
+        "student.epochs=1",
+        "--set",
+        "distill.epochs=1",
+        "--out",
+        tmp_path / "R",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no W&B API key" not in done.stderr
     assert done.stderr.count("kdist: W&B could not start online") == 1, done.stderr[-3000:]
@@ -151,5 +212,7 @@ def test_a_key_without_a_reachable_server_goes_offline_once_and_completes(tmp_pa
 def test_wandb_report_names_the_real_cause():
     from kdist.wandb_report import explain_failure
 
-    assert "could not reach the W&B server" in explain_failure(ConnectionError("dial tcp: no such host"), "lab", "kdist")
+    assert "could not reach the W&B server" in explain_failure(
+        ConnectionError("dial tcp: no such host"), "lab", "kdist"
+    )
     assert "refused entity 'lab' / project 'kdist'" in explain_failure(ValueError("project not found"), "lab", "kdist")

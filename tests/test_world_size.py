@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(*args, env=None, config=True):
     """`accelerate launch [--config_file launch/cpu.yaml] ARGS`, as a user types it."""
-    head = [sys.executable, "-m", "accelerate.commands.launch"] + (["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else [])
+    head = [sys.executable, "-m", "accelerate.commands.launch"] + (
+        ["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else []
+    )
     return [*head, *map(str, args)]
 
 
@@ -36,8 +38,10 @@ def relative_l2(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
     first, second = load_file(str(a)), load_file(str(b))
-    return float(sum((first[k].double() - second[k].double()).pow(2).sum() for k in first).sqrt()
-                 / sum(first[k].double().pow(2).sum() for k in first).sqrt())
+    return float(
+        sum((first[k].double() - second[k].double()).pow(2).sum() for k in first).sqrt()
+        / sum(first[k].double().pow(2).sum() for k in first).sqrt()
+    )
 
 
 @pytest.mark.parametrize("command", [["kdist.distill", "--teacher", None], ["kdist.train", "student"]])
@@ -49,12 +53,28 @@ def test_four_processes_train_the_weights_of_one(tmp_path, real_root, teacher, c
     (measured: 16 quick steps on one process with 1 vs 2 threads already differ by 3e-4)."""
     command = [str(teacher) if part is None else part for part in command]
     env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "OMP_NUM_THREADS": "1"}  # one thread per process in both
-    args = ["--quick", "--no-progress", "--shards", "none", "--set", "data.train_subset=512", "--set", "student.epochs=1",
-            "--set", "distill.epochs=1"]
-    one = subprocess.run([sys.executable, "-m", *command, *args, "--out", tmp_path / "one"], env=env, capture_output=True, text=True)
+    args = [
+        "--quick",
+        "--no-progress",
+        "--shards",
+        "none",
+        "--set",
+        "data.train_subset=512",
+        "--set",
+        "student.epochs=1",
+        "--set",
+        "distill.epochs=1",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", *command, *args, "--out", tmp_path / "one"], env=env, capture_output=True, text=True
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    four = subprocess.run(launch("--num_processes", 4, "-m", *command, *args, "--out", tmp_path / "four"), env=env,
-                          capture_output=True, text=True)
+    four = subprocess.run(
+        launch("--num_processes", 4, "-m", *command, *args, "--out", tmp_path / "four"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert four.returncode == 0, four.stderr[-3000:]
     assert "4 processes on cpu: global batch 128 = 32 per process x 4 x 1 accumulation step" in four.stdout
     info = json.loads((tmp_path / "four" / "run_info.json").read_text())
@@ -64,28 +84,58 @@ def test_four_processes_train_the_weights_of_one(tmp_path, real_root, teacher, c
     assert relative_l2(tmp_path / "one" / f"{name}.safetensors", tmp_path / "four" / f"{name}.safetensors") < 1e-4
     results = [json.loads((tmp_path / run / "results.json").read_text())["models"][name] for run in ("one", "four")]
     for split in ("val", "test"):
-        assert all(round(results[0][split][key], 3) == round(results[1][split][key], 3) for key in ("acc", "auc", "macro_f1"))
+        assert all(
+            round(results[0][split][key], 3) == round(results[1][split][key], 3) for key in ("acc", "auc", "macro_f1")
+        )
 
 
 def test_eight_processes_on_the_default_shards_see_every_sample_once(tmp_path, real_root, teacher):
     """8 processes (more than shards per worker would allow before) from the default shards, --quick: the run
     completes and every train sample of the subset is trained on exactly once per epoch across the ranks."""
     out, audit = tmp_path / "eight", tmp_path / "audit"
-    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit), "KDIST_SHARD_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(launch("--num_processes", 8, "-m", "kdist.distill", "--teacher", teacher, "--quick", "--no-progress",
-                                 "--set", "distill.epochs=1", "--out", out), env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "KDIST_DATA_ROOT": str(real_root),
+        "KDIST_AUDIT_SAMPLES": str(audit),
+        "KDIST_SHARD_CACHE": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        launch(
+            "--num_processes",
+            8,
+            "-m",
+            "kdist.distill",
+            "--teacher",
+            teacher,
+            "--quick",
+            "--no-progress",
+            "--set",
+            "distill.epochs=1",
+            "--out",
+            out,
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "run_info.json").read_text())["num_processes"] == 8
     seen = [np.load(audit / f"distilled-epoch0-rank{rank}.npy") for rank in range(8)]
     assert len({len(part) for part in seen}) == 1  # equal shares
     everything = np.concatenate(seen)
-    assert len(everything) == len(set(everything.tolist())) == 1024  # the quick subset: 8 global batches of 128, each sample once
+    assert (
+        len(everything) == len(set(everything.tolist())) == 1024
+    )  # the quick subset: 8 global batches of 128, each sample once
 
 
 def test_a_gpu_launch_without_cuda_stops_with_one_line(tmp_path, synthetic_root):
     head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "1gpu.yaml")]
-    done = subprocess.run([*head, "-m", "kdist.train", "student", "--quick", "--data-root", synthetic_root, "--out", tmp_path / "r"],
-                          capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
+    done = subprocess.run(
+        [*head, "-m", "kdist.train", "student", "--quick", "--data-root", synthetic_root, "--out", tmp_path / "r"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"},
+    )
     # kdist exits 2 with one line; Accelerate's launcher reports that status and exits 1 itself
     assert done.returncode != 0 and "returned non-zero exit status 2" in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("kdist: error:")]

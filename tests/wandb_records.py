@@ -40,7 +40,8 @@ def _key(item) -> str:
 
 
 def read_run(folder: Path) -> dict:
-    """{"run": (job_type, group, name, id), "config": {...}, "history": [{...}], "summary": {...}} of an offline run folder."""
+    """{"run": (job_type, group, name, id), "config": {...}, "history": [{...}], "summary": {...}} of an offline
+    run folder."""
     (path,) = Path(folder).glob("run-*.wandb")
     out = {"history": [], "summary": {}, "config": {}, "run": None}
     for record in records(path):

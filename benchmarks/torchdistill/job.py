@@ -94,7 +94,9 @@ def main() -> None:
     if args.epochs:
         train_config["num_epochs"] = args.epochs
     datasets = {"train": DermaMNIST(args.data_root, "train", True), "val": DermaMNIST(args.data_root, "val", False)}
-    steps = len(datasets["train"]) // train_config["train_data_loader"]["kwargs"]["batch_size"] * train_config["num_epochs"]
+    steps = (
+        len(datasets["train"]) // train_config["train_data_loader"]["kwargs"]["batch_size"] * train_config["num_epochs"]
+    )
     train_config["scheduler"]["kwargs"]["total_steps"] = steps  # OneCycle over the whole run, as kdist's
     teacher, student = DermClassifier(args.teacher).eval(), DermClassifier(args.student)
     box = get_distillation_box(teacher, student, datasets, train_config, torch.device("cpu"), None, False, 1)
@@ -107,8 +109,11 @@ def main() -> None:
             box.post_forward_process(loss=loss)
         accuracy = val_accuracy(box.student_model, box.val_data_loader)
         box.post_epoch_process()
-        print(f"epoch {epoch + 1}/{box.num_epochs} val acc {accuracy:.4f} loss {loss.item():.4f} "
-              f"({time.perf_counter() - start:.2f} s in-process)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{box.num_epochs} val acc {accuracy:.4f} loss {loss.item():.4f} "
+            f"({time.perf_counter() - start:.2f} s in-process)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
