@@ -58,13 +58,16 @@ def _download(root: Path, size: int) -> None:
         raise KdistError(f"data file {path} not found after download; {hint}")
 
 
-def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Read and validate a medmnist npz; returns split -> (uint8 images NCHW, int64 labels)."""
+def read_medmnist_npz(path: Path, size: int, info: dict = INFO) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read and validate a MedMNIST npz of any 2D flag against its entry in medmnist's INFO: split -> (uint8
+    images (N, size, size, 3), or (N, size, size) for one channel; int64 labels (N,)). The one npz reader."""
     try:
         archive = np.load(path, allow_pickle=False)
         arrays = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
         raise KdistError(f"{path} is not a readable npz file ({exc}); re-download it or fix --data-root") from None
+    shape = (size, size, 3) if info["n_channels"] == 3 else (size, size)
+    classes = len(info["label"])
     splits = {}
     for split in SPLITS:
         images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
@@ -72,26 +75,33 @@ def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
             raise KdistError(
                 f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file"
             )
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        if images.dtype != np.uint8 or images.shape[1:] != shape:
             raise KdistError(
-                f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 (N, {size}, {size}, 3); "
-                "check --size matches the file"
+                f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 "
+                f"(N, {', '.join(map(str, shape))}); check --size matches the file"
             )
         if labels.dtype.kind not in "iu" or labels.ndim not in (1, 2) or labels.shape[1:] not in ((), (1,)):
             raise KdistError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, expected integers (N, 1)")
         labels = labels.reshape(-1).astype(np.int64)
-        if len(images) != SPLIT_SIZES[split] or len(labels) != SPLIT_SIZES[split]:
+        expected = info["n_samples"][split]
+        if len(images) != expected or len(labels) != expected:
             raise KdistError(
                 f"{path}: {split} has {len(images)} images / {len(labels)} labels, "
-                f"medmnist's DermaMNIST has {SPLIT_SIZES[split]}; use the official file"
+                f"medmnist's {info['python_class']} has {expected}; use the official file"
             )
-        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise KdistError(
-                f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES - 1}"
-            )
-        # NHWC -> NCHW view: the memory stays NHWC, i.e. already channels_last.
-        splits[split] = (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels))
+        if labels.min() < 0 or labels.max() >= classes:
+            raise KdistError(f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{classes - 1}")
+        splits[split] = (images, labels)
     return splits
+
+
+def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read and validate DermaMNIST's npz; returns split -> (uint8 images NCHW, int64 labels)."""
+    # NHWC -> NCHW view: the memory stays NHWC, i.e. already channels_last.
+    return {
+        split: (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels))
+        for split, (images, labels) in read_medmnist_npz(path, size).items()
+    }
 
 
 def load_dermamnist(root=None, size: int = 28, download: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -19,11 +19,11 @@ def evaluate_weights(
 ) -> dict:
     """Headline metrics of saved weights; the data size comes from the weights' metadata. `shards`: the shard
     folder to read val/test from (`auto`: the data file's cached shards), or None / "none": the npz."""
-    from .config import TrainerConfig
-    from .data import load_dermamnist
+    from .config import DataConfig, TrainerConfig
     from .engine import make_accelerator, split_probs
     from .metrics import classification_metrics
     from .models import data_size_of, load_teacher, read_metadata
+    from .study_data import open_data
 
     sizes = {data_size_of(read_metadata(path)) for path in weights}
     if len(sizes) > 1:
@@ -34,18 +34,8 @@ def evaluate_weights(
     accelerator = make_accelerator(TrainerConfig(cpu=cpu))
     size = sizes.pop()
     names = ("val", "test") if split == "both" else (split,)
-    if shards and str(shards).lower() != "none":
-        from .config import DataConfig
-        from .shard_data import evaluation_samples
-        from .study_data import locate_shards
-
-        with accelerator.main_process_first():
-            folder, manifest = locate_shards(
-                DataConfig(root=data_root, size=size, shards=str(shards)), check=accelerator.is_main_process
-            )
-        splits = {name: evaluation_samples(folder, name, size, manifest=manifest) for name in names}
-    else:
-        splits = load_dermamnist(data_root, size)
+    data = DataConfig(root=data_root, size=size, shards=str(shards) if shards else None)
+    splits = open_data(data, accelerator, names).splits
     out = {
         "weights": [str(path) for path in weights] if len(weights) > 1 else str(weights[0]),
         "arch": model.arch,

@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
-from .data import channel_stats, class_weights, load_dermamnist, subset
+from .data import class_weights, load_dermamnist, subset
 from .engine import (
     Distillation,
     Supervised,
@@ -46,7 +46,7 @@ from .inference import predict_probs
 from .metrics import classification_metrics, majority_baseline
 from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
 from .shard_data import ShardImages
-from .study_data import open_shard_splits
+from .study_data import open_data
 from .tracking import log_results, stage_run
 
 MODELS = ("teacher", "student", "distilled")
@@ -81,17 +81,13 @@ class Study:
         for stage in (cfg.teacher, cfg.student, cfg.distill):  # a batch that does not divide fails before any work
             per_process_batch(stage.batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
         accelerator.print(f"kdist: {describe_batch(accelerator, cfg.distill.batch_size)}")
-        shard_folder = None
-        if cfg.data.shards:  # train images streamed from shards (ShardImages), val/test read whole
-            full, mean, std, shard_folder = open_shard_splits(cfg.data, accelerator)
-        else:
-            with accelerator.main_process_first():  # a download, if any, happens once
-                full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
-            mean, std = channel_stats(full["train"][0])  # normalisation comes from the whole train split
-        splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+        data = open_data(cfg.data, accelerator)  # normalisation from the whole train split, before any subset
+        splits = subset(data.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-        study = cls(cfg, out, accelerator, splits, mean, std, resume, eval_splits, shard_folder=shard_folder)
+        study = cls(
+            cfg, out, accelerator, splits, data.mean, data.std, resume, eval_splits, shard_folder=data.shard_folder
+        )
         if (
             accelerator.is_main_process and not (out / "config.yaml").exists()
         ):  # the first command into a folder describes the run

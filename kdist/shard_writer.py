@@ -18,8 +18,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import KdistError
+from .data import channel_stats, read_medmnist_npz, resolve_root
 from .files import atomic_write_text
 from .preprocess import IMAGE_SUFFIXES, decode_image
 from .shard_data import FORMAT, MANIFEST, read_manifest, sha256
@@ -29,31 +31,16 @@ def medmnist_samples(root, flag: str, size: int) -> tuple[dict, dict]:
     """{split: iterator of (png bytes, label, index)} and facts of a MedMNIST file of any 2D flag and size."""
     from medmnist import INFO
 
-    from .data import resolve_root
-
     if flag not in INFO:
         raise KdistError(f"--flag {flag!r} is not a MedMNIST dataset; choose one of {', '.join(sorted(INFO))}")
     info = INFO[flag]
     path = resolve_root(root) / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
+    if not path.exists():
         raise KdistError(
             f"data file {path} not found; put it there or point --data-root / $KDIST_DATA_ROOT at its folder"
-        ) from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise KdistError(f"{path} is not a readable npz file ({exc})") from None
+        )
+    splits = read_medmnist_npz(path, size, info)
     classes = [info["label"][str(i)] for i in range(len(info["label"]))]
-    splits = {}
-    for split in ("train", "val", "test"):
-        images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
-        if len(images) != info["n_samples"][split] or images.shape[1:3] != (size, size):
-            raise KdistError(
-                f"{path}: {split} holds {images.shape}, expected {info['n_samples'][split]} images of {size}x{size}"
-            )
-        if labels.min() < 0 or labels.max() >= len(classes):
-            raise KdistError(f"{path}: {split} labels {labels.min()}..{labels.max()} outside 0..{len(classes) - 1}")
-        splits[split] = (images, labels)
     return splits, {"source": str(path), "flag": flag, "classes": classes, "image_size": size}
 
 
@@ -150,11 +137,9 @@ def write_medmnist(root, flag: str, size: int, out: Path, maxcount: int = 2000, 
             maxcount,
             maxsize,
         )
-    train = splits["train"][0].astype(np.float64) / 255.0
-    manifest["channel_mean"], manifest["channel_std"] = (
-        train.mean(axis=(0, 1, 2)).tolist(),
-        train.std(axis=(0, 1, 2), ddof=1).tolist(),
-    )
+    train = torch.from_numpy(splits["train"][0])  # the statistics training computes on these images, decoded
+    train = train.permute(0, 3, 1, 2) if train.ndim == 4 else train[:, None].expand(-1, 3, -1, -1)
+    manifest["channel_mean"], manifest["channel_std"] = channel_stats(train)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
@@ -185,10 +170,11 @@ def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 
     manifest.update({"source": str(source), "classes": classes, "image_size": None})
     manifest["splits"][split] = write_split(out, split, samples(), maxcount, maxsize)
     if split == "train":
-        mean = moments[1] / moments[0]
+        count, mean = moments[0], moments[1] / moments[0]
+        # The sample std, as data.channel_stats computes it on images in memory, here from running sums.
         manifest["channel_mean"], manifest["channel_std"] = (
             mean.tolist(),
-            np.sqrt(moments[2] / moments[0] - mean**2).tolist(),
+            np.sqrt((moments[2] - count * mean**2) / (count - 1)).tolist(),
         )
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,3 +125,32 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
             train_labels,
         )
     return splits, mean, std, folder
+
+
+@dataclass
+class DataInfo:
+    """A command's data, chosen once (the npz in memory, or shards) and used alike by training, evaluation and
+    bench: split -> (images, labels), where train may be ShardImages (streamed); the train split's
+    normalisation (None when train was not asked for); the shard folder, if any."""
+
+    splits: dict
+    mean: list[float] | None
+    std: list[float] | None
+    shard_folder: Path | None
+
+
+def open_data(data, accelerator, names: tuple = ("train", "val", "test")) -> DataInfo:
+    """The splits `names` of a data config: from shards (data.shards: `auto` or a folder; see open_shard_splits)
+    or from the npz (data.shards None or "none"). The main process downloads or writes first."""
+    if data.shards and str(data.shards).lower() != "none":
+        if "train" in names:
+            splits, mean, std, folder = open_shard_splits(data, accelerator)
+            return DataInfo({name: splits[name] for name in names}, mean, std, folder)
+        with accelerator.main_process_first():
+            folder, manifest = locate_shards(data, check=accelerator.is_main_process)
+        splits = {name: evaluation_samples(folder, name, data.size, data.shard_url, manifest) for name in names}
+        return DataInfo(splits, None, None, folder)
+    with accelerator.main_process_first():  # a download, if any, happens once
+        full = load_dermamnist(data.root, data.size, data.download)
+    mean, std = channel_stats(full["train"][0]) if "train" in names else (None, None)
+    return DataInfo({name: full[name] for name in names}, mean, std, None)

@@ -58,6 +58,10 @@ def test_manifest_counts_histograms_and_checksums(shards, synthetic_root):
     np.testing.assert_allclose(
         manifest["channel_mean"], (npz["train"][0].double() / 255).mean(dim=(0, 2, 3)).numpy(), atol=1e-9
     )
+    # One definition of the normalisation: the manifest's is the in-memory path's, to the last bit.
+    from kdist.data import channel_stats
+
+    assert (manifest["channel_mean"], manifest["channel_std"]) == channel_stats(npz["train"][0])
 
 
 def test_shards_are_plain_ustar_and_rewritten_byte_for_byte(shards, synthetic_root, tmp_path):
