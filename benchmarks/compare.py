@@ -190,7 +190,8 @@ def main() -> None:
     lines = [
         f"# kdist vs torchdistill, {datetime.date.today()}, {cpu_name()}, {os.cpu_count()} CPUs, commit {commit}",
         "",
-        f"`.venv/bin/python benchmarks/compare.py --rounds {args.rounds} --epochs {args.epochs}`: median s/epoch over "
+        f"`.venv/bin/python benchmarks/compare.py --rounds {args.rounds} --epochs {args.epochs}"
+        f"{' --no-shards' if args.no_shards else ''}`: median s/epoch over "
         f"{args.rounds} rounds x {args.epochs - 1} epochs (first epoch of each run dropped)",
         "",
         "| job | s / epoch | / torchdistill (median of the rounds' ratios) | per round |",
