@@ -30,9 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from .cache import teacher_cache
 from .config import Config, TrainerConfig
 from .data import apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
-from .engine import Distillation, Supervised, cpu_has_bf16, fit, make_accelerator
+from .engine import fit
 from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
+from .objectives import Distillation, Supervised
+from .processes import cpu_has_bf16, make_accelerator
 
 
 def _train_step(model, optimizer, images, labels):
@@ -250,10 +252,11 @@ def process_scaling(cfg: Config, out: Path) -> dict:
 
 def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30) -> dict:
     """Milliseconds per distillation step (forward, loss, backward, optimizer) with the loss on the batch
-    gathered from every process (engine.gather_batch, as training runs) and on each process's own slice, the
+    gathered from every process (objectives.gather_batch, as training runs) and on each process's own slice, the
     two interleaved step by step on the same batches; and their ratio."""
     from .data import augment
-    from .engine import gather_batch, make_optimizer
+    from .engine import make_optimizer
+    from .objectives import gather_batch
 
     model = accelerator.prepare(student)
     optimizer = make_optimizer(model, stage)

@@ -101,7 +101,7 @@ class KDConfig:
 
 @dataclass
 class TrainerConfig:
-    """How Accelerate runs the loops (engine.make_accelerator). Processes and machines come from the
+    """How Accelerate runs the loops (processes.make_accelerator). Processes and machines come from the
     launcher (`accelerate launch`, launch/*.yaml), not from here."""
 
     cpu: bool = False  # run on the CPU even where CUDA is present (Accelerate's cpu=True)

@@ -9,272 +9,40 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
 - a stage's batch_size is the global batch: train batches come from kdist's own sampler
   (data.EpochBatchSampler: each process its slice of every micro-batch of one (seed, epoch) order) or, for
   shards too large for memory, streamed (shard_data.ShardImages), not a prepared loader; the loss is computed
-  on the micro-batch gathered from every process (gather_batch), so N processes train as one does and a
-  resumed run repeats an uninterrupted one;
-- a distillation teacher is never wrapped in DDP: it sits frozen on every process (eval mode, no grads,
-  same autocast) and sees the same augmented batch as the student (`teacher_mode: online`), or its
-  logits are looked up in the exact cache of cache.py (`teacher_mode: cached`, the fast path on CPUs);
+  on the micro-batch gathered from every process (objectives.gather_batch), so N processes train as one does
+  and a resumed run repeats an uninterrupted one;
+- what a batch costs is an objective (objectives.py): cross-entropy, or distillation from a teacher never
+  wrapped in DDP, frozen on every process and fed the same augmented batch (online), or looked up in the
+  exact cache (cached); the Accelerator itself comes from processes.make_accelerator;
 - every epoch ends with `save_state` into <stage>/checkpoints/last (model, optimizer, scheduler and the
   training state, checkpoints.TrainState); `--resume` loads it and goes on. The best-on-val weights are kept beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-from accelerate.utils.environment import str_to_bool
 from safetensors.torch import load_file
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import KdistError
-from .cache import logits_for_all_views
 from .checkpoints import StopRequested, StopWatch, TrainState, last_checkpoint, save_last, write_history
-from .config import KDConfig, StageConfig, TrainerConfig
+from .config import StageConfig
 from .data import augment, batch_loader, epoch_seed, mix_batch, to_float
 from .inference import check_views, view_logits
-from .losses import distillation_terms, mix_terms
-from .models import frozen_copy, save_weights
+from .models import save_weights
+from .objectives import Supervised, gather_batch
+from .processes import describe_batch
 from .shard_data import ShardImages
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AMX or AVX-512 BF16), as oneDNN sees it."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def cpu_requested(trainer: TrainerConfig) -> bool:
-    """Whether CPU processes were asked for: `--cpu` (trainer.cpu), ACCELERATE_USE_CPU=true, or every GPU hidden
-    with CUDA_VISIBLE_DEVICES=-1 (launch/cpu.yaml does that through its gpu_ids)."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() == "-1"
-    return bool(trainer.cpu) or str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) or hidden
-
-
-def launched_for_gpus() -> bool:
-    """Whether `accelerate launch` (or torchrun) started this process without asking for the CPU: a GPU launch."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def make_accelerator(trainer: TrainerConfig) -> Accelerator:
-    """The one Accelerator of a command. Mixed precision: the config's, else the launcher's
-    (`accelerate launch --mixed_precision bf16`), else none. CPU processes (gloo) run when asked for
-    (cpu_requested) or for a plain one-process command on a machine without CUDA; a GPU launch where no CUDA
-    device is visible stops with one line instead of running on the CPU."""
-    use_cpu = cpu_requested(trainer)
-    if not use_cpu and not torch.cuda.is_available():
-        if launched_for_gpus():
-            raise KdistError(
-                f"this launch asks for GPUs but torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
-                f"{torch.version.cuda}); fix the driver or the torch build (README: Installing on a cluster), or run "
-                "on "
-                "CPUs with --config_file launch/cpu.yaml, ACCELERATE_USE_CPU=true or --cpu"
-            )
-        use_cpu = True  # a plain command (no launcher) on a machine without CUDA: one CPU process
-    if not torch.distributed.is_initialized():  # a second command in one Python process (tests) starts afresh
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    from .tracking import log_with
-
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        log_with=log_with(trainer.tracker),
-        mixed_precision=trainer.mixed_precision,
-        # Steps are counted across epochs (kdist's train loader is not a prepared one).
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=trainer.gradient_accumulation_steps, adjust_scheduler=False, sync_with_dataloader=False
-        ),
-        # kdist steps the scheduler itself, once per optimizer step: the schedule is one of optimizer steps,
-        # whatever the process count (Accelerate would step it once per process, for per-process batches).
-        step_scheduler_with_optimizer=False,
-        # A hung collective fails in minutes, not Accelerate's default 30.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))],
-    )
-    if accelerator.device.type == "cpu":
-        torch.use_deterministic_algorithms(True)  # CPU runs (and resumes) repeat bit for bit
-        # ...without deterministic mode's NaN-filling of every new tensor, which no kernel reads: it took 20% of
-        # an online distillation step (benchmarks/results: the profile of issue 51).
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        warn_if_bf16_is_emulated(accelerator.mixed_precision)
-    return accelerator
-
-
-def per_process_batch(batch_size: int, processes: int, accumulation: int) -> int:
-    """The configured batch is the global batch of one optimizer step: each process takes
-    batch_size / (processes x accumulation) samples per micro-step; a batch that does not divide is an error."""
-    if batch_size % (processes * accumulation):
-        share = batch_size // accumulation if batch_size % accumulation == 0 else None
-        works = [n for n in range(1, (share or 0) + 1) if share % n == 0] if share else []
-        raise KdistError(
-            f"global batch {batch_size} does not divide into {processes} processes x {accumulation} accumulation "
-            "steps; "
-            + (
-                f"process counts that work with {accumulation} accumulation step(s): {', '.join(map(str, works))}"
-                if works
-                else "choose a batch size divisible by trainer.gradient_accumulation_steps"
-            )
-            + "; or change batch_size (--set STAGE.batch_size=N)"
-        )
-    return batch_size // (processes * accumulation)
-
-
-def describe_batch(accelerator: Accelerator, batch_size: int) -> str:
-    """e.g. "4 processes on cpu: global batch 128 = 32 per process x 4 x 1 accumulation step"."""
-    processes, accumulation = accelerator.num_processes, accelerator.gradient_accumulation_steps
-    per_process = per_process_batch(batch_size, processes, accumulation)
-    return (
-        f"{processes} process{'es' if processes > 1 else ''} on {accelerator.device.type}: global batch {batch_size} = "
-        f"{per_process} per process x {processes} x {accumulation} accumulation step{'s' if accumulation > 1 else ''}"
-    )
-
-
-def warn_if_bf16_is_emulated(mixed_precision: str) -> None:
-    """Warn about bf16 on a CPU that emulates it: measured 35x slower than float32 on an AVX2-only EPYC."""
-    if mixed_precision == "bf16" and not cpu_has_bf16():  # the probe runs only when bf16 is asked for
-        warnings.warn(
-            "mixed precision bf16 on a CPU without bf16 hardware (no AMX or AVX-512 BF16) trains far slower "
-            "than float32 (35x measured); use --mixed-precision no",
-            stacklevel=3,
-        )
-
-
-# --- what a batch costs: cross-entropy, or distillation from a frozen teacher ---------------------------
-
-
-class Supervised:
-    """Cross-entropy on the labels (optionally class-weighted and label-smoothed)."""
-
-    def __init__(self, stage: StageConfig, class_weights: torch.Tensor | None = None):
-        self.stage, self.class_weights = stage, class_weights
-
-    def to(self, device):
-        if self.class_weights is not None:
-            self.class_weights = self.class_weights.to(device)
-        return self
-
-    def cross_entropy(self, logits, labels, mix=None) -> torch.Tensor:
-        """Cross-entropy on the labels, or on the mixed labels of a mixed batch:
-        lam * CE(y) + (1 - lam) * CE(y[perm])."""
-
-        def ce(targets):
-            smoothing = self.stage.label_smoothing
-            return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=smoothing)
-
-        if mix is None:
-            return ce(labels)
-        lam, perm = mix
-        return lam * ce(labels) + (1 - lam) * ce(labels[perm])
-
-    def targets(self, images, indices, views) -> torch.Tensor | None:
-        """Per-sample targets besides the labels, computed on each process for its own samples (none here)."""
-        return None
-
-    def loss(self, logits, labels, targets=None, mix=None) -> tuple[torch.Tensor, dict]:
-        """The loss of a batch (under several processes: the global batch, gathered) and its parts."""
-        return self.cross_entropy(logits, labels, mix), {}
-
-    def __call__(self, logits, images, labels, indices, views, mix=None) -> tuple[torch.Tensor, dict]:
-        """One process's batch: targets, then loss."""
-        return self.loss(logits, labels, self.targets(images, indices, views), mix)
-
-
-class Distillation(Supervised):
-    """alpha * KD(student, teacher; T) + (1 - alpha) * CE, per the KD registry (losses.py).
-
-    The teacher's logits come from `teacher_logits_cache` (N, 8 views, C), looked up by dataset index and
-    dihedral view, or from the frozen `teacher` run on the very batch the student sees (online). With
-    kd.teacher_views = mean the target is the teacher's mean over all 8 views instead.
-    """
-
-    def __init__(
-        self,
-        stage: StageConfig,
-        kd: KDConfig,
-        teacher=None,
-        teacher_logits_cache=None,
-        class_weights=None,
-        autocast=None,
-    ):
-        super().__init__(stage, class_weights)
-        if (teacher is None) == (teacher_logits_cache is None):
-            raise ValueError("give exactly one of teacher and teacher_logits_cache")
-        self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
-        self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
-        self.autocast = (
-            autocast or contextlib.nullcontext
-        )  # the teacher's: the student's (accelerator.autocast), or bf16's (to())
-        if teacher is not None:
-            self.teacher = frozen_copy(teacher)  # BatchNorms folded into the convolutions: the same logits, faster
-            if kd.compile_teacher:  # compiled lazily, on the first batch, on the device the teacher is then on
-                self.teacher = torch.compile(self.teacher, options={"freezing": True})
-
-    def to(self, device):
-        super().to(device)
-        if self.teacher is not None:
-            self.teacher.to(device)
-            if self.kd.teacher_precision == "bf16":
-                if torch.device(device).type == "cpu":
-                    warn_if_bf16_is_emulated("bf16")
-                self.autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-        if self.cache is not None:
-            self.cache = self.cache.to(device)
-        return self
-
-    def teacher_logits(self, images, indices, views) -> torch.Tensor:
-        mean_over_views = self.kd.teacher_views == "mean"
-        if self.cache is not None:
-            return self.cache[indices].mean(dim=1) if mean_over_views else self.cache[indices, views]
-        with torch.inference_mode(), self.autocast():
-            # The 8 views of a view are the 8 views of the original image (a group), so nothing to undo.
-            logits = logits_for_all_views(self.teacher, images).mean(dim=1) if mean_over_views else self.teacher(images)
-        return logits.float()
-
-    def targets(self, images, indices, views) -> torch.Tensor:
-        return self.teacher_logits(images, indices, views)
-
-    def loss(self, logits, labels, targets=None, mix=None):
-        kd = self.kd
-        if mix is not None and self.cache is not None:
-            raise KdistError(
-                "mixup/cutmix needs the teacher online (kd.teacher_mode: online): the cache holds its outputs on "
-                "unmixed images"
-            )
-        kd_term, ce_term = distillation_terms(
-            logits, targets, labels, kd.method, kd.temperature, kd.standardize, kd.options, self.class_weights
-        )
-        if mix is not None:  # the teacher saw the mixed batch; the labels only count on request, mixed
-            ce_term = self.cross_entropy(logits, labels, mix)
-        alpha = kd.alpha if mix is None or kd.mixed_ce else 1.0
-        loss = mix_terms(kd_term, ce_term, alpha)
-        return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
-
-
-def gather_batch(accelerator: Accelerator, logits: torch.Tensor, *others):
-    """The global (micro-)batch on every process: the student's logits gathered with their gradients
-    (torch.distributed.nn.functional.all_gather), the labels and targets without. A loss computed on these is
-    the 1-process loss of the global batch, batch-level terms included (DIST's intra-class relation, class-
-    weighted means). Its gradient on each process is N times its share (all_gather's backward sums the N
-    identical losses' gradients) and DDP averages over N: the 1-process gradient."""
-    if accelerator.num_processes == 1:
-        return (logits, *others)
-    import torch.distributed.nn.functional as dist_nn
-
-    with warnings.catch_warnings():  # deprecated in favour of functional collectives, which have no autograd on gloo
-        warnings.simplefilter("ignore", FutureWarning)
-        gathered = torch.cat(dist_nn.all_gather(logits))
-    return (gathered, *(None if t is None else accelerator.gather(t) for t in others))
 
 
 def train_loader(

@@ -31,20 +31,13 @@ from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
 from .data import class_weights, load_dermamnist, subset
-from .engine import (
-    Distillation,
-    Supervised,
-    describe_batch,
-    fit,
-    gathered_logits,
-    make_accelerator,
-    per_process_batch,
-    split_probs,
-)
+from .engine import fit, gathered_logits, split_probs
 from .files import atomic_output, atomic_write_text
 from .inference import predict_probs
 from .metrics import classification_metrics, majority_baseline
 from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
+from .objectives import Distillation, Supervised
+from .processes import describe_batch, make_accelerator, per_process_batch
 from .shard_data import ShardImages
 from .study_data import open_data
 from .tracking import log_results, stage_run

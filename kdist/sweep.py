@@ -90,8 +90,8 @@ def run_sweep(
     only_seeds: list[int] | None = None,
 ) -> dict | None:
     """The sweep's record (also written to out/sweep.json and sweep.md); None when `only_seeds` ran a part."""
-    from .engine import make_accelerator
     from .pipeline import Study, distill_stage, teacher_stage
+    from .processes import make_accelerator
 
     base, spec = read_sweep(config_path)
     seeds = spec.get("seeds", [0])

@@ -8,8 +8,8 @@ import torch
 from kdist.cache import compute_teacher_logits, teacher_cache
 from kdist.config import KDConfig, StageConfig
 from kdist.data import apply_views, to_float
-from kdist.engine import Distillation
 from kdist.models import create_model
+from kdist.objectives import Distillation
 
 
 def small_data(n=24):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kdist.cli import main
-from kdist.engine import cpu_has_bf16
+from kdist.processes import cpu_has_bf16
 
 
 def kdist(*args, env=None):

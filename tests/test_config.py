@@ -299,13 +299,13 @@ def test_bf16_sweep_is_the_chosen_point_in_mixed_precision(chosen_sweep, bf16_sw
 def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(monkeypatch, precision, has_bf16, warned):
     import warnings
 
-    from kdist import engine
+    from kdist import processes
 
-    assert isinstance(engine.cpu_has_bf16(), bool)  # the oneDNN probe exists in this torch
-    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: has_bf16)
+    assert isinstance(processes.cpu_has_bf16(), bool)  # the oneDNN probe exists in this torch
+    monkeypatch.setattr(processes, "cpu_has_bf16", lambda: has_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine.warn_if_bf16_is_emulated(precision)
+        processes.warn_if_bf16_is_emulated(precision)
     assert [("--mixed-precision no" in str(w.message)) for w in caught] == ([True] if warned else [])
 
 

@@ -171,7 +171,7 @@ def test_every_process_count_deals_out_the_same_global_batches(world, accumulati
 
 
 def test_a_batch_that_does_not_divide_names_the_process_counts_that_work():
-    from kdist.engine import per_process_batch
+    from kdist.processes import per_process_batch
 
     assert per_process_batch(128, 4, 1) == 32 and per_process_batch(128, 4, 2) == 16
     with pytest.raises(

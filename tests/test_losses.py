@@ -120,7 +120,7 @@ def test_class_weights_weight_only_the_label_term():
 
 def test_supervised_objective_uses_the_class_weights():
     from kdist.config import StageConfig
-    from kdist.engine import Supervised
+    from kdist.objectives import Supervised
 
     logits, labels = torch.randn(6, 7), torch.tensor([0, 1, 2, 0, 0, 3])
     weights = torch.linspace(0.5, 2.0, 7)

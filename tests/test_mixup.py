@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from kdist import KdistError
 from kdist.config import KDConfig, StageConfig, TrainerConfig
 from kdist.data import mix_batch
-from kdist.engine import Distillation, Supervised, fit, make_accelerator
+from kdist.engine import fit
 from kdist.models import create_model
+from kdist.objectives import Distillation, Supervised
+from kdist.processes import make_accelerator
 
 
 def test_mixup_is_a_convex_blend_and_repeats_from_its_seed():

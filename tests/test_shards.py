@@ -231,7 +231,7 @@ def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root)
     order and the same normalisation, so a study from shards equals one from the npz (test_cli checks the run)."""
     from kdist.config import DataConfig, TrainerConfig
     from kdist.data import channel_stats
-    from kdist.engine import make_accelerator
+    from kdist.processes import make_accelerator
     from kdist.study_data import open_shard_splits
 
     accelerator = make_accelerator(TrainerConfig(cpu=True))

@@ -1,0 +1,143 @@
+"""What a training batch costs: cross-entropy on the labels (Supervised), or distillation from a frozen teacher
+run online or looked up in the exact cache (Distillation); and the global batch gathered from every process,
+on which the loss is computed (gather_batch)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from . import KdistError
+from .cache import logits_for_all_views
+from .config import KDConfig, StageConfig
+from .losses import distillation_terms, mix_terms
+from .models import frozen_copy
+from .processes import warn_if_bf16_is_emulated
+
+
+class Supervised:
+    """Cross-entropy on the labels (optionally class-weighted and label-smoothed)."""
+
+    def __init__(self, stage: StageConfig, class_weights: torch.Tensor | None = None):
+        self.stage, self.class_weights = stage, class_weights
+
+    def to(self, device):
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.to(device)
+        return self
+
+    def cross_entropy(self, logits, labels, mix=None) -> torch.Tensor:
+        """Cross-entropy on the labels, or on the mixed labels of a mixed batch:
+        lam * CE(y) + (1 - lam) * CE(y[perm])."""
+
+        def ce(targets):
+            smoothing = self.stage.label_smoothing
+            return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=smoothing)
+
+        if mix is None:
+            return ce(labels)
+        lam, perm = mix
+        return lam * ce(labels) + (1 - lam) * ce(labels[perm])
+
+    def targets(self, images, indices, views) -> torch.Tensor | None:
+        """Per-sample targets besides the labels, computed on each process for its own samples (none here)."""
+        return None
+
+    def loss(self, logits, labels, targets=None, mix=None) -> tuple[torch.Tensor, dict]:
+        """The loss of a batch (under several processes: the global batch, gathered) and its parts."""
+        return self.cross_entropy(logits, labels, mix), {}
+
+    def __call__(self, logits, images, labels, indices, views, mix=None) -> tuple[torch.Tensor, dict]:
+        """One process's batch: targets, then loss."""
+        return self.loss(logits, labels, self.targets(images, indices, views), mix)
+
+
+class Distillation(Supervised):
+    """alpha * KD(student, teacher; T) + (1 - alpha) * CE, per the KD registry (losses.py).
+
+    The teacher's logits come from `teacher_logits_cache` (N, 8 views, C), looked up by dataset index and
+    dihedral view, or from the frozen `teacher` run on the very batch the student sees (online). With
+    kd.teacher_views = mean the target is the teacher's mean over all 8 views instead.
+    """
+
+    def __init__(
+        self,
+        stage: StageConfig,
+        kd: KDConfig,
+        teacher=None,
+        teacher_logits_cache=None,
+        class_weights=None,
+        autocast=None,
+    ):
+        super().__init__(stage, class_weights)
+        if (teacher is None) == (teacher_logits_cache is None):
+            raise ValueError("give exactly one of teacher and teacher_logits_cache")
+        self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
+        self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
+        self.autocast = (
+            autocast or contextlib.nullcontext
+        )  # the teacher's: the student's (accelerator.autocast), or bf16's (to())
+        if teacher is not None:
+            self.teacher = frozen_copy(teacher)  # BatchNorms folded into the convolutions: the same logits, faster
+            if kd.compile_teacher:  # compiled lazily, on the first batch, on the device the teacher is then on
+                self.teacher = torch.compile(self.teacher, options={"freezing": True})
+
+    def to(self, device):
+        super().to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+            if self.kd.teacher_precision == "bf16":
+                if torch.device(device).type == "cpu":
+                    warn_if_bf16_is_emulated("bf16")
+                self.autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        if self.cache is not None:
+            self.cache = self.cache.to(device)
+        return self
+
+    def teacher_logits(self, images, indices, views) -> torch.Tensor:
+        mean_over_views = self.kd.teacher_views == "mean"
+        if self.cache is not None:
+            return self.cache[indices].mean(dim=1) if mean_over_views else self.cache[indices, views]
+        with torch.inference_mode(), self.autocast():
+            # The 8 views of a view are the 8 views of the original image (a group), so nothing to undo.
+            logits = logits_for_all_views(self.teacher, images).mean(dim=1) if mean_over_views else self.teacher(images)
+        return logits.float()
+
+    def targets(self, images, indices, views) -> torch.Tensor:
+        return self.teacher_logits(images, indices, views)
+
+    def loss(self, logits, labels, targets=None, mix=None):
+        kd = self.kd
+        if mix is not None and self.cache is not None:
+            raise KdistError(
+                "mixup/cutmix needs the teacher online (kd.teacher_mode: online): the cache holds its outputs on "
+                "unmixed images"
+            )
+        kd_term, ce_term = distillation_terms(
+            logits, targets, labels, kd.method, kd.temperature, kd.standardize, kd.options, self.class_weights
+        )
+        if mix is not None:  # the teacher saw the mixed batch; the labels only count on request, mixed
+            ce_term = self.cross_entropy(logits, labels, mix)
+        alpha = kd.alpha if mix is None or kd.mixed_ce else 1.0
+        loss = mix_terms(kd_term, ce_term, alpha)
+        return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
+
+
+def gather_batch(accelerator: Accelerator, logits: torch.Tensor, *others):
+    """The global (micro-)batch on every process: the student's logits gathered with their gradients
+    (torch.distributed.nn.functional.all_gather), the labels and targets without. A loss computed on these is
+    the 1-process loss of the global batch, batch-level terms included (DIST's intra-class relation, class-
+    weighted means). Its gradient on each process is N times its share (all_gather's backward sums the N
+    identical losses' gradients) and DDP averages over N: the 1-process gradient."""
+    if accelerator.num_processes == 1:
+        return (logits, *others)
+    import torch.distributed.nn.functional as dist_nn
+
+    with warnings.catch_warnings():  # deprecated in favour of functional collectives, which have no autograd on gloo
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = torch.cat(dist_nn.all_gather(logits))
+    return (gathered, *(None if t is None else accelerator.gather(t) for t in others))
