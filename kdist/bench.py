@@ -29,12 +29,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cache import teacher_cache
 from .config import Config, TrainerConfig
-from .data import apply_views, batch_loader, channel_stats, load_dermamnist, subset, to_float
+from .data import apply_views, subset, to_float
 from .engine import fit
 from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
 from .objectives import Distillation, Supervised
 from .processes import cpu_has_bf16, make_accelerator
+from .study_data import open_data
 
 
 def _train_step(model, optimizer, images, labels):
@@ -59,7 +60,7 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
     batch_size = cfg.student.batch_size
     sources = {
         "synthetic": None,
-        "data_path": lambda epoch: batch_loader(*splits["train"], batch_size, shuffle=True, epoch=epoch),
+        "data_path": lambda epoch: splits["train"][0].loader(batch_size, seed=0, epoch=epoch),
     }
     if shard_images is not None:
         sources["shards"] = lambda epoch: shard_images.loader(batch_size, seed=0, epoch=epoch)
@@ -127,7 +128,7 @@ def epochs(cfg: Config, splits, mean, std, cache_dir: Path, shard_split=None) ->
     shards, as engine.fit reads them), distillation with cached teacher, with online teacher."""
     teacher = create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval()
     start = time.perf_counter()
-    cache = teacher_cache(teacher, *splits["train"], cache_dir)
+    cache = teacher_cache(teacher, splits["train"][0].load(), splits["train"][1], cache_dir)
     cache_s = time.perf_counter() - start
 
     def student():
@@ -185,7 +186,8 @@ def online_breakdown(cfg: Config, splits, teacher, make_student, out: Path, step
 
     stage = replace(cfg.distill, epochs=1)
     n = (steps + 1) * stage.batch_size
-    short = {"train": tuple(t[:n] for t in splits["train"]), "val": tuple(t[:128] for t in splits["val"])}
+    positions = torch.arange(n)
+    short = {"train": tuple(t[positions] for t in splits["train"]), "val": tuple(t[:128] for t in splits["val"])}
     objective = Distillation(cfg.distill, cfg.kd, teacher=teacher)
     accelerator = make_accelerator(TrainerConfig(mixed_precision="no", progress=False))
     with tempfile.TemporaryDirectory() as folder, profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -262,8 +264,8 @@ def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30)
     optimizer = make_optimizer(model, stage)
     objective.to(accelerator.device)
     loader = _batches(
-        lambda epoch: batch_loader(
-            *splits["train"], stage.batch_size, True, 0, accelerator.process_index, accelerator.num_processes, epoch
+        lambda epoch: splits["train"][0].loader(
+            stage.batch_size, 0, accelerator.process_index, accelerator.num_processes, epoch
         )
     )
     times = {"gathered": [], "local": []}
@@ -298,9 +300,9 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
 
     cfg = config_from_dict(json.loads(cfg_json))
     accelerator = make_accelerator(replace(cfg.trainer, progress=False))
-    full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
-    mean, std = channel_stats(full["train"][0])
-    splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+    data = open_data(replace(cfg.data, shards="none"), accelerator)
+    mean, std = data.mean, data.std
+    splits = subset(data.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     splits["val"] = tuple(t[:128] for t in splits["val"])
     cache = torch.randn(len(splits["train"][1]), 8, 7)  # the cache's cost is a lookup, whatever its values
     torch.manual_seed(0)
@@ -383,33 +385,24 @@ def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
     return out
 
 
-def shard_train(cfg: Config):
-    """The train split as shards (data.shards, else the data file's cached shards), streamed as the engine
-    reads a split too large for data.memory_mb (one that fits is the in-memory path itself)."""
-    from .shard_data import ShardImages
-    from .study_data import loader_workers, locate_shards
-
-    folder, manifest = locate_shards(cfg.data)
-    return ShardImages(
-        folder,
-        manifest,
-        "train",
-        cfg.data.size,
-        url_template=cfg.data.shard_url,
-        num_workers=loader_workers(cfg.data.num_workers),
-    )
+def bench_data(cfg: Config) -> tuple[dict, list, list, tuple | None]:
+    """The study's splits as training opens them (study_data.open_data) from the npz in memory; and the train
+    split streamed from shards (data.shards, else the data file's cached shards; data.memory_mb 0 forces
+    streaming, as for a split too large for memory), the same subset; None with --shards none."""
+    accelerator = make_accelerator(TrainerConfig(progress=False))
+    memory = open_data(replace(cfg.data, shards="none"), accelerator)
+    splits = subset(memory.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
+    shard_split = None
+    if cfg.data.shards and str(cfg.data.shards).lower() != "none":
+        streamed = open_data(replace(cfg.data, memory_mb=0), accelerator)
+        shard_split = subset(streamed.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)["train"]
+    return splits, memory.mean, memory.std, shard_split
 
 
 def run_bench(
     cfg: Config, out: Path, steps: int = 30, results_json: Path | None = None, processes: bool = True
 ) -> dict:
-    full = load_dermamnist(cfg.data.root, cfg.data.size, cfg.data.download)
-    mean, std = channel_stats(full["train"][0])
-    splits = subset(full, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
-    shards = shard_train(cfg)  # the same subset as the in-memory split (subset() draws train first)
-    shard_split = subset(
-        {**full, "train": (shards, full["train"][1])}, cfg.data.train_subset, cfg.data.val_subset, cfg.seed
-    )["train"]
+    splits, mean, std, shard_split = bench_data(cfg)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": {
@@ -417,7 +410,7 @@ def run_bench(
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "train_images": len(splits["train"][1]),
-        "throughput": throughput(cfg, splits, mean, std, steps, shard_split[0]),
+        "throughput": throughput(cfg, splits, mean, std, steps, shard_split and shard_split[0]),
         "epochs": epochs(cfg, splits, mean, std, out / "cache", shard_split),
         "models": model_figures(cfg, mean, std, cfg.data.size, out),
         "online_step": online_breakdown(
@@ -444,11 +437,18 @@ def format_bench(report: dict) -> str:
         "student training throughput (images/s)",
         f"  synthetic tensors   {t['synthetic_img_s']:10.1f}",
         f"  kdist data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
-        f"  shards, {t['shard_workers']} workers  {t['shard_path_img_s']:10.1f}   ratio "
-        f"{t['shard_path_over_synthetic']:.3f}",
-        f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio {t['shard_data_only_over_synthetic']:.3f}  "
-        "(read + collate + augment)",
-        "  (shards that fit data.memory_mb are decoded once and are the data path itself; the shard rows stream)",
+        *(
+            [
+                f"  shards, {t['shard_workers']} workers  {t['shard_path_img_s']:10.1f}   ratio "
+                f"{t['shard_path_over_synthetic']:.3f}",
+                f"  shards, data alone {t['shard_data_only_img_s']:10.1f}   ratio "
+                f"{t['shard_data_only_over_synthetic']:.3f}  (read + collate + augment)",
+                "  (shards that fit data.memory_mb are decoded once and are the data path itself; the shard rows "
+                "stream)",
+            ]
+            if "shard_workers" in t
+            else []
+        ),
         "one training epoch (s)",
         f"  student alone       {e['student_epoch_s']:10.2f}",
         *(

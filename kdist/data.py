@@ -236,17 +236,21 @@ class IndexedBatches(Dataset):
         return self.images[indices], self.labels[indices], indices, views, shifts
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The one seed derivation of a training epoch: its sample order, views and shifts, and the global RNG that
-    dropout draws from (the same on every process)."""
-    return seed * 100_003 + epoch
+def derive_seed(seed: int, epoch: int, *parts: int) -> int:
+    """The one seed derivation of training: every random draw of an epoch comes from a generator seeded with
+    derive_seed(seed, epoch, ...). (seed, epoch) alone seeds the draws shared by every process: the sample order,
+    views and shifts, the global RNG that dropout draws from, the shard layout of a streamed epoch. Further
+    parts name a finer draw: (step,) a batch's mixup, (rank, worker) a streaming worker's shuffle buffer."""
+    base = seed * 100_003 + epoch  # kept as first defined, so earlier runs repeat their sample order
+    # SeedSequence ignores trailing zeros: the part count keeps (step 1,) apart from (rank 1, worker 0)
+    return base if not parts else int(np.random.SeedSequence((base, len(parts), *parts)).generate_state(1)[0])
 
 
 def epoch_draws(n: int, seed: int, epoch: int, translate: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The random draws of a training epoch, from (seed, epoch) alone, the same on every process: the sample
     order (a permutation of n), a dihedral view per position and a (down, right) shift per position within
     +-translate. A private generator: the global RNG (dropout's) has no say."""
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
     order = torch.randperm(n, generator=generator)
     views = torch.randint(0, 8, (n,), generator=generator)
     shifts = torch.zeros(n, 2, dtype=torch.long)
@@ -330,6 +334,45 @@ def batch_loader(
     return DataLoader(
         IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator()
     )
+
+
+class MemoryImages:
+    """A train split held in memory, uint8 NCHW images and their labels: what splits["train"][0] holds unless
+    the shards are streamed (shard_data.ShardImages, the same interface). Indexing by positions gives a subset
+    (--quick); `load()` the images (for the teacher-logit cache); `loader()` one process's batches of an epoch
+    (EpochBatchSampler)."""
+
+    streamed = False
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.images.shape)
+
+    def __getitem__(self, positions) -> "MemoryImages":
+        return MemoryImages(self.images[positions], self.labels[positions])
+
+    def load(self) -> torch.Tensor:
+        return self.images
+
+    def loader(
+        self,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        epoch: int = 0,
+        translate: int = 0,
+        accumulation: int = 1,
+    ) -> DataLoader:
+        return batch_loader(
+            self.images, self.labels, batch_size, True, seed, rank, world, epoch, translate, accumulation
+        )
 
 
 def subset(splits, train: int | None, val: int | None, seed: int):

@@ -37,23 +37,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import KdistError
 from .checkpoints import StopRequested, StopWatch, TrainState, last_checkpoint, save_last, write_history
 from .config import StageConfig
-from .data import augment, batch_loader, epoch_seed, mix_batch, to_float
+from .data import augment, derive_seed, mix_batch, to_float
 from .inference import check_views, view_logits
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
-from .shard_data import ShardImages
-
-
-def train_loader(
-    images, labels, stage: StageConfig, seed: int, rank: int = 0, world: int = 1, epoch: int = 0, accumulation: int = 1
-):
-    """One epoch of train batches (uint8 images, labels, positions, views, shifts) for process `rank`: this process's
-    slice of every micro-batch of the global order (data.EpochBatchSampler), or, for shards too large for
-    memory, streamed (shard_data.ShardImages). `stage.batch_size` is the global batch."""
-    if isinstance(images, ShardImages):
-        return images.loader(stage.batch_size, seed, rank, world, epoch, stage.translate, accumulation)
-    return batch_loader(images, labels, stage.batch_size, True, seed, rank, world, epoch, stage.translate, accumulation)
 
 
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
@@ -126,7 +114,7 @@ def fit(
     holding its best-on-val weights. Writes <folder>/metrics.csv and <folder>/checkpoints/.
 
     `stage.batch_size` is the global batch of an optimizer step, whatever the process count: each process
-    trains on its slice of every micro-batch (train_loader) and the loss sees the whole micro-batch
+    trains on its slice of every micro-batch (epoch_batches) and the loss sees the whole micro-batch
     (gather_batch), so N processes train as one does, up to float rounding. `sync_batchnorm`: SyncBatchNorm
     in the trained model under several CUDA processes (on CPUs BatchNorm statistics stay per process)."""
     checkpoints = folder / "checkpoints"
@@ -137,15 +125,20 @@ def fit(
         accelerator.num_processes,
         accelerator.gradient_accumulation_steps,
     )
-    train_images, train_labels = splits["train"]
-    first_epoch = train_loader(train_images, train_labels, stage, seed, rank, world, 0, accumulation)
+    train_images, train_labels = splits["train"]  # data.MemoryImages or, streamed, shard_data.ShardImages
+
+    def epoch_batches(epoch):
+        """This process's train batches (uint8 images, labels, positions, views, shifts) of an epoch: its slice
+        of every micro-batch of the global order; `stage.batch_size` is the global batch."""
+        return train_images.loader(stage.batch_size, seed, rank, world, epoch, stage.translate, accumulation)
+
+    first_epoch = epoch_batches(0)
     if len(first_epoch) == 0:
         raise KdistError(
             f"{len(train_labels)} train images are fewer than one global batch of {stage.batch_size}; lower "
             f"{folder.name}'s batch_size"
         )
     optimizer_steps = len(first_epoch) // accumulation  # per epoch
-    streamed = isinstance(train_images, ShardImages)
     accelerator.print(
         f"{folder.name}: {describe_batch(accelerator, stage.batch_size)}; {optimizer_steps} steps per epoch, "
         f"{len(train_labels) % stage.batch_size} of {len(train_labels)} train samples left out each epoch (the last "
@@ -153,7 +146,7 @@ def fit(
         + (
             "; streamed from shards: each sample at most once per epoch, in a shuffle-buffer order that depends on "
             "the process count"
-            if streamed
+            if train_images.streamed
             else ""
         )
     )
@@ -178,9 +171,6 @@ def fit(
         if ema is not None:
             ema.load_state_dict(load_file(str(last / "ema.safetensors")))
         accelerator.print(f"resumed {folder.name} at epoch {state.epoch} from {last}")
-
-    def epoch_batches(epoch):
-        return train_loader(train_images, train_labels, stage, seed, rank, world, epoch, accumulation)
 
     if os.environ.get("KDIST_AUDIT_SAMPLES"):  # tests of the sharding: which samples each process saw
         epoch_batches = audited(epoch_batches, Path(os.environ["KDIST_AUDIT_SAMPLES"]), folder.name, rank)
@@ -263,7 +253,7 @@ class TrainLoop:
             # global RNG seeded here alike on every process (models.BatchDropout draws the global batch's mask, so
             # a sample's mask does not depend on the process count). Part-way through an epoch, load_state has
             # restored the RNG as it was at the stop instead.
-            torch.manual_seed(epoch_seed(self.seed, epoch))
+            torch.manual_seed(derive_seed(self.seed, epoch))
         self.model.train()
         device = self.accelerator.device
         saved = dict(self.state.epoch_sums) if skip else {}
@@ -294,7 +284,7 @@ class TrainLoop:
                 whole = accelerator.gather(images.contiguous()).contiguous(memory_format=torch.channels_last)
             images, mix = mix_batch(
                 images,
-                np.random.default_rng((self.seed, epoch, step)),
+                np.random.default_rng(derive_seed(self.seed, epoch, step)),
                 stage.mixup_alpha,
                 stage.cutmix_alpha,
                 batch=whole,

@@ -17,7 +17,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
-from .data import class_weights, load_dermamnist, subset
+from .data import class_weights, subset
 from .engine import fit, gathered_logits, split_probs
 from .files import atomic_output, atomic_write_text
 from .inference import predict_probs
@@ -38,7 +38,6 @@ from .metrics import classification_metrics, majority_baseline
 from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
 from .objectives import Distillation, Supervised
 from .processes import describe_batch, make_accelerator, per_process_batch
-from .shard_data import ShardImages
 from .study_data import open_data
 from .tracking import log_results, stage_run
 
@@ -99,8 +98,9 @@ class Study:
         if size == cfg.data.size:
             return self.splits[split]
         if size not in self.other_sizes:  # read each other file once
+            other = open_data(replace(cfg.data, size=size, shards="none"), self.accelerator)
             self.other_sizes[size] = subset(
-                load_dermamnist(cfg.data.root, size, cfg.data.download),
+                other.splits,
                 cfg.data.train_subset,
                 cfg.data.val_subset,
                 cfg.seed,
@@ -336,14 +336,13 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     study.claim("distilled")
     weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
     images, labels = study.split_at("train", teacher_size)  # a teacher of another file: the same samples, checked
-    if mode == "cached" and isinstance(images, ShardImages):
-        images = images.load()  # the cache needs every train image once, in order
     teacher.to(study.device)
     val_teacher_logits, _ = gathered_logits(study.accelerator, teacher, *study.split_at("val", teacher_size))
     if mode == "cached":
         # The main process computes and writes the cache; the others then read the same file.
         with study.accelerator.main_process_first():
-            logits = teacher_cache(teacher, images, labels, study.cache_dir or study.out / "cache")
+            # every train image once, in order (read whole from streamed shards)
+            logits = teacher_cache(teacher, images.load(), labels, study.cache_dir or study.out / "cache")
         teacher.cpu()
         objective = Distillation(study.cfg.distill, kd, teacher_logits_cache=logits, class_weights=weights)
     else:  # the frozen teacher beside the student on every process, fed the same augmented batch

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import KdistError
-from .data import epoch_draws
+from .data import derive_seed, epoch_draws
 from .preprocess import decode_image, to_model_array
 
 MANIFEST = "manifest.json"
@@ -172,7 +172,7 @@ def stream(
         raise KdistError(
             f"{split} has {len(keep)} samples, fewer than one global batch of {batch_size}; lower the batch size"
         )
-    shard_order = random.Random(f"{seed}-{epoch}").sample(range(len(urls)), len(urls))  # the same on every process
+    shard_order = random.Random(derive_seed(seed, epoch)).sample(range(len(urls)), len(urls))  # alike on every rank
     kept = [keep[(keep >= ranges[j][0]) & (keep < ranges[j][1])] for j in shard_order]
     sequence = np.concatenate(kept)  # the epoch's samples, shard after shard
     shard_of_position = np.repeat(shard_order, [len(k) for k in kept])
@@ -224,7 +224,7 @@ class StreamedBatches(IterableDataset):
             wds.select(
                 lambda sample: sample_label_index(sample)[1] in wanted
             ),  # before decoding: skipped samples cost nothing
-            wds.shuffle(self.buffer, rng=random.Random("-".join(map(str, (*self.seed_parts, worker))))),
+            wds.shuffle(self.buffer, rng=random.Random(derive_seed(*self.seed_parts, worker))),
             wds.map(lambda sample: decode_sample(sample, self.size, self.num_classes)),
         )
         samples = iter(pipeline)
@@ -271,9 +271,11 @@ def evaluation_samples(
 
 class ShardImages:
     """The train images of a shard set too large for memory (data.memory_mb), read on demand: what a study's
-    splits["train"][0] holds then, in place of an in-memory uint8 tensor. Indexing by positions gives a subset
-    (--quick); `load()` reads the kept images whole, in order (for the teacher-logit cache); `loader()` streams
-    an epoch."""
+    splits["train"][0] holds then, in place of data.MemoryImages, with the same interface. Indexing by positions
+    gives a subset (--quick); `load()` reads the kept images whole, in order (for the teacher-logit cache);
+    `loader()` streams an epoch."""
+
+    streamed = True
 
     def __init__(
         self,

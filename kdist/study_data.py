@@ -18,6 +18,7 @@ from . import KdistError
 from .data import (
     FLAG,
     NUM_CLASSES,
+    MemoryImages,
     channel_stats,
     load_dermamnist,
     npz_name,
@@ -110,8 +111,9 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
     if len(train_labels) * 3 * data.size**2 <= data.memory_mb * 2**20:
         # Decoded once and kept: then trained on exactly as the npz in memory (the same global sample order and
         # the same normalisation, computed from the decoded images).
-        splits["train"] = evaluation_samples(folder, "train", data.size, data.shard_url, manifest)
-        mean, std = channel_stats(splits["train"][0])
+        images, labels = evaluation_samples(folder, "train", data.size, data.shard_url, manifest)
+        splits["train"] = (MemoryImages(images, labels), labels)
+        mean, std = channel_stats(images)
     else:  # streamed every epoch (ShardImages.loader)
         splits["train"] = (
             ShardImages(
@@ -130,7 +132,8 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
 @dataclass
 class DataInfo:
     """A command's data, chosen once (the npz in memory, or shards) and used alike by training, evaluation and
-    bench: split -> (images, labels), where train may be ShardImages (streamed); the train split's
+    bench: split -> (images, labels), where the train images are data.MemoryImages or, streamed,
+    shard_data.ShardImages (one interface: `loader(..., epoch)` gives an epoch's batches); the train split's
     normalisation (None when train was not asked for); the shard folder, if any."""
 
     splits: dict
@@ -153,4 +156,6 @@ def open_data(data, accelerator, names: tuple = ("train", "val", "test")) -> Dat
     with accelerator.main_process_first():  # a download, if any, happens once
         full = load_dermamnist(data.root, data.size, data.download)
     mean, std = channel_stats(full["train"][0]) if "train" in names else (None, None)
+    if "train" in names:
+        full["train"] = (MemoryImages(*full["train"]), full["train"][1])
     return DataInfo({name: full[name] for name in names}, mean, std, None)

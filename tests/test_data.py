@@ -117,6 +117,31 @@ def test_loader_yields_whole_batches(synthetic_root):
     assert sum(len(b[1]) for b in batch_loader(*splits["val"], 1024, shuffle=False)) == 1003
 
 
+def test_memory_images_subset_and_batch_as_the_tensors_do(synthetic_root):
+    """data.MemoryImages, the in-memory train split: indexing subsets images and labels together, and its
+    loader is batch_loader's (the interface shard_data.ShardImages shares)."""
+    from kdist.data import MemoryImages, subset
+
+    splits = load_dermamnist(synthetic_root)
+    train = MemoryImages(*splits["train"])
+    assert len(train) == 7007 and train.shape == (7007, 3, 28, 28) and not train.streamed
+    kept = subset({**splits, "train": (train, splits["train"][1])}, 500, None, seed=3)["train"][0]
+    plain = subset(splits, 500, None, seed=3)["train"]
+    assert torch.equal(kept.load(), plain[0]) and torch.equal(kept.labels, plain[1])
+    ours = list(kept.loader(64, seed=2, rank=1, world=2, epoch=4, translate=1))
+    theirs = list(batch_loader(*plain, 64, True, 2, 1, 2, 4, 1))
+    assert len(ours) == len(theirs) == 7
+    assert all(torch.equal(x, y) for a, b in zip(ours, theirs) for x, y in zip(a, b))
+
+
+def test_one_seed_derivation_keeps_the_epoch_order_and_separates_finer_draws():
+    from kdist.data import derive_seed
+
+    assert derive_seed(3, 5) == 3 * 100_003 + 5  # the epoch seed every earlier run used
+    finer = {derive_seed(3, 5, step) for step in range(100)} | {derive_seed(3, 5, 0, worker) for worker in range(8)}
+    assert len(finer) == 108 and derive_seed(3, 5, 7) == derive_seed(3, 5, 7) != derive_seed(3, 6, 7)
+
+
 def test_epoch_batch_sampler_depends_only_on_seed_and_epoch():
     from kdist.data import EpochBatchSampler
 

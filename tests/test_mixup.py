@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kdist import KdistError
 from kdist.config import KDConfig, StageConfig, TrainerConfig
-from kdist.data import mix_batch
+from kdist.data import MemoryImages, mix_batch
 from kdist.engine import fit
 from kdist.models import create_model
 from kdist.objectives import Distillation, Supervised
@@ -49,7 +49,7 @@ def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
     torch.manual_seed(0)
     n = 64
     images, labels = torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 7, (n,))
-    splits = {"train": (images, labels), "val": (images[:16], labels[:16])}
+    splits = {"train": (MemoryImages(images, labels), labels), "val": (images[:16], labels[:16])}
     teacher, student = create_model("student").eval(), create_model("student")
     seen = {"teacher": [], "student": []}
     teacher.register_forward_pre_hook(lambda module, args: seen["teacher"].append(args[0].detach().clone()))

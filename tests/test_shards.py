@@ -239,13 +239,16 @@ def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root)
     splits, mean, std, _ = open_shard_splits(DataConfig(root=str(synthetic_root), shards=str(shards)), accelerator)
     assert all(
         torch.equal(splits[split][0], npz[split][0].contiguous()) and torch.equal(splits[split][1], npz[split][1])
-        for split in ("train", "val", "test")
+        for split in ("val", "test")
     )
+    assert torch.equal(splits["train"][0].load(), npz["train"][0]) and torch.equal(splits["train"][1], npz["train"][1])
+    assert not splits["train"][0].streamed
     assert (mean, std) == channel_stats(npz["train"][0])
     streamed, _, _, _ = open_shard_splits(
         DataConfig(root=str(synthetic_root), shards=str(shards), memory_mb=1), accelerator
     )
     assert isinstance(streamed["train"][0], ShardImages) and torch.equal(streamed["train"][1], npz["train"][1])
+    assert streamed["train"][0].streamed
 
 
 def test_pipe_urls_read_the_same_samples_as_local_paths(shards):
