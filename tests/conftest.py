@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic DermaMNIST file (official split sizes, random pixels) and the real data root."""
+"""Shared fixtures: a synthetic DermaMNIST file (official split sizes, random pixels), the real data root and an
+untrained teacher file."""
 
 from __future__ import annotations
 
@@ -63,3 +64,13 @@ def _no_downloads(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("KDIST_NO_DOWNLOAD", "1")
     # ... and `--shards auto` writes its shards under the test session's temporary folder, not in ~/.cache.
     monkeypatch.setenv("KDIST_SHARD_CACHE", str(tmp_path_factory.getbasetemp() / "shard-cache"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """An untrained EfficientNet-B0 as a teacher file (28 px data): distillation tests need only its logits."""
+    from kdist.models import create_model, save_weights
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_weights(create_model("teacher", input_size=None), path, {"data_size": 28})
+    return path

@@ -6,18 +6,13 @@ processes and the 1-vs-N equality: test_world_size.py."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from launching import evaluate_alone, kdist_env, launch
 
-from kdist.models import create_model, save_weights
-
-REPO = Path(__file__).resolve().parents[1]
 QUICK = [
     "--quick",
     "--no-progress",
@@ -30,26 +25,10 @@ QUICK = [
 ]
 
 
-def launch(*args, env=None, config=True):
-    """`accelerate launch [--config_file launch/cpu.yaml] ARGS`, as a user types it."""
-    head = [sys.executable, "-m", "accelerate.commands.launch"] + (
-        ["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else []
-    )
-    return [*head, *map(str, args)]
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """An untrained EfficientNet-B0 as the teacher file: distillation only needs its logits."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_weights(create_model("teacher", input_size=None), path, {"data_size": 28})
-    return path
 
 
 def metrics_of(entry: dict) -> dict:
@@ -59,7 +38,7 @@ def metrics_of(entry: dict) -> dict:
 def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_root, teacher):
     """The npz in memory (--shards none) under 2 processes: disjoint equal shares, every test sample once."""
     out, audit = tmp_path / "ddp", tmp_path / "audit"
-    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "KDIST_AUDIT_SAMPLES": str(audit)}
+    env = kdist_env(real_root, audit=audit)
     done = subprocess.run(
         launch("-m", "kdist.distill", "--teacher", teacher, *QUICK, "--shards", "none", "--out", out),
         env=env,
@@ -82,15 +61,7 @@ def test_two_process_distillation_equals_one_process_evaluation(tmp_path, real_r
     )
 
     # val/test metrics of the 2-process run equal those of one process on the same weights: every sample once
-    one = subprocess.run(
-        [sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    alone = json.loads(one.stdout)
-    assert alone["num_processes"] == 1
+    alone = evaluate_alone(out / "distilled.safetensors", env)
     distilled = results["models"]["distilled"]
     assert distilled["test"]["n"] == 2005
     for split in ("val", "test"):
@@ -118,12 +89,7 @@ def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, rea
     """`--shards auto`: the data file's shards are written once, each rank streams its own shards (two
     DataLoader workers each), and test metrics equal a 1-process evaluation from the npz (PNG is lossless)."""
     out, audit = tmp_path / "ddp-shards", tmp_path / "audit"
-    env = {
-        **os.environ,
-        "KDIST_DATA_ROOT": str(real_root),
-        "KDIST_AUDIT_SAMPLES": str(audit),
-        "KDIST_SHARD_CACHE": str(tmp_path / "cache"),
-    }
+    env = kdist_env(real_root, audit=audit, shard_cache=tmp_path / "cache")
     done = subprocess.run(
         launch(
             "-m",
@@ -151,14 +117,7 @@ def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, rea
             rank1
         )  # 512 / global batch 64 = 8 steps of 32 per rank
     distilled = json.loads((out / "results.json").read_text())["models"]["distilled"]
-    one = subprocess.run(
-        [sys.executable, "-m", "kdist.evaluate", out / "distilled.safetensors", "--shards", "none"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    alone = json.loads(one.stdout)  # one process, the npz
+    alone = evaluate_alone(out / "distilled.safetensors", env)  # one process, the npz
     assert distilled["test"]["n"] == 2005 and metrics_of(distilled["test"]) == metrics_of(alone["test"])
     # 2 processes evaluating from the shards count every val and test sample once, as one process on the npz
     two = subprocess.run(
@@ -176,7 +135,7 @@ def test_two_processes_distil_from_shards_on_disjoint_equal_shares(tmp_path, rea
 def test_two_machines_on_localhost_distil_together(tmp_path, real_root, teacher):
     """Two launches, one per "machine" (--num_machines 2 --machine_rank 0|1), meet on 127.0.0.1 and train as one job."""
     out, port = tmp_path / "two-machines", free_port()
-    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "ACCELERATE_USE_CPU": "true"}
+    env = kdist_env(real_root, ACCELERATE_USE_CPU="true")
     machines = [
         subprocess.Popen(
             launch(

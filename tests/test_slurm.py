@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from slurm_cluster import Cluster, ensure_installed
 
-from kdist.models import create_model, save_weights
-
 REPO = Path(__file__).resolve().parents[1]
 QUICK = [
     "--quick",
@@ -37,13 +35,6 @@ def slurm(tmp_path_factory):
     cluster.start()
     yield cluster
     cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_weights(create_model("teacher", input_size=None), path, {"data_size": 28})
-    return path
 
 
 def job_env(slurm, real_root, out, **extra):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launching import kdist_env, launch
 from wandb_records import read_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,19 +87,9 @@ def test_offline_runs_hold_the_results_and_curves(wandb_run):
     assert len(json.loads(table.read_text())["data"]) == 25
 
 
-def test_only_the_main_process_logs_under_two_processes(tmp_path, real_root):
-    from kdist.models import create_model, save_weights
-
-    teacher = tmp_path / "teacher.safetensors"
-    save_weights(create_model("teacher", input_size=None), teacher, {"data_size": 28})
+def test_only_the_main_process_logs_under_two_processes(tmp_path, real_root, teacher):
     out = tmp_path / "ddp"
-    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root)}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "launch" / "cpu.yaml"),
+    command = launch(
         "-m",
         "kdist.distill",
         "--teacher",
@@ -113,8 +104,8 @@ def test_only_the_main_process_logs_under_two_processes(tmp_path, real_root):
         "data.val_subset=256",
         "--out",
         out,
-    ]
-    done = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True)
+    )
+    done = subprocess.run(command, env=kdist_env(real_root), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "distilled" / "tracker.jsonl").read_text().splitlines()]
     assert {line["process_index"] for line in lines} == {0}

@@ -12,26 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from kdist.models import create_model, save_weights
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def launch(*args, env=None, config=True):
-    """`accelerate launch [--config_file launch/cpu.yaml] ARGS`, as a user types it."""
-    head = [sys.executable, "-m", "accelerate.commands.launch"] + (
-        ["--config_file", str(REPO / "launch" / "cpu.yaml")] if config else []
-    )
-    return [*head, *map(str, args)]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """An untrained EfficientNet-B0 as the teacher file: distillation only needs its logits."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_weights(create_model("teacher", input_size=None), path, {"data_size": 28})
-    return path
+from launching import REPO, kdist_env, launch
 
 
 def relative_l2(a: Path, b: Path) -> float:
@@ -52,7 +33,7 @@ def test_four_processes_train_the_weights_of_one(tmp_path, real_root, teacher, c
     differences of the order of the learning rate, so over many steps weights drift apart chaotically
     (measured: 16 quick steps on one process with 1 vs 2 threads already differ by 3e-4)."""
     command = [str(teacher) if part is None else part for part in command]
-    env = {**os.environ, "KDIST_DATA_ROOT": str(real_root), "OMP_NUM_THREADS": "1"}  # one thread per process in both
+    env = kdist_env(real_root, OMP_NUM_THREADS="1")  # one thread per process in both
     args = [
         "--quick",
         "--no-progress",
@@ -93,12 +74,7 @@ def test_eight_processes_on_the_default_shards_see_every_sample_once(tmp_path, r
     """8 processes (more than shards per worker would allow before) from the default shards, --quick: the run
     completes and every train sample of the subset is trained on exactly once per epoch across the ranks."""
     out, audit = tmp_path / "eight", tmp_path / "audit"
-    env = {
-        **os.environ,
-        "KDIST_DATA_ROOT": str(real_root),
-        "KDIST_AUDIT_SAMPLES": str(audit),
-        "KDIST_SHARD_CACHE": str(tmp_path / "cache"),
-    }
+    env = kdist_env(real_root, audit=audit, shard_cache=tmp_path / "cache")
     done = subprocess.run(
         launch(
             "--num_processes",
