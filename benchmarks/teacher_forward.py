@@ -5,7 +5,8 @@ non-trivial, as a trained model's), batch 128 of 28 px images upsampled to 64, c
 
 Prints ms per forward (mean of 8 after one warm-up) and the largest logit difference from the first row:
 deterministic mode with and without its NaN-filling of new tensors, inference_mode, BatchNorm folded
-(kdist.models.frozen_copy), bf16 autocast on top, and with --compile torch.compile(freezing=True).
+(kdist.models.frozen_copy), bf16 autocast on top, the folded teacher as kdist runs it online (one chunk of the
+batch per CPU thread, objectives.Distillation), and with --compile torch.compile(freezing=True).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 
 import torch
 
+from kdist.config import KDConfig, StageConfig
 from kdist.models import create_model, frozen_copy
+from kdist.objectives import Distillation
 
 
 def timed(name, forward, reference=None, context=torch.no_grad, repeats=8):
@@ -54,6 +57,12 @@ def main() -> None:
     folded = frozen_copy(teacher)
     timed("inference_mode, BatchNorm folded (kdist)", folded, reference, torch.inference_mode)
     timed("... in bf16 autocast (kd.teacher_precision)", bf16(folded), reference, torch.inference_mode)
+    online = Distillation(StageConfig(), KDConfig(), teacher=teacher).to("cpu")  # what kdist's online teacher runs
+    timed(
+        f"... one chunk per thread, {online.teacher_threads} threads (kdist)",
+        lambda x: online.teacher_logits(x, None, None),
+        reference,
+    )
     if "--compile" in sys.argv:
         start = time.perf_counter()
         compiled = torch.compile(frozen_copy(teacher), options={"freezing": True})

@@ -1,6 +1,7 @@
 """The teacher-output cache is exact and follows the teacher."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -123,3 +124,31 @@ def test_online_teacher_in_bf16_alone_keeps_the_student_in_float32():
     torch.testing.assert_close(approx, reference, atol=0.2, rtol=0.05)
     loss, _ = low.loss(torch.randn(8, 7, requires_grad=True), torch.randint(0, 7, (8,)), approx)
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("teacher_views", ["one", "mean"])
+def test_online_teacher_split_across_cpu_threads_gives_one_forwards_logits(teacher_views):
+    """On a CPU with several intra-op threads the online teacher runs one chunk of the batch per thread (each with
+    one intra-op thread): the logits of one forward, in float32 and in bf16 autocast (set inside each thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        teacher = create_model("student", input_size=64).eval()  # any frozen model; SqueezeNet keeps it quick
+        images, labels = small_data(10)
+        shown, indices, views = to_float(images), torch.arange(10), torch.zeros(10, dtype=torch.long)
+        for precision in ("same", "bf16"):
+            kd = KDConfig(teacher_views=teacher_views, teacher_precision=precision)
+            whole = Distillation(StageConfig(), kd, teacher=teacher)
+            if precision == "bf16":
+                whole.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+            with warnings.catch_warnings():  # bf16 emulated on CPUs without bf16 units: warned, still correct
+                warnings.simplefilter("ignore")
+                split = Distillation(StageConfig(), kd, teacher=teacher).to("cpu")
+            assert split.teacher_threads == 2 and whole.teacher_pool is None
+            expected = whole.teacher_logits(shown, indices, views)
+            got = split.teacher_logits(shown, indices, views)
+            assert got.dtype == torch.float32 and got.shape == (10, 7)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.get_num_threads() == 2  # the main thread keeps its threads
+    finally:
+        torch.set_num_threads(threads)

@@ -59,7 +59,12 @@ def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
     stage = StageConfig(epochs=1, batch_size=16, mixup_alpha=0.4, cutmix_alpha=1.0)
     accelerator = make_accelerator(TrainerConfig(progress=False))
     objective = Distillation(stage, KDConfig(), teacher=teacher, autocast=accelerator.autocast)
-    fit(accelerator, student, objective, stage, splits, tmp_path / "distilled", seed=0, progress_bar=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one teacher call per batch (with more threads, one per chunk: test_cache.py)
+    try:
+        fit(accelerator, student, objective, stage, splits, tmp_path / "distilled", seed=0, progress_bar=False)
+    finally:
+        torch.set_num_threads(threads)
     # teacher calls: 4 training batches, then none (no val teacher logits given)
     assert len(seen["student"]) == 4 and len(seen["teacher"]) == 4
     for shown_to_student, shown_to_teacher in zip(seen["student"], seen["teacher"]):
