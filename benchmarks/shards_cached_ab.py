@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).parent))  # compare.py, beside this file
 import compare
 
 root = os.environ["KDIST_DATA_ROOT"]
