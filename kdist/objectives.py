@@ -5,6 +5,7 @@ on which the loss is computed (gather_batch)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,12 @@ from .config import KDConfig, StageConfig
 from .losses import distillation_terms, mix_terms
 from .models import frozen_copy
 from .processes import warn_if_bf16_is_emulated
+
+
+@functools.cache
+def single_thread_pool(workers: int) -> ThreadPoolExecutor:
+    """`workers` threads, each running torch ops on one intra-op thread; one pool per size for the process."""
+    return ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
 
 
 class Supervised:
@@ -102,8 +109,7 @@ class Distillation(Supervised):
                 # On CPUs the frozen teacher runs as one chunk of the batch per core, each on its own thread with
                 # one intra-op thread: 1.2-1.3x faster than one forward on every core (EfficientNet-B0, 2 cores,
                 # benchmarks/teacher_forward.py), the same logits (eval mode: each sample's are its own).
-                self.teacher_pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
-                self.teacher_threads = threads
+                self.teacher_pool, self.teacher_threads = single_thread_pool(threads), threads
             if self.kd.teacher_precision == "bf16":
                 if torch.device(device).type == "cpu":
                     warn_if_bf16_is_emulated("bf16")
