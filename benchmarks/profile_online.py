@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from kdist.bench import online_breakdown
+from kdist.bench import bench_data, online_breakdown
 from kdist.config import Config
-from kdist.data import channel_stats, load_dermamnist
 from kdist.models import create_model
 
 
@@ -30,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = Config()
     cfg = replace(cfg, kd=replace(cfg.kd, method="hinton", temperature=4.0, alpha=0.9))
-    splits = load_dermamnist(os.environ.get("KDIST_DATA_ROOT"), 28, False)
-    mean, std = channel_stats(splits["train"][0])
+    cfg = replace(cfg, data=replace(cfg.data, root=os.environ.get("KDIST_DATA_ROOT"), download=False, shards="none"))
+    splits, mean, std, _ = bench_data(cfg)  # the npz in memory, as training opens it
     teacher = create_model("teacher", mean, std, 64).eval()
 
     def student():
