@@ -6,7 +6,8 @@ import sys
 import pytest
 
 # A few training steps of a small convolution net whose activations (128 x 64 x 64 x 64 floats, 128 MiB) are
-# larger than anything glibc keeps by default; prints the minor page faults of the last three steps.
+# larger than anything glibc keeps by default; prints the fewest minor page faults of one step after two warm-up
+# steps (the fewest: which thread's arena serves a buffer varies from run to run).
 STEPS = """
 import resource, sys, torch
 from kdist.processes import keep_freed_memory
@@ -17,11 +18,12 @@ nn = torch.nn
 model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 7))
 images = torch.randn(128, 3, 64, 64)
-for step in range(5):
-    if step == 2:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
+for step in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model(images).sum().backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))
 """
 
 
@@ -32,5 +34,5 @@ def test_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
         return int(out.stdout.split()[-1])
 
     default, kept = faults("default"), faults("keep")
-    assert default > 500_000  # every step maps its activations afresh: ~0.45M faults each
+    assert default > 100_000  # every step maps its activations afresh: ~0.45M faults each
     assert kept < default / 10, (default, kept)
