@@ -1,5 +1,6 @@
 """Process setup (kdist.processes): the allocator keeps a step's freed memory for the next step."""
 
+import platform
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ print(min(faults[2:]))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True)
