@@ -5,7 +5,7 @@
 - one distillation epoch with the cached teacher, one with the online teacher, one supervised
   student epoch (engine.fit, same settings), and the cached one again in bf16 mixed precision
   (faster on CPUs with AMX, such as Sapphire Rapids, and on GPUs; slower on CPUs without bf16 units);
-- one cached distillation epoch under `accelerate launch` with 1 and with 2 processes (images/s, ratio);
+- one cached distillation epoch under `accelerate launch` with 1 and with 2 processes (bench_processes.py);
 - inference latency of teacher and student at batch 1 and 256, parameters, FLOPs per image;
 - the wall time of the latest `kdist run` (from a results.json).
 """
@@ -13,10 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -27,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .bench_processes import endless_batches, process_scaling
 from .cache import teacher_cache
 from .config import Config, TrainerConfig
 from .data import apply_views, subset, to_float
@@ -43,14 +40,6 @@ def _train_step(model, optimizer, images, labels):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-
-
-def _batches(make_loader):
-    """Train batches without end: a new epoch (seed 0, epochs 0, 1, ...) whenever one runs out."""
-    epoch = 0
-    while True:
-        yield from make_loader(epoch)
-        epoch += 1
 
 
 def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) -> dict:
@@ -74,7 +63,7 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
             torch.rand(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last),
             torch.randint(0, 7, (batch_size,)),
         )
-        batches = _batches(make_loader) if make_loader else None
+        batches = endless_batches(make_loader) if make_loader else None
         done, start = 0, None
         for step in range(steps + 3):
             if step == 3:  # warm-up steps (and worker start-up) are not timed
@@ -93,7 +82,7 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
         "data_path_over_synthetic": round(results["data_path"] / results["synthetic"], 3),
     }
     if shard_images is not None:
-        batches, done = _batches(lambda epoch: shard_images.loader(batch_size, seed=0, epoch=epoch)), 0
+        batches, done = endless_batches(lambda epoch: shard_images.loader(batch_size, seed=0, epoch=epoch)), 0
         next(batches)
         start = time.perf_counter()
         for _ in range(steps):
@@ -214,127 +203,6 @@ def online_breakdown(cfg: Config, splits, teacher, make_student, out: Path, step
         "parts_ms": parts,
         "teacher_share": round(parts["teacher_forward"] / step_ms, 3),
     }
-
-
-def process_scaling(cfg: Config, out: Path) -> dict:
-    """Images/s of one cached distillation epoch under `accelerate launch` with 1 and with 2 CPU processes
-    (launch/cpu.yaml), each timed inside the job (startup excluded), and their ratio."""
-    repo = Path(__file__).resolve().parents[1]
-    figures = {}
-    for processes in (1, 2):
-        result_file = out / f"processes{processes}.json"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(repo / "launch" / "cpu.yaml"),
-            "--num_processes",
-            str(processes),
-            "-m",
-            "kdist.bench",
-            str(result_file),
-            json.dumps(cfg.to_dict()),
-        ]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"bench under {processes} processes failed:\n{done.stderr[-2000:]}")
-        figures[processes] = json.loads(result_file.read_text())
-    one, two = figures[1]["img_s"], figures[2]["img_s"]
-    return {
-        "processes1_img_s": one,
-        "processes2_img_s": two,
-        "processes2_over_1": round(two / one, 3),
-        "processes1_threads": figures[1]["threads"],
-        "processes2_threads": figures[2]["threads"],
-        **{key: figures[2][key] for key in ("gather_step_ms", "local_step_ms", "gather_over_local")},
-    }
-
-
-def gather_cost(accelerator, student, objective, stage, splits, steps: int = 30) -> dict:
-    """Milliseconds per distillation step (forward, loss, backward, optimizer) with the loss on the batch
-    gathered from every process (objectives.gather_batch, as training runs) and on each process's own slice, the
-    two interleaved step by step on the same batches; and their ratio."""
-    from .data import augment
-    from .engine import make_optimizer
-    from .objectives import gather_batch
-
-    model = accelerator.prepare(student)
-    optimizer = make_optimizer(model, stage)
-    objective.to(accelerator.device)
-    loader = _batches(
-        lambda epoch: splits["train"][0].loader(
-            stage.batch_size, 0, accelerator.process_index, accelerator.num_processes, epoch
-        )
-    )
-    times = {"gathered": [], "local": []}
-    for step in range(steps + 2):
-        raw, labels, indices, views, shifts = next(loader)
-        images = augment(raw, views, shifts, 0)
-        for mode in ("gathered", "local"):
-            accelerator.wait_for_everyone()
-            start = time.perf_counter()
-            logits = model(images)
-            targets = objective.targets(images, indices, views)
-            batch = (
-                gather_batch(accelerator, logits, labels, targets) if mode == "gathered" else (logits, labels, targets)
-            )
-            loss, _ = objective.loss(*batch)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step >= 2:
-                times[mode].append(time.perf_counter() - start)
-    gathered, local = (1000 * float(np.median(times[mode])) for mode in ("gathered", "local"))
-    return {
-        "gather_step_ms": round(gathered, 2),
-        "local_step_ms": round(local, 2),
-        "gather_over_local": round(gathered / local, 3),
-    }
-
-
-def _process_worker(result_file: str, cfg_json: str) -> None:
-    """Run by process_scaling under the launcher: time one cached distillation epoch, write img/s from rank 0."""
-    from .config import config_from_dict
-
-    cfg = config_from_dict(json.loads(cfg_json))
-    accelerator = make_accelerator(replace(cfg.trainer, progress=False))
-    data = open_data(replace(cfg.data, shards="none"), accelerator)
-    mean, std = data.mean, data.std
-    splits = subset(data.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
-    splits["val"] = tuple(t[:128] for t in splits["val"])
-    cache = torch.randn(len(splits["train"][1]), 8, 7)  # the cache's cost is a lookup, whatever its values
-    torch.manual_seed(0)
-    student = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
-    objective = Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache)
-    folder = Path(result_file).with_suffix("")  # one folder for every process: they share its checkpoints
-    accelerator.wait_for_everyone()
-    start = time.perf_counter()
-    fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, folder, seed=0, progress_bar=False)
-    seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()  # every process has read the kept weights back
-    torch.manual_seed(0)
-    costs = gather_cost(
-        accelerator,
-        create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
-        Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache),
-        cfg.distill,
-        splits,
-    )
-    if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        Path(result_file).write_text(
-            json.dumps(
-                {
-                    "img_s": round(len(splits["train"][1]) / seconds, 1),
-                    "epoch_s": round(seconds, 2),
-                    "processes": accelerator.num_processes,
-                    "threads": torch.get_num_threads(),
-                    **costs,
-                }
-            )
-        )
 
 
 @torch.inference_mode()
@@ -497,7 +365,3 @@ def format_bench(report: dict) -> str:
     if report.get("run_wall_time_s"):
         lines.append(f"kdist run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    _process_worker(*sys.argv[1:3])
