@@ -78,6 +78,7 @@ class TrainState:
     epoch: int = 0  # the epoch to run next (or to finish, when step_in_epoch > 0)
     step_in_epoch: int = 0  # batches of `epoch` already trained: a stop request saved mid-epoch
     epoch_sums: dict = field(default_factory=dict)  # that epoch's running train sums, and "seen"
+    skipped_steps: int = 0  # fp16: optimizer steps skipped for non-finite gradients
     best_acc: float = -1.0
     best_epoch: int = -1
     history: list = field(default_factory=list)  # one dict of metrics per finished epoch

@@ -8,6 +8,7 @@ applied to the whole batch at once.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zipfile
@@ -159,22 +160,26 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
     return images.flip(3) if view >= 4 else images
 
 
+@functools.cache
+def _view_pixels(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(8, H*W): for each dihedral view, the source pixel (flat index) of every output pixel."""
+    flat = torch.arange(height * width, device=device).view(1, 1, height, width)
+    return torch.stack([dihedral(flat, view).flatten() for view in range(8)])
+
+
 def apply_views(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """Image i of the batch shown in dihedral view views[i] (one rot90/flip per view present)."""
-    if not views.any():
-        return images
-    out = torch.empty_like(images)
-    for view in range(8):
-        mask = views == view
-        if mask.any():
-            out[mask] = dihedral(images[mask], view)
-    return out
+    """Image i of the batch shown in dihedral view views[i]: one gather of pixels, the same values as
+    dihedral(image, view), without a host sync (no data-dependent branch or boolean indexing)."""
+    n, channels, height, width = images.shape
+    sources = _view_pixels(height, width, images.device)[views]  # (N, H*W)
+    moved = images.reshape(n, channels, height * width).gather(2, sources[:, None, :].expand(n, channels, -1))
+    return moved.view(n, channels, height, width)
 
 
 def apply_shifts(images: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
     """Image i of the float batch moved by shifts[i] = (down, right) pixels (each within +-pad), the
     uncovered border filled by reflecting the image (a dermoscopy crop has skin beyond its edge, not black)."""
-    if pad == 0 or not shifts.any():
+    if pad == 0:
         return images
     n, _, height, width = images.shape
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
@@ -324,15 +329,22 @@ def batch_loader(
     epoch: int = 0,
     translate: int = 0,
     accumulation: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """In-memory batches (uint8 images, labels, indices, views, shifts); see EpochBatchSampler."""
+    """In-memory batches (uint8 images, labels, indices, views, shifts); see EpochBatchSampler. `pin_memory`: in
+    page-locked memory, for asynchronous copies to a GPU."""
     sampler = EpochBatchSampler(
         len(labels), batch_size, seed, rank, world_size, shuffle, epoch, translate, accumulation
     )
     # batch_size=None: the sampler already yields whole batches. The loader's own generator keeps
     # iterator creation (which draws a base seed) off the global RNG that dropout uses.
     return DataLoader(
-        IndexedBatches(images, labels), sampler=sampler, batch_size=None, num_workers=0, generator=torch.Generator()
+        IndexedBatches(images, labels),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=0,
+        generator=torch.Generator(),
+        pin_memory=pin_memory,
     )
 
 
@@ -369,9 +381,10 @@ class MemoryImages:
         epoch: int = 0,
         translate: int = 0,
         accumulation: int = 1,
+        pin_memory: bool = False,
     ) -> DataLoader:
         return batch_loader(
-            self.images, self.labels, batch_size, True, seed, rank, world, epoch, translate, accumulation
+            self.images, self.labels, batch_size, True, seed, rank, world, epoch, translate, accumulation, pin_memory
         )
 
 

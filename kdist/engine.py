@@ -20,6 +20,7 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ from .inference import check_views, view_logits
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
+
+SYNC_EVERY = 25  # on GPUs: steps between host syncs (stop requests, non-finite losses)
+MAX_SKIPPED_IN_A_ROW = 50  # fp16: optimizer steps in a row skipped for overflow before the run stops
 
 
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
@@ -69,21 +73,33 @@ def eval_loader(
     )
 
 
+@contextlib.contextmanager
+def float32_forward(model: torch.nn.Module):
+    """`model` computing in float32 for the duration: Accelerate's prepare wraps a model's forward in the launch's
+    autocast (an instance attribute, kept by unwrap_model); without it the class's own forward runs."""
+    patched = model.__dict__.pop("forward", None)
+    try:
+        yield model
+    finally:
+        if patched is not None:
+            model.forward = patched
+
+
 @torch.no_grad()
 def gathered_logits(
     accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, views: str = "one"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) float32 logits and (N,) labels of the whole split, in order, on every process: each process
-    runs its shard, then `gather_for_metrics` joins them without duplicates."""
+    """(N, C) logits, computed in float32, and (N,) labels of the whole split, in order, on every process: each
+    process runs its shard, then `gather_for_metrics` joins them without duplicates."""
     check_views(views)
     model.eval()
     all_logits, all_labels = [], []
-    for batch_images, batch_labels in eval_loader(accelerator, images, labels):
-        with accelerator.autocast():
+    with float32_forward(model):  # whatever the launch's mixed precision: a recorded metric does not depend on it
+        for batch_images, batch_labels in eval_loader(accelerator, images, labels):
             logits = view_logits(model, to_float(batch_images), views).float()
-        logits, batch_labels = accelerator.gather_for_metrics((logits, batch_labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(batch_labels.cpu())
+            logits, batch_labels = accelerator.gather_for_metrics((logits, batch_labels))
+            all_logits.append(logits.cpu())
+            all_labels.append(batch_labels.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
@@ -126,11 +142,14 @@ def fit(
         accelerator.gradient_accumulation_steps,
     )
     train_images, train_labels = splits["train"]  # data.MemoryImages or, streamed, shard_data.ShardImages
+    on_cuda = accelerator.device.type == "cuda"
 
     def epoch_batches(epoch):
         """This process's train batches (uint8 images, labels, positions, views, shifts) of an epoch: its slice
         of every micro-batch of the global order; `stage.batch_size` is the global batch."""
-        return train_images.loader(stage.batch_size, seed, rank, world, epoch, stage.translate, accumulation)
+        return train_images.loader(
+            stage.batch_size, seed, rank, world, epoch, stage.translate, accumulation, pin_memory=on_cuda
+        )
 
     first_epoch = epoch_batches(0)
     if len(first_epoch) == 0:
@@ -193,7 +212,7 @@ def fit(
     with StopWatch() as loop.watch:
         loop.run()
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # a plain float32 model, as saved
     accelerator.free_memory()
     model.load_state_dict(load_file(str(checkpoints / "best.safetensors")))
     model.train_time_s = time.perf_counter() - start
@@ -238,10 +257,13 @@ class TrainLoop:
     def __post_init__(self):
         self.plain = self.accelerator.unwrap_model(self.model)
         self.checkpoints = self.folder / "checkpoints"
+        self.nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self.skipped_in_a_row = 0
 
     def run(self) -> None:
         for epoch in range(self.state.epoch, self.stage.epochs):
             sums = self.train_epoch(epoch)
+            self.stop_if_diverged(f"the end of epoch {epoch}")
             self.end_epoch(epoch, {"epoch": epoch, **self.train_figures(sums), **self.validate()})
 
     def train_epoch(self, epoch: int) -> dict:
@@ -262,8 +284,11 @@ class TrainLoop:
         for step, batch in enumerate(self.epoch_batches(epoch)):
             if step < skip:
                 continue
-            self.step(batch, epoch, step, sums)
-            if self.watch.requested(self.accelerator):  # finish this step, save, stop; --resume goes on after it
+            # On a GPU the host waits for the device only every SYNC_EVERY steps: to see a stop request or a
+            # non-finite loss; on CPUs there is nothing to overlap, so every step.
+            check = self.accelerator.device.type == "cpu" or step % SYNC_EVERY == 0
+            self.step(batch, epoch, step, sums, check)
+            if check and self.watch.requested(self.accelerator):  # finish this step, save, stop; --resume goes on
                 self.state.step_in_epoch = step + 1
                 self.state.epoch_sums = {key: value.item() for key, value in sums.items()}
                 save_last(self.accelerator, self.checkpoints, self.state, self.ema)
@@ -272,11 +297,12 @@ class TrainLoop:
                 )
         return sums
 
-    def step(self, batch, epoch: int, step: int, sums: dict) -> None:
-        """One (micro-)batch: augment, mix, forward, the loss on the gathered batch, backward, optimizer."""
+    def step(self, batch, epoch: int, step: int, sums: dict, check: bool = True) -> None:
+        """One (micro-)batch: augment, mix, forward, the loss on the gathered batch, backward, optimizer. `check`:
+        look at the losses' finiteness now (a host sync)."""
         accelerator, stage = self.accelerator, self.stage
         with record_function("kdist/augment"):
-            raw, labels, indices, views, shifts = (t.to(accelerator.device) for t in batch)
+            raw, labels, indices, views, shifts = (t.to(accelerator.device, non_blocking=True) for t in batch)
             images, mix = augment(raw, views, shifts, stage.translate), None
         if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, for teacher and student
             whole = images
@@ -297,12 +323,10 @@ class TrainLoop:
                 targets = self.objective.targets(images, indices, views)
             with record_function("kdist/loss"):
                 loss, parts = self.objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
-            if not torch.isfinite(loss):
-                # Stop at once: the checkpoint on disk is from the last good epoch and stays as it is.
-                raise KdistError(
-                    f"training diverged: non-finite loss at epoch {epoch}, step {step}; the last good "
-                    f"checkpoint is kept in {self.checkpoints / 'last'}; lower the learning rate"
-                )
+            if accelerator.scaler is None:  # fp16's scaler skips a non-finite step itself (count_skipped)
+                self.nonfinite_losses += ~torch.isfinite(loss.detach())
+                if check:
+                    self.stop_if_diverged(f"epoch {epoch}, step {step}")
             with record_function("kdist/backward"):
                 accelerator.backward(loss)
             with record_function("kdist/optimizer"):
@@ -310,7 +334,11 @@ class TrainLoop:
                     accelerator.clip_grad_norm_(self.model.parameters(), stage.gradient_clip)
                 self.optimizer.step()
                 if accelerator.sync_gradients:
-                    self.scheduler.step()
+                    skipped = accelerator.scaler is not None and accelerator.optimizer_step_was_skipped
+                    if accelerator.scaler is not None:
+                        self.count_skipped(skipped, epoch, step)
+                    if not skipped:  # the schedule counts the optimizer steps taken
+                        self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and accelerator.sync_gradients:
             self.ema.update_parameters(self.plain)
@@ -321,11 +349,37 @@ class TrainLoop:
         for key, value in parts.items():
             sums[key] = sums.get(key, torch.zeros((), device=accelerator.device)) + value * n
 
+    def stop_if_diverged(self, where: str) -> None:
+        """Stop at the first look after a non-finite loss: the checkpoint on disk is from the last good epoch and
+        stays as it is."""
+        if self.nonfinite_losses.item():
+            raise KdistError(
+                f"training diverged: non-finite loss by {where}; the last good checkpoint is "
+                f"kept in {self.checkpoints / 'last'}; lower the learning rate"
+            )
+
+    def count_skipped(self, skipped: bool, epoch: int, step: int) -> None:
+        """fp16: GradScaler skips a step whose gradients overflow and lowers its scale; a run stops only when
+        MAX_SKIPPED_IN_A_ROW steps in a row are skipped (the scale would then be far below any useful value)."""
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise KdistError(
+                f"training diverged under fp16: {self.skipped_in_a_row} optimizer steps in a row skipped for "
+                f"non-finite gradients, by epoch {epoch}, step {step}; the last good checkpoint is kept in "
+                f"{self.checkpoints / 'last'}; lower the learning rate or use --mixed-precision bf16"
+            )
+
     def train_figures(self, sums: dict) -> dict:
         """Train loss, accuracy and loss parts over every process's samples, and the learning rate."""
         totals = dict(zip(sums, self.accelerator.reduce(torch.stack(list(sums.values())), "sum").tolist()))
         seen = totals.pop("seen")
         row = {"train/acc" if key == "correct" else f"train/{key}": value / seen for key, value in totals.items()}
+        if self.accelerator.scaler is not None:  # fp16: overflow steps skipped so far
+            row["train/skipped_steps"] = self.state.skipped_steps
         return {**row, "lr": self.scheduler.get_last_lr()[0]}
 
     def judged(self) -> torch.nn.Module:

@@ -113,7 +113,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         conv, norm = module._modules[first], module._modules[second]
         if (
             isinstance(conv, nn.Conv2d)
-            and isinstance(norm, nn.BatchNorm2d)
+            and isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))  # SyncBatchNorm: a teacher trained on GPUs
             and not norm.training
             and norm.track_running_stats
         ):

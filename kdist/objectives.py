@@ -4,8 +4,9 @@ on which the loss is computed (gather_batch)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,7 @@ from .cache import logits_for_all_views
 from .config import KDConfig, StageConfig
 from .losses import distillation_terms, mix_terms
 from .models import frozen_copy
-from .processes import warn_if_bf16_is_emulated
+from .processes import cpu_has_bf16, warn_if_bf16_is_emulated
 
 
 @functools.cache
@@ -79,41 +80,34 @@ class Distillation(Supervised):
         teacher=None,
         teacher_logits_cache=None,
         class_weights=None,
-        autocast=None,
+        mixed_precision: str = "no",
     ):
         super().__init__(stage, class_weights)
         if (teacher is None) == (teacher_logits_cache is None):
             raise ValueError("give exactly one of teacher and teacher_logits_cache")
         self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
+        self.mixed_precision = mixed_precision  # the student's; the teacher's dtype follows from it in to()
+        self.teacher_dtype = torch.float32
         self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
         self.teacher_pool, self.teacher_threads = None, 1  # on CPUs: one thread per core, see to()
-        self.autocast = (
-            autocast or contextlib.nullcontext
-        )  # the teacher's: the student's (accelerator.autocast), or bf16's (to())
         if teacher is not None:
-            self.teacher = frozen_copy(teacher)  # BatchNorms folded into the convolutions: the same logits, faster
+            self.teacher = self.eager_teacher = frozen_copy(teacher)  # BatchNorms folded: the same logits, faster
             if kd.compile_teacher:  # compiled lazily, on the first batch, on the device the teacher is then on
                 self.teacher = torch.compile(self.teacher, options={"freezing": True})
 
     def to(self, device):
         super().to(device)
+        device = torch.device(device)
         if self.teacher is not None:
-            self.teacher.to(device)
+            # The frozen teacher is cast once to the dtype it runs in, not by autocast on every forward.
+            self.teacher_dtype = teacher_dtype(self.kd.teacher_precision, self.mixed_precision, device)
+            self.teacher.to(device=device, dtype=self.teacher_dtype)
             threads = torch.get_num_threads()
-            if (
-                torch.device(device).type == "cpu"
-                and threads > 1
-                and not self.kd.compile_teacher
-                and not self.teacher_pool
-            ):
+            if device.type == "cpu" and threads > 1 and not self.kd.compile_teacher and not self.teacher_pool:
                 # On CPUs the frozen teacher runs as one chunk of the batch per core, each on its own thread with
                 # one intra-op thread: 1.2-1.3x faster than one forward on every core (EfficientNet-B0, 2 cores,
                 # benchmarks/teacher_forward.py), the same logits (eval mode: each sample's are its own).
                 self.teacher_pool, self.teacher_threads = single_thread_pool(threads), threads
-            if self.kd.teacher_precision == "bf16":
-                if torch.device(device).type == "cpu":
-                    warn_if_bf16_is_emulated("bf16")
-                self.autocast = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
         if self.cache is not None:
             self.cache = self.cache.to(device)
         return self
@@ -129,12 +123,31 @@ class Distillation(Supervised):
             return torch.cat(list(self.teacher_pool.map(self.teacher_forward, chunks)))
 
     def teacher_forward(self, images) -> torch.Tensor:
-        """The frozen teacher's float32 logits for `images` (inference mode and autocast are per thread: set here)."""
-        with torch.inference_mode(), self.autocast():
-            if self.kd.teacher_views == "mean":
-                # The 8 views of a view are the 8 views of the original image (a group), so nothing to undo.
-                return logits_for_all_views(self.teacher, images).mean(dim=1).float()
-            return self.teacher(images).float()
+        """The frozen teacher's float32 logits for `images` (inference mode is per thread: set here). A teacher
+        that fails to compile (no C toolchain on the node, a compiler bug) runs eagerly instead, said in one line."""
+        with torch.inference_mode():
+            images = images.to(self.teacher_dtype)
+            try:
+                logits = self.run_teacher(images)
+            except Exception as exc:
+                if self.teacher is self.eager_teacher:
+                    raise
+                reason = (str(exc).strip().splitlines() or [""])[0][:160]
+                print(
+                    f"kdist: rank {os.environ.get('RANK', '0')}: compiling the teacher failed ({type(exc).__name__}: "
+                    f"{reason}); it runs eagerly",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.teacher = self.eager_teacher
+                logits = self.run_teacher(images)
+            return logits.float()
+
+    def run_teacher(self, images) -> torch.Tensor:
+        if self.kd.teacher_views == "mean":
+            # The 8 views of a view are the 8 views of the original image (a group), so nothing to undo.
+            return logits_for_all_views(self.teacher, images).mean(dim=1)
+        return self.teacher(images)
 
     def targets(self, images, indices, views) -> torch.Tensor:
         return self.teacher_logits(images, indices, views)
@@ -154,6 +167,20 @@ class Distillation(Supervised):
         alpha = kd.alpha if mix is None or kd.mixed_ce else 1.0
         loss = mix_terms(kd_term, ce_term, alpha)
         return loss, {"kd": kd_term.detach(), "ce": ce_term.detach()}
+
+
+def teacher_dtype(teacher_precision: str, student_precision: str, device: torch.device) -> torch.dtype:
+    """What the frozen teacher computes in: bfloat16 for kd.teacher_precision bf16 or a bf16 student; never
+    float16, whose range overflows without a loss scaler: under an fp16 student, bfloat16 where the device
+    computes it, else float32."""
+    if teacher_precision == "bf16" or student_precision == "bf16":
+        if device.type == "cpu":
+            warn_if_bf16_is_emulated("bf16")
+        return torch.bfloat16
+    if student_precision == "fp16":
+        hardware = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+        return torch.bfloat16 if hardware else torch.float32
+    return torch.float32
 
 
 def gather_batch(accelerator: Accelerator, logits: torch.Tensor, *others):

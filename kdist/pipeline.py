@@ -179,12 +179,24 @@ class Study:
         """Under DDP every process runs the same command; only the main process writes files."""
         return self.accelerator.is_main_process
 
-    @property
-    def teacher_mode(self) -> str:
-        """online or cached: `auto` runs the teacher online on GPUs and uses the exact cache on CPUs."""
+    def teacher_mode(self, teacher_size: int) -> str:
+        """online or cached. `auto` takes the path that works and is fast: online on GPUs and for mixed batches
+        (the teacher must see them), the exact cache on CPUs and for a teacher trained on another data size
+        (online, it would see the student's images)."""
         mode, distill = self.cfg.kd.teacher_mode, self.cfg.distill
-        mixed = bool(distill.mixup_alpha or distill.cutmix_alpha)  # the teacher must see the mixed batch
-        return mode if mode != "auto" else ("online" if self.device.type == "cuda" or mixed else "cached")
+        if mode != "auto":
+            return mode
+        if teacher_size != self.cfg.data.size:
+            chosen = "cached"
+            why = f"the teacher was trained on {teacher_size} px images, the data is {self.cfg.data.size} px"
+        elif distill.mixup_alpha or distill.cutmix_alpha:
+            chosen, why = "online", "the teacher must see the mixed batches"
+        elif self.device.type == "cuda":
+            chosen, why = "online", "on GPUs"
+        else:
+            chosen, why = "cached", "on CPUs"
+        self.accelerator.print(f"kdist: kd.teacher_mode auto: {chosen} ({why})")
+        return chosen
 
     def seed(self) -> None:
         """Every stage starts from the same seed, so a stage run alone equals the same stage inside `run`."""
@@ -319,10 +331,10 @@ def teacher_stage(study: Study) -> DermClassifier:
 
 def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
-    kd, mode = study.cfg.kd, study.teacher_mode
     # A teacher loaded from a file sees the train images at the size it was trained on (e.g. the 64 px file
     # teaching a 28 px student); the student only ever sees its own data.
     teacher_size = study.size_for(teacher)
+    kd, mode = study.cfg.kd, study.teacher_mode(teacher_size)
     if mode == "cached" and (study.cfg.distill.mixup_alpha or study.cfg.distill.cutmix_alpha):
         raise KdistError(
             "distill.mixup_alpha/cutmix_alpha need kd.teacher_mode online (or auto): the teacher must see the mixed "
@@ -347,7 +359,11 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
         objective = Distillation(study.cfg.distill, kd, teacher_logits_cache=logits, class_weights=weights)
     else:  # the frozen teacher beside the student on every process, fed the same augmented batch
         objective = Distillation(
-            study.cfg.distill, kd, teacher=teacher, class_weights=weights, autocast=study.accelerator.autocast
+            study.cfg.distill,
+            kd,
+            teacher=teacher,
+            class_weights=weights,
+            mixed_precision=study.accelerator.mixed_precision,
         )
     objective.val_teacher_logits = val_teacher_logits
     study.seed()

@@ -323,6 +323,7 @@ class ShardImages:
         epoch: int = 0,
         translate: int = 0,
         accumulation: int = 1,
+        pin_memory: bool = False,
     ) -> "AugmentDraws":
         """An epoch of (uint8 images, labels, positions, views, shifts) batches for process `rank`, like
         data.batch_loader's; positions index the kept images (the teacher cache's rows)."""
@@ -341,7 +342,13 @@ class ShardImages:
             url_template=self.url_template,
             manifest=self.manifest,
         )
-        loader = DataLoader(batches, batch_size=None, num_workers=batches.num_workers, generator=torch.Generator())
+        loader = DataLoader(
+            batches,
+            batch_size=None,
+            num_workers=batches.num_workers,
+            generator=torch.Generator(),
+            pin_memory=pin_memory,
+        )
         return AugmentDraws(
             loader, len(batches), self.keep, self.manifest["splits"][self.split]["count"], seed, epoch, translate
         )

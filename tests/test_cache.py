@@ -110,7 +110,7 @@ def test_compiled_online_teacher_gives_the_eager_teachers_logits():
 
 
 def test_online_teacher_in_bf16_alone_keeps_the_student_in_float32():
-    """kd.teacher_precision bf16: the teacher's forward in bfloat16 autocast (logits near float32's), while the
+    """kd.teacher_precision bf16: the teacher's forward in bfloat16 (logits near float32's), while the
     student's logits and loss stay float32."""
     torch.manual_seed(0)
     teacher = create_model("teacher", input_size=64).eval()
@@ -129,7 +129,7 @@ def test_online_teacher_in_bf16_alone_keeps_the_student_in_float32():
 @pytest.mark.parametrize("teacher_views", ["one", "mean"])
 def test_online_teacher_split_across_cpu_threads_gives_one_forwards_logits(teacher_views):
     """On a CPU with several intra-op threads the online teacher runs one chunk of the batch per thread (each with
-    one intra-op thread): the logits of one forward, in float32 and in bf16 autocast (set inside each thread)."""
+    one intra-op thread): the logits of one forward, in float32 and in bf16 (the teacher cast once)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -138,9 +138,10 @@ def test_online_teacher_split_across_cpu_threads_gives_one_forwards_logits(teach
         shown, indices, views = to_float(images), torch.arange(10), torch.zeros(10, dtype=torch.long)
         for precision in ("same", "bf16"):
             kd = KDConfig(teacher_views=teacher_views, teacher_precision=precision)
-            whole = Distillation(StageConfig(), kd, teacher=teacher)
-            if precision == "bf16":
-                whole.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+            whole = Distillation(StageConfig(), kd, teacher=teacher)  # not moved: no pool, float32 ...
+            if precision == "bf16":  # ... or cast to bf16 by hand
+                whole.teacher_dtype = torch.bfloat16
+                whole.teacher.to(torch.bfloat16)
             with warnings.catch_warnings():  # bf16 emulated on CPUs without bf16 units: warned, still correct
                 warnings.simplefilter("ignore")
                 split = Distillation(StageConfig(), kd, teacher=teacher).to("cpu")

@@ -58,7 +58,7 @@ def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
     )
     stage = StageConfig(epochs=1, batch_size=16, mixup_alpha=0.4, cutmix_alpha=1.0)
     accelerator = make_accelerator(TrainerConfig(progress=False))
-    objective = Distillation(stage, KDConfig(), teacher=teacher, autocast=accelerator.autocast)
+    objective = Distillation(stage, KDConfig(), teacher=teacher, mixed_precision=accelerator.mixed_precision)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one teacher call per batch (with more threads, one per chunk: test_cache.py)
     try:
