@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast
+from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,6 +46,7 @@ from .inference import check_views, view_logits
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
+from .ranks import broadcast_choice
 
 SYNC_EVERY = 25  # on GPUs: steps between host syncs (stop requests, non-finite losses)
 MAX_SKIPPED_IN_A_ROW = 50  # fp16: optimizer steps in a row skipped for overflow before the run stops
@@ -183,10 +187,16 @@ def fit(
             plain, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage.ema_decay), use_buffers=True
         )
     state = TrainState()
-    last = last_checkpoint(checkpoints) if resume else None
+    # Rank 0 chooses the checkpoint and reads its progress: a filesystem's cache never splits the ranks.
+    chosen = None
+    if resume and accelerator.is_main_process:
+        last = last_checkpoint(checkpoints)
+        chosen = (last, (last / "progress.json").read_text()) if last is not None else None
+    last, progress = (broadcast_choice(chosen) if resume else None) or (None, None)
     if last is not None:
         accelerator.load_state(str(last))
-        state = TrainState.from_json((last / "progress.json").read_text())
+        restore_random_state(accelerator, last)
+        state = TrainState.from_json(progress)
         if ema is not None:
             ema.load_state_dict(load_file(str(last / "ema.safetensors")))
         accelerator.print(f"resumed {folder.name} at epoch {state.epoch} from {last}")
@@ -214,9 +224,36 @@ def fit(
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # a plain float32 model, as saved
     accelerator.free_memory()
-    model.load_state_dict(load_file(str(checkpoints / "best.safetensors")))
+    # The kept weights as rank 0 wrote them, sent to every rank (no rank reads a file another node wrote).
+    own = model.state_dict()  # the same keys, in the same order, on every rank
+    best = load_file(str(checkpoints / "best.safetensors")) if accelerator.is_main_process else own
+    model.load_state_dict({key: broadcast(best[key].to(accelerator.device)).cpu() for key in own})
     model.train_time_s = time.perf_counter() - start
     return model.cpu().eval()
+
+
+def restore_random_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    """A checkpoint saved by fewer processes has no random state for the new ranks (Accelerate then keeps theirs,
+    silently): they take rank 0's, which is every rank's (each draws the global batch's dropout masks from the
+    same seed), and the main process says so in one line."""
+    saved = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved != accelerator.num_processes:
+        accelerator.print(
+            f"kdist: {checkpoint} was saved by {saved} process(es), resumed on {accelerator.num_processes}: "
+            + (
+                "ranks without a random state of their own take rank 0's"
+                if saved < accelerator.num_processes
+                else "the random states of ranks that no longer exist are not needed"
+            )
+        )
+    if accelerator.process_index < saved:
+        return
+    states = accelerate_load(checkpoint / "random_states_0.pkl")  # weights_only: no arbitrary unpickling
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if accelerator.device.type == "cuda" and states.get("torch_cuda_manual_seed"):
+        torch.cuda.set_rng_state(states["torch_cuda_manual_seed"][0])
 
 
 def audited(epoch_batches, folder: Path, name: str, rank: int):

@@ -252,10 +252,9 @@ def invoke(command: click.Command, argv=None, prog_name: str = "kdist") -> int:
     except click.Abort:
         return 130
     except KdistError as exc:
-        import os
+        from .ranks import report_error
 
-        if os.environ.get("RANK", "0") == "0":  # every process of a launch meets the same bad input: one line
-            print(f"kdist: error: {exc}", file=sys.stderr, flush=True)
+        report_error(str(exc))  # once per launch, and the other ranks end
         return 2
     except StopRequested as exc:
         print(f"kdist: {exc}; continue with --resume", file=sys.stderr, flush=True)
@@ -263,6 +262,11 @@ def invoke(command: click.Command, argv=None, prog_name: str = "kdist") -> int:
     except KeyboardInterrupt:
         print("kdist: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: its traceback follows, and the other ranks must not wait for this one
+        from .ranks import report_error
+
+        report_error(f"{type(exc).__name__}: {exc} (a bug in kdist; its traceback follows)")
+        raise
     return result if isinstance(result, int) else 0
 
 

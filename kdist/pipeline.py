@@ -11,7 +11,6 @@ A run folder holds everything a stage produced:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -32,12 +31,13 @@ from .cache import teacher_cache
 from .config import Config
 from .data import class_weights, subset
 from .engine import fit, gathered_logits, split_probs
-from .files import atomic_output, atomic_write_text
+from .files import atomic_output, atomic_write_text, locked
 from .inference import predict_probs
 from .metrics import classification_metrics, majority_baseline
 from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
 from .objectives import Distillation, Supervised
 from .processes import describe_batch, make_accelerator, per_process_batch
+from .ranks import check_shared_folder, main_first
 from .study_data import open_data
 from .tracking import log_results, stage_run
 
@@ -77,6 +77,7 @@ class Study:
         splits = subset(data.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
+        check_shared_folder(out, accelerator.is_main_process)  # before any stage's work is spent
         study = cls(
             cfg, out, accelerator, splits, data.mean, data.std, resume, eval_splits, shard_folder=data.shard_folder
         )
@@ -289,8 +290,7 @@ def record_result(study: Study, name: str, entry: dict) -> None:
     """Add `name`'s entry to results.json. Locked: separate jobs of one study (slurm/study.sh runs the student
     and the distilled student side by side) write into the same file."""
     path = study.out / "results.json"
-    with open(study.out / ".results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(study.out / ".results.lock"):
         results = json.loads(path.read_text()) if path.exists() else {}
         train_labels = study.splits["train"][1].numpy()
         results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
@@ -352,7 +352,7 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     val_teacher_logits, _ = gathered_logits(study.accelerator, teacher, *study.split_at("val", teacher_size))
     if mode == "cached":
         # The main process computes and writes the cache; the others then read the same file.
-        with study.accelerator.main_process_first():
+        with main_first("teacher cache", study.is_main):
             # every train image once, in order (read whole from streamed shards)
             logits = teacher_cache(teacher, images.load(), labels, study.cache_dir or study.out / "cache")
         teacher.cpu()

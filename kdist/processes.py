@@ -16,6 +16,7 @@ from accelerate.utils.environment import str_to_bool
 
 from . import KdistError
 from .config import TrainerConfig
+from .ranks import watch_for_errors
 
 
 def cpu_has_bf16() -> bool:
@@ -69,6 +70,7 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
         # A hung collective fails in minutes, not Accelerate's default 30.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))],
     )
+    watch_for_errors()  # any rank's error ends every rank within seconds (ranks.py)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch and image shapes: cuDNN's fastest kernels, chosen once
     if accelerator.device.type == "cpu":

@@ -24,6 +24,7 @@ from .data import (
     npz_name,
     resolve_root,
 )
+from .ranks import main_first
 from .shard_data import (
     MANIFEST,
     ShardImages,
@@ -89,7 +90,7 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
     """A study's splits from shards (data.shards: a folder, or `auto`): val/test in memory; train in memory
     where it fits data.memory_mb, else as ShardImages (streamed); the normalisation from the train images in
     memory, else from the manifest. The main process writes (auto) and checks the shards first."""
-    with accelerator.main_process_first():
+    with main_first("shards", accelerator.is_main_process):
         folder, manifest = locate_shards(data, check=accelerator.is_main_process)
     if len(manifest["classes"]) != NUM_CLASSES:
         raise KdistError(
@@ -149,11 +150,11 @@ def open_data(data, accelerator, names: tuple = ("train", "val", "test")) -> Dat
         if "train" in names:
             splits, mean, std, folder = open_shard_splits(data, accelerator)
             return DataInfo({name: splits[name] for name in names}, mean, std, folder)
-        with accelerator.main_process_first():
+        with main_first("shards", accelerator.is_main_process):
             folder, manifest = locate_shards(data, check=accelerator.is_main_process)
         splits = {name: evaluation_samples(folder, name, data.size, data.shard_url, manifest) for name in names}
         return DataInfo(splits, None, None, folder)
-    with accelerator.main_process_first():  # a download, if any, happens once
+    with main_first("data file", accelerator.is_main_process):  # a download, if any, happens once
         full = load_dermamnist(data.root, data.size, data.download)
     mean, std = channel_stats(full["train"][0]) if "train" in names else (None, None)
     if "train" in names:

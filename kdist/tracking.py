@@ -27,6 +27,7 @@ import numpy as np
 from accelerate.tracking import GeneralTracker, on_main_process
 
 from .data import CLASS_NAMES
+from .ranks import patient_barrier
 
 TRACKERS = ("csv", "none", "wandb", "jsonl")
 
@@ -190,8 +191,9 @@ def stage_run(study, name: str):
     finally:
         if accelerator.is_main_process:
             for run in accelerator.trackers:
-                run.finish()
+                run.finish()  # the upload: as long as the network takes, so the others wait patiently
         accelerator.trackers = []
+    patient_barrier("tracker finished")  # (not after an error: that rank ends the launch instead)
 
 
 def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teacher_sample_probs=None) -> None:

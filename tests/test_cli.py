@@ -267,7 +267,7 @@ def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsy
     ]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert re.search(r"non-finite loss at epoch \d+, step \d+", err) and err.count("\n") == 1
+    assert re.search(r"non-finite loss by epoch \d+, step \d+", err) and err.count("\n") == 1
     assert not (out / "student.safetensors").exists() and not (out / "results.json").exists()
 
 
