@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,7 +27,6 @@ import torch
 from . import KdistError
 
 ERROR_KEY = "kdist/error"
-PATIENCE = timedelta(days=2)  # as long as a job may run: the work waited for has its own limits, or fails
 
 
 def _store():
@@ -92,7 +90,9 @@ def patient_barrier(name: str) -> None:
     key = f"kdist/barrier/{_barriers['count']}/{name}"
     if store.add(key, 1) == torch.distributed.get_world_size():
         store.set(key + "/open", b"1")
-    store.wait([key + "/open"], PATIENCE)
+    # Polled, not store.wait: a waiting call would hold the store's connection, which the watchdog shares.
+    while not store.check([key + "/open"]):
+        time.sleep(0.05)
 
 
 @contextmanager
