@@ -2,6 +2,9 @@
 # slurm/ tests where apt is usable as root: the tests start their own one-node cluster);
 # `make test` runs ruff (pyproject.toml) and the test suite. The README and .ci/run call exactly these two.
 PY ?= python3.11
+# PyPI's torch 2.14.1 is built for CUDA 13.0 (NVIDIA driver >= 580). For an older driver take the pair from one of
+# PyTorch's indexes, e.g. `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126` (driver >= 525).
+TORCH_INDEX ?=
 VENV = .venv
 BIN = $(VENV)/bin
 
@@ -9,12 +12,13 @@ BIN = $(VENV)/bin
 setup:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q chromium >/dev/null 2>&1; } || echo "note: chromium not installed; browser tests will skip"
 	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client >/dev/null 2>&1; } || echo "note: Slurm not installed; Slurm tests will skip"
+	@$(BIN)/python -c "import torch; print(f'torch {torch.__version__}, built for CUDA {torch.version.cuda}; CUDA device seen: {torch.cuda.is_available()}')" 2>/dev/null
 
 test:
 	$(BIN)/ruff check .

@@ -290,6 +290,10 @@ def run_bench(
             steps=max(2, min(steps, 20)),
         ),
     }
+    if torch.cuda.is_available() and not cfg.trainer.cpu:  # the GPU's own figures; the rows above are the CPU's
+        from .bench_cuda import cuda_figures
+
+        report["cuda"] = cuda_figures(cfg, mean, std, cfg.data.size, steps)
     if processes:
         report["processes"] = process_scaling(cfg, out)
     if results_json and results_json.exists():
@@ -302,7 +306,7 @@ def run_bench(
 def format_bench(report: dict) -> str:
     t, e, o = report["throughput"], report["epochs"], report["online_step"]
     lines = [
-        "student training throughput (images/s)",
+        "student training throughput on the CPU (images/s)",
         f"  synthetic tensors   {t['synthetic_img_s']:10.1f}",
         f"  kdist data path    {t['data_path_img_s']:10.1f}   ratio {t['data_path_over_synthetic']:.3f}",
         *(
@@ -362,6 +366,10 @@ def format_bench(report: dict) -> str:
             f"  gathered {p['gather_step_ms']:8.2f}   local {p['local_step_ms']:8.2f}   ratio "
             f"{p['gather_over_local']:.3f}",
         ]
+    if report.get("cuda"):
+        from .bench_cuda import format_cuda
+
+        lines += format_cuda(report["cuda"])
     if report.get("run_wall_time_s"):
         lines.append(f"kdist run wall time  {report['run_wall_time_s'] / 60:.1f} min  ({report['run_results']})")
     return "\n".join(lines)

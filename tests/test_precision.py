@@ -153,3 +153,19 @@ def test_a_teacher_that_fails_to_compile_runs_eagerly(capfd, monkeypatch):
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "compiling the teacher failed (RuntimeError: InductorError" in err
     assert "runs eagerly" in err and compiled.teacher is compiled.eager_teacher
+
+
+def test_the_gpu_bench_figures_are_computed_and_named(monkeypatch):
+    """kdist bench's CUDA section, run here on the CPU (the function takes the device): every figure is there,
+    and the peak comes from the named device's data sheet (the PCIe H100 before the SXM one)."""
+    from kdist.bench_cuda import cuda_figures, format_cuda, peak_tflops
+    from kdist.config import QUICK, load_config
+
+    cfg = load_config(None, [QUICK, {"distill": {"batch_size": 8}}])
+    figures = cuda_figures(cfg, [0.5] * 3, [0.25] * 3, 28, steps=1, device=torch.device("cpu"))
+    for precision in ("fp32", "bf16"):
+        row = figures[precision]
+        assert row["student_step_flops_per_image"] > 1e6 and row["online_step_img_s"] > 0
+        assert row["peak_tflops"] is None and row["student_step_fraction_of_peak"] is None
+    assert len(format_cuda(figures)) == 3
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4 and peak_tflops("NVIDIA H100 PCIe", "fp32") == 51.2
