@@ -202,21 +202,24 @@ def mix_batch(
     rng: np.random.Generator,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
-    batch: torch.Tensor | None = None,
+    global_size: int | None = None,
     offset: int = 0,
+    partners_at=None,
 ):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a float batch with a shuffled copy of itself:
     (mixed images, (lam, perm)), where image i is lam parts of images[i] and 1 - lam parts of images[perm[i]].
     With both alphas set, each batch is one or the other at even odds (as timm does). Drawn from `rng`, so
     a run (and a resumed run) repeats its mixing. Applied once per batch, before teacher and student.
-    Under several processes `images` are rows offset..offset + len(images) of the global `batch`: perm is drawn
-    over the global batch and partners come from it, so the mixing does not depend on the process count."""
-    batch = images if batch is None else batch
+    Under several processes `images` are rows offset..offset + len(images) of a global batch of `global_size`:
+    perm is drawn over the global batch and `partners_at(positions)` gives those rows of it (as the model sees
+    them), so the mixing does not depend on the process count."""
+    global_size = global_size or len(images)
+    partners_at = partners_at or (lambda positions: images[positions])
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(batch))).to(images.device)
-    partners = batch[perm[offset : offset + len(images)]]
+    perm = torch.from_numpy(rng.permutation(global_size)).to(images.device)
+    partners = partners_at(perm[offset : offset + len(images)])
     if not use_cutmix:
         return lam * images + (1 - lam) * partners, (lam, perm)
     height, width = images.shape[-2:]

@@ -342,16 +342,25 @@ class TrainLoop:
             raw, labels, indices, views, shifts = (t.to(accelerator.device, non_blocking=True) for t in batch)
             images, mix = augment(raw, views, shifts, stage.translate), None
         if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, for teacher and student
-            whole = images
+            partners_at = None
             if accelerator.num_processes > 1:
-                whole = accelerator.gather(images.contiguous()).contiguous(memory_format=torch.channels_last)
+                # The global batch's uint8 images, views and shifts (a quarter of its float bytes); only the partner
+                # rows this process needs are augmented.
+                whole_raw, whole_views, whole_shifts = accelerator.gather((raw.contiguous(), views, shifts))
+
+                def partners_at(positions):
+                    return augment(
+                        whole_raw[positions], whole_views[positions], whole_shifts[positions], stage.translate
+                    )
+
             images, mix = mix_batch(
                 images,
                 np.random.default_rng(derive_seed(self.seed, epoch, step)),
                 stage.mixup_alpha,
                 stage.cutmix_alpha,
-                batch=whole,
+                global_size=len(images) * accelerator.num_processes,
                 offset=accelerator.process_index * len(images),
+                partners_at=partners_at,
             )
         with accelerator.accumulate(self.model):
             with record_function("kdist/student_forward"), accelerator.autocast():

@@ -59,6 +59,20 @@ def real_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _cpu_unless_gpu_test(request, monkeypatch):
+    """On a machine with GPUs the suite's exact (bit-for-bit, 1-vs-N process) tests still run on the CPU, on
+    purpose: every GPU is hidden from kdist and its subprocesses (CUDA_VISIBLE_DEVICES=-1, launch/cpu.yaml's
+    way), except in tests marked `gpu`, which run on the GPU and skip elsewhere."""
+    if request.node.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device (a `gpu` test)")
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+
+
+@pytest.fixture(autouse=True)
 def _no_downloads(monkeypatch, tmp_path_factory):
     # Tests never reach the network: a missing file fails at once with kdist's message.
     monkeypatch.setenv("KDIST_NO_DOWNLOAD", "1")

@@ -85,3 +85,24 @@ def test_mixup_with_the_cached_teacher_is_refused():
             torch.tensor([0, 0]),
             mix=(0.5, torch.tensor([1, 0])),
         )
+
+
+def test_two_processes_mix_as_one_does(tmp_path, synthetic_root):
+    """Mixup and CutMix draw partners over the global batch: under 2 processes each process gathers the batch's
+    uint8 images and builds the partners it needs, and trains the weights of one process to float rounding."""
+    import subprocess
+    import sys
+
+    from launching import kdist_env, launch
+    from test_world_size import relative_l2
+
+    args = ["-m", "kdist.train", "student", "--quick", "--no-progress", "--val-only", "--shards", "none",
+            "--set", "data.train_subset=256", "--set", "data.val_subset=64", "--set", "student.epochs=1",
+            "--set", "student.mixup_alpha=0.4", "--set", "student.cutmix_alpha=1.0"]  # fmt: skip
+    env = kdist_env(synthetic_root, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--out", tmp_path / "one"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(launch("--num_processes", 2, *args, "--out", tmp_path / "two"), env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert relative_l2(tmp_path / "one" / "student.safetensors", tmp_path / "two" / "student.safetensors") < 1e-4

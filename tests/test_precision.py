@@ -169,3 +169,23 @@ def test_the_gpu_bench_figures_are_computed_and_named(monkeypatch):
         assert row["peak_tflops"] is None and row["student_step_fraction_of_peak"] is None
     assert len(format_cuda(figures)) == 3
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4 and peak_tflops("NVIDIA H100 PCIe", "fp32") == 51.2
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_skips_overflow_steps_with_accelerates_scaler(tmp_path):
+    stage = StageConfig(epochs=1, batch_size=16, schedule="cosine", lr=1e-3)
+    accelerator = make_accelerator(TrainerConfig(mixed_precision="fp16", progress=False))
+    assert accelerator.device.type == "cuda" and accelerator.scaler is not None
+    fit(accelerator, create_model("student"), Overflowing(stage, {2}), stage, small_splits(), tmp_path / "s", seed=0,
+        progress_bar=False)  # fmt: skip
+    row = next(csv.DictReader(open(tmp_path / "s" / "metrics.csv")))
+    assert float(row["train/skipped_steps"]) >= 1  # the NaN step, and any the scaler's first scale overflowed
+
+
+@pytest.mark.gpu
+def test_the_gpu_bench_on_cuda():
+    from kdist.bench_cuda import cuda_figures
+    from kdist.config import QUICK, load_config
+
+    figures = cuda_figures(load_config(None, [QUICK]), [0.5] * 3, [0.25] * 3, 28, steps=5)
+    assert figures["bf16"]["student_step_img_s"] > 0 and figures["device"] == torch.cuda.get_device_name()

@@ -110,7 +110,8 @@ def test_a_gpu_launch_without_cuda_stops_with_one_line(tmp_path, synthetic_root)
         [*head, "-m", "kdist.train", "student", "--quick", "--data-root", synthetic_root, "--out", tmp_path / "r"],
         capture_output=True,
         text=True,
-        env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"},
+        # no GPU visible (as on a node whose driver is broken), without asking for the CPU
+        env={**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "CUDA_VISIBLE_DEVICES": ""},
     )
     # kdist exits 2 with one line; Accelerate's launcher reports that status and exits 1 itself
     assert done.returncode != 0 and "returned non-zero exit status 2" in done.stderr
