@@ -226,8 +226,12 @@ def fit(
     accelerator.free_memory()
     # The kept weights as rank 0 wrote them, sent to every rank (no rank reads a file another node wrote).
     own = model.state_dict()  # the same keys, in the same order, on every rank
-    best = load_file(str(checkpoints / "best.safetensors")) if accelerator.is_main_process else own
-    model.load_state_dict({key: broadcast(best[key].to(accelerator.device)).cpu() for key in own})
+    best = load_file(str(checkpoints / "best.safetensors")) if accelerator.is_main_process else {}
+    kept = {}
+    for key, value in own.items():  # sent in one memory layout (a channels_last weight would be read as NCHW)
+        tensor = best[key] if key in best else torch.empty_like(value, memory_format=torch.contiguous_format)
+        kept[key] = broadcast(tensor.contiguous().to(accelerator.device)).cpu()
+    model.load_state_dict(kept)
     model.train_time_s = time.perf_counter() - start
     return model.cpu().eval()
 

@@ -13,6 +13,7 @@ With one process each of these does nothing, or the plain thing.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import socket
@@ -59,14 +60,15 @@ def report_error(message: str) -> None:
 
 def watch_for_errors(poll_s: float = 0.5) -> None:
     """A daemon thread that ends this process (exit code 2) once another rank reported an error, wherever this
-    process is waiting (a collective, a data loader)."""
+    process is waiting (a collective, a data loader). Stopped and joined at exit: a thread still inside a store
+    call while the process group is torn down aborts the process."""
     store = _store()
     if store is None:
         return
+    stop = threading.Event()
 
     def watch():
-        while True:
-            time.sleep(poll_s)
+        while not stop.wait(poll_s):
             try:
                 failed = store.check([ERROR_KEY]) and store.get(ERROR_KEY) != str(rank()).encode()
             except Exception:  # the store went away: the launch is ending anyway
@@ -74,7 +76,14 @@ def watch_for_errors(poll_s: float = 0.5) -> None:
             if failed:  # another rank's error, printed there
                 os._exit(2)
 
-    threading.Thread(target=watch, name="kdist-error-watchdog", daemon=True).start()
+    thread = threading.Thread(target=watch, name="kdist-error-watchdog", daemon=True)
+    thread.start()
+
+    def stop_watching():
+        stop.set()
+        thread.join()
+
+    atexit.register(stop_watching)
 
 
 _barriers = {"count": 0}
