@@ -64,7 +64,8 @@ ARGS=("$@" --out "$OUT" --resume auto)
 # requeues a preempted job itself; a cancelled job stays cancelled). The launcher does not pass USR1 on, so the
 # trap leaves a stop file that kdist checks after every step. It is this job's own (a study's jobs share $OUT)
 # and lies on this, the main, node: its processes see it, and kdist's processes agree on stopping (all-reduce).
-export KDIST_STOP_FILE="${TMPDIR:-/tmp}/kdist-stop-$SLURM_JOB_ID"
+# One file per start of the job: the previous start's batch shell, ending after a requeue, may still touch its own.
+export KDIST_STOP_FILE="${TMPDIR:-/tmp}/kdist-stop-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}"
 rm -f "$KDIST_STOP_FILE"
 REQUEUE=0
 trap 'echo "kdist-slurm: USR1: saving, then requeueing"; REQUEUE=1; touch "$KDIST_STOP_FILE"' USR1
