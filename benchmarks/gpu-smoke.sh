@@ -16,7 +16,7 @@ if [ "${KDIST_SMOKE_CPU:-0}" = 1 ]; then
   launch_config=launch/cpu.yaml
   small=(--set data.train_subset=256 --set data.val_subset=128 --set teacher.epochs=1 --set student.epochs=1
          --set distill.epochs=2 --set distill.batch_size=32)
-  bench=(--steps 2 --no-processes --set data.train_subset=512)
+  bench=(--steps 2 --no-processes --shards none --set data.train_subset=512)
 else
   launch_config=launch/1gpu.yaml
   small=()

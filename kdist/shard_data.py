@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import random
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def stream(
     size: int,
     batch_size: int,
     seed: int,
-    epoch: int,
+    epoch,
     rank: int = 0,
     world: int = 1,
     accumulation: int = 1,
@@ -157,7 +158,9 @@ def stream(
     manifest: dict | None = None,
 ) -> "StreamedBatches":
     """An epoch of training batches (uint8 images, labels, split indices) streamed from shards for process
-    `rank` of `world`, when the split does not fit in memory. `batch_size` is the global batch.
+    `rank` of `world`, when the split does not fit in memory. `batch_size` is the global batch. `epoch`: a number,
+    or a shared multiprocessing.Value read at the start of each pass (one DataLoader with persistent workers
+    then serves every epoch).
 
     The epoch lays the samples out shard by shard in an order drawn from (seed, epoch), the same on every
     process; all but the last partial global batch are used, each exactly once: process `rank` takes the
@@ -165,72 +168,85 @@ def stream(
     begin or end inside a shard: any process and worker count works with any number of shards). Samples are
     shuffled within a worker's range by a buffer. `keep`: the split indices to use (sorted; --quick), else all."""
     manifest = manifest or read_manifest(folder)
-    urls = shard_urls(folder, manifest, split, url_template)
-    ranges = shard_ranges(manifest, split)
     keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
     if len(keep) < batch_size:
         raise KdistError(
             f"{split} has {len(keep)} samples, fewer than one global batch of {batch_size}; lower the batch size"
         )
-    shard_order = random.Random(derive_seed(seed, epoch)).sample(range(len(urls)), len(urls))  # alike on every rank
-    kept = [keep[(keep >= ranges[j][0]) & (keep < ranges[j][1])] for j in shard_order]
-    sequence = np.concatenate(kept)  # the epoch's samples, shard after shard
-    shard_of_position = np.repeat(shard_order, [len(k) for k in kept])
-    per_process = batch_size // (world * accumulation)
-    used_per_process = (len(keep) - len(keep) % batch_size) // world
-    workers = max(1, num_workers)
-    batches = used_per_process // per_process
-    plans = []  # per worker: (shard urls in order, the split indices it yields, its batch count)
-    for worker in range(workers):
-        first, last = batches * worker // workers, batches * (worker + 1) // workers
-        positions = slice(rank * used_per_process + first * per_process, rank * used_per_process + last * per_process)
-        shard_ids = list(dict.fromkeys(shard_of_position[positions].tolist()))
-        plans.append(([urls[j] for j in shard_ids], sequence[positions], last - first))
-    return StreamedBatches(
-        plans,
-        per_process,
-        size,
-        len(manifest["classes"]),
-        buffer,
-        (seed, epoch, rank),
-        split,
-        workers if num_workers else 0,
+    layout = EpochLayout(
+        shard_urls(folder, manifest, split, url_template),
+        shard_ranges(manifest, split),
+        keep,
+        batch_size // (world * accumulation),
+        (len(keep) - len(keep) % batch_size) // world,
+        rank,
+        max(1, num_workers),
+        seed,
     )
+    return StreamedBatches(
+        layout, epoch, size, len(manifest["classes"]), buffer, split, num_workers if num_workers else 0
+    )
+
+
+class EpochLayout:
+    """Which samples each DataLoader worker of a process reads in an epoch, and from which shards."""
+
+    def __init__(self, urls, ranges, keep, per_process, used_per_process, rank, workers, seed):
+        self.urls, self.ranges, self.keep, self.per_process = urls, ranges, keep, per_process
+        self.used_per_process, self.rank, self.workers, self.seed = used_per_process, rank, workers, seed
+        self.batches = used_per_process // per_process  # per process, whatever the epoch
+
+    def plan(self, epoch: int, worker: int) -> tuple[list[str], np.ndarray, int]:
+        """(shard urls in order, the split indices it yields, its batch count) of `worker` in `epoch`."""
+        urls, ranges, keep = self.urls, self.ranges, self.keep
+        shard_order = random.Random(derive_seed(self.seed, epoch)).sample(
+            range(len(urls)), len(urls)
+        )  # alike on every rank
+        kept = [keep[(keep >= ranges[j][0]) & (keep < ranges[j][1])] for j in shard_order]
+        sequence = np.concatenate(kept)  # the epoch's samples, shard after shard
+        shard_of_position = np.repeat(shard_order, [len(k) for k in kept])
+        first, last = self.batches * worker // self.workers, self.batches * (worker + 1) // self.workers
+        start = self.rank * self.used_per_process
+        positions = slice(start + first * self.per_process, start + last * self.per_process)
+        shard_ids = list(dict.fromkeys(shard_of_position[positions].tolist()))
+        return [urls[j] for j in shard_ids], sequence[positions], last - first
 
 
 class StreamedBatches(IterableDataset):
     """What each DataLoader worker of a process reads: only the shards that hold its range of samples, every
     sample of that range once, shuffled, as exactly its number of batches."""
 
-    def __init__(self, plans, batch_size, size, num_classes, buffer, seed_parts, split, num_workers):
-        self.plans, self.batch_size, self.size, self.num_classes = plans, batch_size, size, num_classes
-        self.buffer, self.seed_parts, self.split, self.num_workers = buffer, seed_parts, split, num_workers
+    def __init__(self, layout: EpochLayout, epoch, size, num_classes, buffer, split, num_workers):
+        self.layout, self.epoch, self.size, self.num_classes = layout, epoch, size, num_classes
+        self.buffer, self.split, self.num_workers = buffer, split, num_workers
 
     def __len__(self) -> int:
-        return sum(batches for _, _, batches in self.plans)
+        return self.layout.batches
 
     def __iter__(self):
         import webdataset as wds
 
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
-        urls, indices, batches = self.plans[worker]
+        epoch = self.epoch if isinstance(self.epoch, int) else self.epoch.value
+        urls, indices, batches = self.layout.plan(epoch, worker)
         if batches == 0:
             return
         wanted = frozenset(indices.tolist())
+        seed = derive_seed(self.layout.seed, epoch, self.layout.rank, worker)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.tarfile_to_samples(handler=_tar_errors),
             wds.select(
                 lambda sample: sample_label_index(sample)[1] in wanted
             ),  # before decoding: skipped samples cost nothing
-            wds.shuffle(self.buffer, rng=random.Random(derive_seed(*self.seed_parts, worker))),
+            wds.shuffle(self.buffer, rng=random.Random(seed)),
             wds.map(lambda sample: decode_sample(sample, self.size, self.num_classes)),
         )
         samples = iter(pipeline)
         for _ in range(batches):
-            batch = [sample for _, sample in zip(range(self.batch_size), samples)]
-            if len(batch) < self.batch_size:
+            batch = [sample for _, sample in zip(range(self.layout.per_process), samples)]
+            if len(batch) < self.layout.per_process:
                 raise KdistError(
                     f"the {self.split} shards {urls} hold fewer of their samples than {MANIFEST} says; "
                     "check them with `kdist shards --verify` or rewrite them"
@@ -290,6 +306,7 @@ class ShardImages:
         self.folder, self.manifest, self.split, self.size = Path(folder), manifest, split, size
         self.url_template, self.num_workers = url_template, num_workers
         self.keep = np.arange(manifest["splits"][split]["count"]) if keep is None else np.asarray(keep, dtype=np.int64)
+        self.loaders = {}  # (batch size, seed, rank, world, accumulation, pinned) -> (DataLoader, shared epoch)
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -327,30 +344,37 @@ class ShardImages:
     ) -> "AugmentDraws":
         """An epoch of (uint8 images, labels, positions, views, shifts) batches for process `rank`, like
         data.batch_loader's; positions index the kept images (the teacher cache's rows)."""
-        batches = stream(
-            self.folder,
-            self.split,
-            self.size,
-            batch_size,
-            seed,
-            epoch,
-            rank,
-            world,
-            accumulation,
-            self.num_workers,
-            keep=self.keep,
-            url_template=self.url_template,
-            manifest=self.manifest,
-        )
-        loader = DataLoader(
-            batches,
-            batch_size=None,
-            num_workers=batches.num_workers,
-            generator=torch.Generator(),
-            pin_memory=pin_memory,
-        )
+        key = (batch_size, seed, rank, world, accumulation, pin_memory)
+        if key not in self.loaders:  # one DataLoader for every epoch: its workers persist, told the epoch
+            epoch_value = multiprocessing.Value("i", epoch)
+            batches = stream(
+                self.folder,
+                self.split,
+                self.size,
+                batch_size,
+                seed,
+                epoch_value,
+                rank,
+                world,
+                accumulation,
+                self.num_workers,
+                keep=self.keep,
+                url_template=self.url_template,
+                manifest=self.manifest,
+            )
+            loader = DataLoader(
+                batches,
+                batch_size=None,
+                num_workers=batches.num_workers,
+                generator=torch.Generator(),
+                pin_memory=pin_memory,
+                persistent_workers=batches.num_workers > 0,
+            )
+            self.loaders[key] = (loader, epoch_value)
+        loader, epoch_value = self.loaders[key]
+        epoch_value.value = epoch  # read by the workers when this epoch's iteration starts
         return AugmentDraws(
-            loader, len(batches), self.keep, self.manifest["splits"][self.split]["count"], seed, epoch, translate
+            loader, len(loader.dataset), self.keep, self.manifest["splits"][self.split]["count"], seed, epoch, translate
         )
 
 

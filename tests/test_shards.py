@@ -133,6 +133,24 @@ def test_streaming_uses_each_sample_once_for_any_process_and_worker_count(shards
     assert len(used) == len(set(used)) == len(keep) - len(keep) % batch and set(used) <= set(keep.tolist())
 
 
+def test_streamed_epochs_share_persistent_workers_and_keep_each_epochs_order(shards):
+    """ShardImages.loader serves every epoch from one DataLoader whose workers persist (told the epoch through
+    shared memory): the same worker processes each epoch, and each epoch's samples in the order a fresh
+    per-epoch stream gives."""
+    manifest = read_manifest(shards)
+    images = ShardImages(shards, manifest, "train", 28, keep=np.arange(0, 7007, 7), num_workers=2)
+    workers, loaders = [], set()
+    for epoch in (0, 1, 2):
+        draws = images.loader(100, seed=4, rank=1, world=2, epoch=epoch)
+        loaders.add(id(draws.loader))
+        got = [int(i) for batch in draws for i in images.keep[batch[2].numpy()]]
+        workers.append(sorted(w.pid for w in draws.loader._iterator._workers))
+        fresh = stream(shards, "train", 28, 100, 4, epoch, rank=1, world=2, num_workers=2, keep=images.keep)
+        loader = torch.utils.data.DataLoader(fresh, batch_size=None, num_workers=2)
+        assert got == indices_of(loader)
+    assert len(loaders) == 1 and workers[0] == workers[1] == workers[2]
+
+
 def test_fewer_samples_than_a_global_batch_are_named(shards):
     keep = np.arange(0, 7007, 7007 // 100)[:100]
     assert len(stream(shards, "train", 28, 100, seed=0, epoch=0, world=2, num_workers=2, keep=keep)) == 1
