@@ -12,17 +12,23 @@ import csv
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file
 
 from .files import atomic_write_text
 from .models import save_weights
+from .ranks import broadcast_choice
 
 # --- stopping early on request (preemption, time limits) ------------------------------------------------
 
@@ -131,3 +137,49 @@ def write_history(path: Path, history: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, buffer.getvalue())
+
+
+def chosen_checkpoint(accelerator: Accelerator, folder: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from, its progress.json text), as rank 0 sees them, on every rank: a filesystem's
+    cache never splits the ranks between checkpoints."""
+    chosen = None
+    if accelerator.is_main_process:
+        last = last_checkpoint(folder)
+        chosen = (last, (last / "progress.json").read_text()) if last is not None else None
+    return broadcast_choice(chosen) or (None, None)
+
+
+def load_kept_weights(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> None:
+    """The kept weights as rank 0 wrote them to `path`, sent to every rank (no rank reads a file another node
+    wrote), in one memory layout (a channels_last weight would otherwise be read as NCHW bytes)."""
+    own = model.state_dict()  # the same keys, in the same order, on every rank
+    best = load_file(str(path)) if accelerator.is_main_process else {}
+    kept = {}
+    for key, value in own.items():
+        tensor = best[key] if key in best else torch.empty_like(value, memory_format=torch.contiguous_format)
+        kept[key] = broadcast(tensor.contiguous().to(accelerator.device)).cpu()
+    model.load_state_dict(kept)
+
+
+def restore_random_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    """A checkpoint saved by fewer processes has no random state for the new ranks (Accelerate then keeps theirs,
+    silently): they take rank 0's, which is every rank's (each draws the global batch's dropout masks from the
+    same seed), and the main process says so in one line."""
+    saved = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved != accelerator.num_processes:
+        accelerator.print(
+            f"kdist: {checkpoint} was saved by {saved} process(es), resumed on {accelerator.num_processes}: "
+            + (
+                "ranks without a random state of their own take rank 0's"
+                if saved < accelerator.num_processes
+                else "the random states of ranks that no longer exist are not needed"
+            )
+        )
+    if accelerator.process_index < saved or saved == 0:
+        return
+    states = accelerate_load(checkpoint / "random_states_0.pkl")  # weights_only: no arbitrary unpickling
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if accelerator.device.type == "cuda" and states.get("torch_cuda_manual_seed"):
+        torch.cuda.set_rng_state(states["torch_cuda_manual_seed"][0])

@@ -20,9 +20,7 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,21 +30,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast
-from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 from torch.profiler import record_function
-from torch.utils.data import DataLoader, TensorDataset
 
 from . import KdistError
-from .checkpoints import StopRequested, StopWatch, TrainState, last_checkpoint, save_last, write_history
+from .checkpoints import (
+    StopRequested,
+    StopWatch,
+    TrainState,
+    chosen_checkpoint,
+    load_kept_weights,
+    restore_random_state,
+    save_last,
+    write_history,
+)
 from .config import StageConfig
-from .data import augment, derive_seed, mix_batch, to_float
-from .inference import check_views, view_logits
+from .data import augment, derive_seed, mix_batch
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
-from .ranks import broadcast_choice
+from .scoring import gathered_logits
 
 SYNC_EVERY = 25  # on GPUs: steps between host syncs (stop requests, non-finite losses)
 MAX_SKIPPED_IN_A_ROW = 50  # fp16: optimizer steps in a row skipped for overflow before the run stops
@@ -65,54 +68,6 @@ def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
     if stage.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-def eval_loader(
-    accelerator: Accelerator, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
-) -> DataLoader:
-    """A prepared loader of (uint8 images, labels): each process a shard, padded to equal length;
-    `gather_for_metrics` drops the padding again."""
-    return accelerator.prepare_data_loader(
-        DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
-    )
-
-
-@contextlib.contextmanager
-def float32_forward(model: torch.nn.Module):
-    """`model` computing in float32 for the duration: Accelerate's prepare wraps a model's forward in the launch's
-    autocast (an instance attribute, kept by unwrap_model); without it the class's own forward runs."""
-    patched = model.__dict__.pop("forward", None)
-    try:
-        yield model
-    finally:
-        if patched is not None:
-            model.forward = patched
-
-
-@torch.no_grad()
-def gathered_logits(
-    accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, views: str = "one"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) logits, computed in float32, and (N,) labels of the whole split, in order, on every process: each
-    process runs its shard, then `gather_for_metrics` joins them without duplicates."""
-    check_views(views)
-    model.eval()
-    all_logits, all_labels = [], []
-    with float32_forward(model):  # whatever the launch's mixed precision: a recorded metric does not depend on it
-        for batch_images, batch_labels in eval_loader(accelerator, images, labels):
-            logits = view_logits(model, to_float(batch_images), views).float()
-            logits, batch_labels = accelerator.gather_for_metrics((logits, batch_labels))
-            all_logits.append(logits.cpu())
-            all_labels.append(batch_labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
-
-
-def split_probs(
-    accelerator: Accelerator, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, views: str = "one"
-) -> np.ndarray:
-    """Softmax probabilities of the whole split, computed by every process on its shard."""
-    logits, _ = gathered_logits(accelerator, model, images, labels, views)
-    return torch.softmax(logits, dim=1).numpy()
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -187,12 +142,7 @@ def fit(
             plain, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage.ema_decay), use_buffers=True
         )
     state = TrainState()
-    # Rank 0 chooses the checkpoint and reads its progress: a filesystem's cache never splits the ranks.
-    chosen = None
-    if resume and accelerator.is_main_process:
-        last = last_checkpoint(checkpoints)
-        chosen = (last, (last / "progress.json").read_text()) if last is not None else None
-    last, progress = (broadcast_choice(chosen) if resume else None) or (None, None)
+    last, progress = chosen_checkpoint(accelerator, checkpoints) if resume else (None, None)
     if last is not None:
         accelerator.load_state(str(last))
         restore_random_state(accelerator, last)
@@ -224,40 +174,9 @@ def fit(
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # a plain float32 model, as saved
     accelerator.free_memory()
-    # The kept weights as rank 0 wrote them, sent to every rank (no rank reads a file another node wrote).
-    own = model.state_dict()  # the same keys, in the same order, on every rank
-    best = load_file(str(checkpoints / "best.safetensors")) if accelerator.is_main_process else {}
-    kept = {}
-    for key, value in own.items():  # sent in one memory layout (a channels_last weight would be read as NCHW)
-        tensor = best[key] if key in best else torch.empty_like(value, memory_format=torch.contiguous_format)
-        kept[key] = broadcast(tensor.contiguous().to(accelerator.device)).cpu()
-    model.load_state_dict(kept)
+    load_kept_weights(accelerator, model, checkpoints / "best.safetensors")
     model.train_time_s = time.perf_counter() - start
     return model.cpu().eval()
-
-
-def restore_random_state(accelerator: Accelerator, checkpoint: Path) -> None:
-    """A checkpoint saved by fewer processes has no random state for the new ranks (Accelerate then keeps theirs,
-    silently): they take rank 0's, which is every rank's (each draws the global batch's dropout masks from the
-    same seed), and the main process says so in one line."""
-    saved = len(list(checkpoint.glob("random_states_*.pkl")))
-    if saved != accelerator.num_processes:
-        accelerator.print(
-            f"kdist: {checkpoint} was saved by {saved} process(es), resumed on {accelerator.num_processes}: "
-            + (
-                "ranks without a random state of their own take rank 0's"
-                if saved < accelerator.num_processes
-                else "the random states of ranks that no longer exist are not needed"
-            )
-        )
-    if accelerator.process_index < saved:
-        return
-    states = accelerate_load(checkpoint / "random_states_0.pkl")  # weights_only: no arbitrary unpickling
-    random.setstate(states["random_state"])
-    np.random.set_state(states["numpy_random_seed"])
-    torch.set_rng_state(states["torch_manual_seed"])
-    if accelerator.device.type == "cuda" and states.get("torch_cuda_manual_seed"):
-        torch.cuda.set_rng_state(states["torch_cuda_manual_seed"][0])
 
 
 def audited(epoch_batches, folder: Path, name: str, rank: int):

@@ -20,10 +20,10 @@ def evaluate_weights(
     """Headline metrics of saved weights; the data size comes from the weights' metadata. `shards`: the shard
     folder to read val/test from (`auto`: the data file's cached shards), or None / "none": the npz."""
     from .config import DataConfig, TrainerConfig
-    from .engine import split_probs
     from .metrics import classification_metrics
     from .models import data_size_of, load_teacher, read_metadata
     from .processes import make_accelerator
+    from .scoring import split_probs
     from .study_data import open_data
 
     sizes = {data_size_of(read_metadata(path)) for path in weights}

@@ -30,7 +30,7 @@ from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
 from .data import class_weights, subset
-from .engine import fit, gathered_logits, split_probs
+from .engine import fit
 from .files import atomic_output, atomic_write_text, locked
 from .inference import predict_probs
 from .metrics import classification_metrics, majority_baseline
@@ -38,6 +38,7 @@ from .models import DermClassifier, count_params, create_model, load_model, load
 from .objectives import Distillation, Supervised
 from .processes import describe_batch, make_accelerator, per_process_batch
 from .ranks import check_shared_folder, main_first
+from .scoring import gathered_logits, split_probs
 from .study_data import open_data
 from .tracking import log_results, stage_run
 

@@ -14,10 +14,11 @@ from kdist import KdistError
 from kdist import engine as engine_module
 from kdist.config import KDConfig, StageConfig, TrainerConfig
 from kdist.data import MemoryImages
-from kdist.engine import fit, gathered_logits
+from kdist.engine import fit
 from kdist.models import create_model, fold_batchnorm
 from kdist.objectives import Distillation, Supervised, teacher_dtype
 from kdist.processes import cpu_has_bf16, make_accelerator
+from kdist.scoring import gathered_logits
 
 
 class Overflowing(Supervised):
