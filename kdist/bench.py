@@ -102,9 +102,9 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
     return out
 
 
-def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no") -> float:
+def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no", cpu: bool = False) -> float:
     """Wall time of one training epoch through engine.fit (validation on a 128-image slice, one checkpoint)."""
-    accelerator = make_accelerator(TrainerConfig(mixed_precision=mixed_precision, progress=False))
+    accelerator = make_accelerator(TrainerConfig(cpu=cpu, mixed_precision=mixed_precision, progress=False))
     short = {"train": splits["train"], "val": tuple(t[:128] for t in splits["val"])}
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -124,29 +124,34 @@ def epochs(cfg: Config, splits, mean, std, cache_dir: Path, shard_split=None) ->
         torch.manual_seed(0)
         return create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
 
-    student_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, splits)
+    cpu = cfg.trainer.cpu  # --cpu: every figure on the CPU, even where CUDA is present
+    student_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, splits, cpu=cpu)
     shard_figures = {}
     if shard_split is not None:  # the same epoch with the train split streamed from shards: images/s against memory's
-        shard_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, {**splits, "train": shard_split})
+        shard_s = epoch_seconds(
+            student(), Supervised(cfg.student), cfg.student, {**splits, "train": shard_split}, cpu=cpu
+        )
         seen = len(shard_split[0].loader(cfg.student.batch_size, seed=0)) * cfg.student.batch_size  # whole batches only
         shard_figures = {
             "student_epoch_shards_s": round(shard_s, 2),
             "student_epoch_shards_over_memory": round((seen / shard_s) / (len(splits["train"][1]) / student_s), 3),
         }
     cached_s = epoch_seconds(
-        student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits
+        student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, cpu=cpu
     )
-    online_s = epoch_seconds(student(), Distillation(cfg.distill, cfg.kd, teacher=teacher), cfg.distill, splits)
+    online_s = epoch_seconds(
+        student(), Distillation(cfg.distill, cfg.kd, teacher=teacher), cfg.distill, splits, cpu=cpu
+    )
     bf16_teacher = {}
     if torch.cuda.is_available() or cpu_has_bf16():  # the teacher alone in bf16, where the hardware has it
         kd = replace(cfg.kd, teacher_precision="bf16")
-        seconds = epoch_seconds(student(), Distillation(cfg.distill, kd, teacher=teacher), cfg.distill, splits)
+        seconds = epoch_seconds(student(), Distillation(cfg.distill, kd, teacher=teacher), cfg.distill, splits, cpu=cpu)
         bf16_teacher = {
             "distill_online_bf16_teacher_epoch_s": round(seconds, 2),
             "distill_online_bf16_teacher_over_32": round(seconds / online_s, 3),
         }
     cached_bf16_s = epoch_seconds(
-        student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16"
+        student(), Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache), cfg.distill, splits, "bf16", cpu
     )
     return {
         "student_epoch_s": round(student_s, 2),
@@ -178,7 +183,7 @@ def online_breakdown(cfg: Config, splits, teacher, make_student, out: Path, step
     positions = torch.arange(n)
     short = {"train": tuple(t[positions] for t in splits["train"]), "val": tuple(t[:128] for t in splits["val"])}
     objective = Distillation(cfg.distill, cfg.kd, teacher=teacher)
-    accelerator = make_accelerator(TrainerConfig(mixed_precision="no", progress=False))
+    accelerator = make_accelerator(TrainerConfig(cpu=cfg.trainer.cpu, mixed_precision="no", progress=False))
     with tempfile.TemporaryDirectory() as folder, profile(activities=[ProfilerActivity.CPU]) as prof:
         fit(accelerator, make_student(), objective, stage, short, Path(folder), seed=0, progress_bar=False)
     starts = sorted(event.time_range.start for event in prof.events() if event.name == "kdist/augment")[
@@ -257,7 +262,7 @@ def bench_data(cfg: Config) -> tuple[dict, list, list, tuple | None]:
     """The study's splits as training opens them (study_data.open_data) from the npz in memory; and the train
     split streamed from shards (data.shards, else the data file's cached shards; data.memory_mb 0 forces
     streaming, as for a split too large for memory), the same subset; None with --shards none."""
-    accelerator = make_accelerator(TrainerConfig(progress=False))
+    accelerator = make_accelerator(TrainerConfig(cpu=cfg.trainer.cpu, progress=False))
     memory = open_data(replace(cfg.data, shards="none"), accelerator)
     splits = subset(memory.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     shard_split = None

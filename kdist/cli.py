@@ -190,8 +190,8 @@ def serve(weights, teacher, host, port, views):
     help="also time a distillation epoch under `accelerate launch` with 1 and 2 processes",
 )
 @study_options(
-    without=("teacher_mode", "tracker", "pretrained")
-)  # bench times both teacher modes itself, tracks nothing
+    without=("teacher_mode", "tracker", "pretrained", "mixed_precision")
+)  # bench times both teacher modes and both precisions itself, tracks nothing
 def bench(steps, results, processes, **opts):
     """Speed figures: data path, cached vs online distillation, the online step's breakdown, 32-bit vs bf16, 1 vs 2
     processes, latency, FLOPs."""

@@ -120,16 +120,18 @@ def distillation_terms(
     standardize_logits: bool = False,
     options: dict | None = None,
     class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd(z_s, z_t, y; T), CE(z_s, y)): the two parts of the distillation loss, z standardised first for
-    kd if asked; `class_weights` weight the CE term only (the teacher's soft targets are left as they are)."""
+    kd if asked; `class_weights` and `label_smoothing` shape the CE term only (the teacher's soft targets are
+    left as they are)."""
     z_s, z_t = (
         (standardize(student_logits), standardize(teacher_logits))
         if standardize_logits
         else (student_logits, teacher_logits)
     )
     kd = get_kd_loss(method)(z_s, z_t, labels, temperature, **(options or {}))
-    return kd, F.cross_entropy(student_logits, labels, weight=class_weights)
+    return kd, F.cross_entropy(student_logits, labels, weight=class_weights, label_smoothing=label_smoothing)
 
 
 def distillation_loss(

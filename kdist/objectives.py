@@ -160,7 +160,15 @@ class Distillation(Supervised):
                 "unmixed images"
             )
         kd_term, ce_term = distillation_terms(
-            logits, targets, labels, kd.method, kd.temperature, kd.standardize, kd.options, self.class_weights
+            logits,
+            targets,
+            labels,
+            kd.method,
+            kd.temperature,
+            kd.standardize,
+            kd.options,
+            self.class_weights,
+            self.stage.label_smoothing,
         )
         if mix is not None:  # the teacher saw the mixed batch; the labels only count on request, mixed
             ce_term = self.cross_entropy(logits, labels, mix)

@@ -351,3 +351,23 @@ def test_resume_auto_starts_a_run_then_continues_only_the_same_run(tmp_path, syn
     assert main(args) == 0  # the same options again: the finished stage is kept (a requeued job's second start)
     assert main([*args, "--seed", "7"]) == 2
     assert "holds a run with another config" in capsys.readouterr().err
+
+
+def test_bench_honours_cpu_and_refuses_a_precision_it_would_ignore(monkeypatch, capsys):
+    """`kdist bench --cpu` runs every figure on the CPU (asked of each Accelerator it makes); bench times both
+    precisions itself, so --mixed-precision is refused rather than dropped."""
+    import kdist.bench as bench
+    from kdist.config import QUICK, load_config
+
+    asked = []
+
+    def refuse_after_asking(trainer):
+        asked.append(trainer.cpu)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "make_accelerator", refuse_after_asking)
+    with pytest.raises(RuntimeError, match="stop here"):
+        bench.run_bench(load_config(None, [QUICK, {"trainer": {"cpu": True}}]), Path("unused"))
+    assert asked == [True]
+    assert main(["bench", "--mixed-precision", "bf16"]) == 2
+    assert "No such option" in capsys.readouterr().err

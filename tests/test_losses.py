@@ -128,3 +128,20 @@ def test_supervised_objective_uses_the_class_weights():
     expected = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
     torch.testing.assert_close(loss, expected)
     assert parts == {}
+
+
+def test_distillation_applies_the_stages_label_smoothing():
+    """distill.label_smoothing shapes the label term of the distillation loss."""
+    from kdist.config import KDConfig, StageConfig
+    from kdist.objectives import Distillation
+
+    torch.manual_seed(0)
+    logits, targets, labels = torch.randn(8, 7), torch.randn(8, 7), torch.randint(0, 7, (8,))
+    kd = KDConfig(method="hinton", alpha=0.5)
+    plain = Distillation(StageConfig(), kd, teacher_logits_cache=torch.zeros(8, 8, 7))
+    smooth = Distillation(StageConfig(label_smoothing=0.2), kd, teacher_logits_cache=torch.zeros(8, 8, 7))
+    (_, plain_parts), (_, smooth_parts) = plain.loss(logits, labels, targets), smooth.loss(logits, labels, targets)
+    torch.testing.assert_close(plain_parts["kd"], smooth_parts["kd"])
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    torch.testing.assert_close(smooth_parts["ce"], expected)
+    assert not torch.allclose(plain_parts["ce"], smooth_parts["ce"])
