@@ -43,14 +43,14 @@ def cache_folder(npz: Path, flag: str, size: int) -> Path:
     return base / f"{flag}_{size}-{sha256(npz)[:12]}"
 
 
-def auto_shards(root, size: int) -> Path:
+def auto_shards(root, size: int, download: bool = True) -> Path:
     """The cached shard set of the DermaMNIST file at `size`, written on first use (into a temporary folder,
-    then renamed: a set is there whole or not at all, also when two jobs race)."""
+    then renamed: a set is there whole or not at all, also when two jobs race). `download`: data.download."""
     import shutil
 
     npz = resolve_root(root) / npz_name(size)
     if not npz.exists():
-        load_dermamnist(root, size)  # downloads it, or names what is missing
+        load_dermamnist(root, size, download)  # downloads it (if allowed), or names what is missing
     folder = cache_folder(npz, FLAG, size)
     if (folder / MANIFEST).exists():
         return folder
@@ -73,7 +73,7 @@ def auto_shards(root, size: int) -> Path:
 def locate_shards(data, check: bool = True) -> tuple[Path, dict]:
     """The shard folder of a data config (`auto` or unset: the data file's cached shards) and its manifest,
     each local shard checked against it when `check` (remote ones, data.shard_url, cannot be)."""
-    folder = auto_shards(data.root, data.size) if data.shards in (None, "auto") else Path(data.shards)
+    folder = auto_shards(data.root, data.size, data.download) if data.shards in (None, "auto") else Path(data.shards)
     return folder, verify(folder) if check and not data.shard_url else read_manifest(folder)
 
 

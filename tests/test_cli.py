@@ -371,3 +371,12 @@ def test_bench_honours_cpu_and_refuses_a_precision_it_would_ignore(monkeypatch, 
     assert asked == [True]
     assert main(["bench", "--mixed-precision", "bf16"]) == 2
     assert "No such option" in capsys.readouterr().err
+
+
+def test_data_download_false_is_honoured_on_the_default_shards_path(tmp_path, capsys):
+    """data.download: false on `--shards auto` (the default): a missing data file is named, never downloaded."""
+    args = ["train", "student", "--quick", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert main([*args, "--set", "data.download=false"]) == 2
+    err = capsys.readouterr().err
+    assert "dermamnist.npz not found; put dermamnist.npz there" in err and "downloads disabled" not in err
+    assert not (tmp_path / "run").exists()
