@@ -1,8 +1,8 @@
 """Knowledge-distillation losses, chosen by name from a registry.
 
 Each entry computes the distillation term from student logits, teacher logits, labels and a
-temperature T; `distillation_loss` combines it with the label loss as
-`alpha * kd + (1 - alpha) * CE(z_s, y)`, optionally after logit standardisation.
+temperature T; `distillation_terms` gives it beside the label loss, and objectives.Distillation combines them
+as `alpha * kd + (1 - alpha) * CE(z_s, y)` (`mix_terms`), optionally after logit standardisation.
 """
 
 from __future__ import annotations
@@ -132,24 +132,6 @@ def distillation_terms(
     )
     kd = get_kd_loss(method)(z_s, z_t, labels, temperature, **(options or {}))
     return kd, F.cross_entropy(student_logits, labels, weight=class_weights, label_smoothing=label_smoothing)
-
-
-def distillation_loss(
-    student_logits,
-    teacher_logits,
-    labels,
-    method: str = "hinton",
-    temperature: float = 4.0,
-    alpha: float = 0.9,
-    standardize_logits: bool = False,
-    options: dict | None = None,
-    class_weights=None,
-) -> torch.Tensor:
-    """loss = alpha * kd(z_s, z_t, y; T) + (1 - alpha) * CE(z_s, y) (see distillation_terms)."""
-    kd, ce = distillation_terms(
-        student_logits, teacher_logits, labels, method, temperature, standardize_logits, options, class_weights
-    )
-    return mix_terms(kd, ce, alpha)
 
 
 def mix_terms(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
