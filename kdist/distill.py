@@ -29,7 +29,8 @@ def command(teachers, **opts):
     """Distill the student from trained teacher weights; the teacher is evaluated beside it."""
     from .models import load_teacher
     from .options import planned_config
-    from .pipeline import distill_stage, record_model, recorded
+    from .pipeline import distill_stage
+    from .results import record_model, recorded
 
     # The teachers are read before the run folder is touched: a missing or wrong file changes nothing. One file
     # must hold the configured teacher (teacher_model.arch; --set it for another).

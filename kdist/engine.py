@@ -84,9 +84,11 @@ def fit(
     resume: bool = False,
     progress_bar: bool = True,
     sync_batchnorm: bool = True,
-) -> torch.nn.Module:
+    val_teacher_logits: torch.Tensor | None = None,
+) -> tuple[torch.nn.Module, float]:
     """Train `model` on `objective`, validating every epoch; return it (unwrapped, on the CPU, eval mode)
-    holding its best-on-val weights. Writes <folder>/metrics.csv and <folder>/checkpoints/.
+    holding its best-on-val weights, and the training loop's seconds. Writes <folder>/metrics.csv and
+    <folder>/checkpoints/. `val_teacher_logits`: a teacher's val logits, for how closely the student follows it.
 
     `stage.batch_size` is the global batch of an optimizer step, whatever the process count: each process
     trains on its slice of every micro-batch (epoch_batches) and the loss sees the whole micro-batch
@@ -167,16 +169,16 @@ def fit(
         state=state,
         epoch_batches=epoch_batches,
         progress_bar=progress_bar,
+        val_teacher_logits=val_teacher_logits,
     )
     start = time.perf_counter()
-    with StopWatch() as loop.watch:
-        loop.run()
+    with StopWatch() as watch:
+        loop.run(watch)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # a plain float32 model, as saved
     accelerator.free_memory()
     load_kept_weights(accelerator, model, checkpoints / "best.safetensors")
-    model.train_time_s = time.perf_counter() - start
-    return model.cpu().eval()
+    return model.cpu().eval(), time.perf_counter() - start
 
 
 def audited(epoch_batches, folder: Path, name: str, rank: int):
@@ -197,7 +199,8 @@ def audited(epoch_batches, folder: Path, name: str, rank: int):
 @dataclass
 class TrainLoop:
     """One stage's training from where `state` stands: `run` is the epochs, `step` one batch, `validate` and
-    `end_epoch` what follows each epoch. Raises StopRequested after saving, when `watch` is asked to stop."""
+    `end_epoch` what follows each epoch. Raises StopRequested after saving, when the run's StopWatch is asked
+    to stop."""
 
     accelerator: Accelerator
     model: torch.nn.Module  # prepared (DDP-wrapped under several processes)
@@ -212,7 +215,7 @@ class TrainLoop:
     state: TrainState
     epoch_batches: Callable  # epoch -> this process's train batches (raw, labels, indices, views, shifts)
     progress_bar: bool
-    watch: StopWatch | None = None
+    val_teacher_logits: torch.Tensor | None = None  # (N_val, C): agreement and KL with the teacher on val
 
     def __post_init__(self):
         self.plain = self.accelerator.unwrap_model(self.model)
@@ -220,13 +223,13 @@ class TrainLoop:
         self.nonfinite_losses = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self.skipped_in_a_row = 0
 
-    def run(self) -> None:
+    def run(self, watch: StopWatch) -> None:
         for epoch in range(self.state.epoch, self.stage.epochs):
-            sums = self.train_epoch(epoch)
+            sums = self.train_epoch(epoch, watch)
             self.stop_if_diverged(f"the end of epoch {epoch}")
             self.end_epoch(epoch, {"epoch": epoch, **self.train_figures(sums), **self.validate()})
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, watch: StopWatch) -> dict:
         """This process's running sums (loss, correct, loss parts, "seen") over the epoch's batches."""
         skip = self.state.step_in_epoch  # > 0: this epoch was stopped part-way and resumes after that step
         if not skip:
@@ -248,7 +251,7 @@ class TrainLoop:
             # non-finite loss; on CPUs there is nothing to overlap, so every step.
             check = self.accelerator.device.type == "cpu" or step % SYNC_EVERY == 0
             self.step(batch, epoch, step, sums, check)
-            if check and self.watch.requested(self.accelerator):  # finish this step, save, stop; --resume goes on
+            if check and watch.requested(self.accelerator):  # finish this step, save, stop; --resume goes on
                 self.state.step_in_epoch = step + 1
                 self.state.epoch_sums = {key: value.item() for key, value in sums.items()}
                 save_last(self.accelerator, self.checkpoints, self.state, self.ema)
@@ -362,7 +365,7 @@ class TrainLoop:
             "val/loss": F.cross_entropy(logits, labels).item(),
             "val/acc": (logits.argmax(1) == labels).float().mean().item(),
         }
-        teacher_logits = getattr(self.objective, "val_teacher_logits", None)
+        teacher_logits = self.val_teacher_logits
         if teacher_logits is not None:
             row["val/teacher_agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
             row["val/teacher_kl"] = F.kl_div(

@@ -88,7 +88,6 @@ class Distillation(Supervised):
         self.kd, self.teacher, self.cache = kd, teacher, teacher_logits_cache
         self.mixed_precision = mixed_precision  # the student's; the teacher's dtype follows from it in to()
         self.teacher_dtype = torch.float32
-        self.val_teacher_logits: torch.Tensor | None = None  # (N_val, C): for agreement and KL on val
         self.teacher_pool, self.teacher_threads = None, 1  # on CPUs: one thread per core, see to()
         if teacher is not None:
             self.teacher = self.eager_teacher = frozen_copy(teacher)  # BatchNorms folded: the same logits, faster

@@ -31,18 +31,15 @@ from .cache import teacher_cache
 from .config import Config
 from .data import class_weights, subset
 from .engine import fit
-from .files import atomic_output, atomic_write_text, locked
-from .inference import predict_probs
-from .metrics import classification_metrics, majority_baseline
-from .models import DermClassifier, count_params, create_model, load_model, load_state, save_weights
+from .files import atomic_output, atomic_write_text
+from .models import DermClassifier, create_model, load_model, load_state, save_weights
 from .objectives import Distillation, Supervised
 from .processes import describe_batch, make_accelerator, per_process_batch
 from .ranks import check_shared_folder, main_first
-from .scoring import gathered_logits, split_probs
+from .results import MODELS, record_model, recorded
+from .scoring import gathered_logits
 from .study_data import open_data
-from .tracking import log_results, stage_run
-
-MODELS = ("teacher", "student", "distilled")
+from .tracking import stage_run
 
 
 @dataclass
@@ -226,9 +223,12 @@ def git_commit() -> str | None:
         return None
 
 
-def fit_stage(study: Study, name: str, model: DermClassifier, objective: Supervised, stage) -> DermClassifier:
-    """Train `model` with the engine into <out>/<name>/; record the config it ran with."""
-    model = fit(
+def fit_stage(
+    study: Study, name: str, model: DermClassifier, objective: Supervised, stage, val_teacher_logits=None
+) -> tuple[DermClassifier, float]:
+    """Train `model` with the engine into <out>/<name>/; record the config it ran with. Returns the kept model and
+    the training loop's seconds."""
+    model, seconds = fit(
         study.accelerator,
         model,
         objective,
@@ -239,74 +239,11 @@ def fit_stage(study: Study, name: str, model: DermClassifier, objective: Supervi
         resume=study.resume,
         progress_bar=study.cfg.trainer.progress,
         sync_batchnorm=study.cfg.trainer.sync_batchnorm,
+        val_teacher_logits=val_teacher_logits,
     )
     if study.is_main:
         atomic_write_text(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
-    return model
-
-
-def record_model(study: Study, name: str, model: DermClassifier, teacher: torch.nn.Module | None = None) -> dict:
-    """Evaluate kept weights once on val and test (`study.eval_splits`), save predictions, record them, and
-    send them to the stage's tracker (with `teacher`'s predictions on the fixed test samples beside a
-    distilled student's). Every process scores its shard; the main process writes."""
-    model = model.to(study.device)
-    entry = {"arch": model.arch, "params": count_params(model), "input_size": model.input_size}
-    if hasattr(model, "train_time_s"):
-        entry["train_time_s"] = round(model.train_time_s, 1)
-    size = study.size_for(model)  # a teacher of another file is evaluated on that file
-    if size != study.cfg.data.size:
-        entry["data_size"] = size
-    arrays, probs, labels = {}, {}, {}
-    for split in study.eval_splits:
-        images, split_labels = study.split_at(split, size)
-        probs[split], labels[split] = (
-            split_probs(study.accelerator, model, images, split_labels),
-            split_labels.numpy(),
-        )
-        arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs[split].astype(np.float32), labels[split]
-        entry[split] = classification_metrics(probs[split], labels[split])
-    model.cpu()
-    if study.is_main:
-        (study.out / "predictions").mkdir(exist_ok=True)
-        with atomic_output(study.out / "predictions" / f"{name}.npz") as tmp:
-            np.savez(tmp, **arrays)
-        record_result(study, name, entry)
-        teacher_sample_probs = None
-        if teacher is not None and (study.out / "predictions" / "test_samples.npz").exists() and "test" in probs:
-            indices = np.load(study.out / "predictions" / "test_samples.npz")["indices"]
-            samples = study.split_at("test", study.size_for(teacher))[0][indices]
-            teacher_sample_probs = predict_probs(teacher, samples)
-        log_results(study, name, entry, probs, labels, teacher_sample_probs)
-    study.accelerator.wait_for_everyone()
-    return entry
-
-
-def recorded(study: Study, name: str) -> bool:
-    """Whether results.json already holds an entry for `name`."""
-    results = study.out / "results.json"
-    return results.exists() and name in json.loads(results.read_text()).get("models", {})
-
-
-def record_result(study: Study, name: str, entry: dict) -> None:
-    """Add `name`'s entry to results.json. Locked: separate jobs of one study (slurm/study.sh runs the student
-    and the distilled student side by side) write into the same file."""
-    path = study.out / "results.json"
-    with locked(study.out / ".results.lock"):
-        results = json.loads(path.read_text()) if path.exists() else {}
-        train_labels = study.splits["train"][1].numpy()
-        results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
-        results["baselines"] = {
-            "majority": {
-                split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits
-            }
-        }
-        results.setdefault("models", {})[name] = entry
-        results["models"] = {key: results["models"][key] for key in sorted(results["models"], key=_model_order)}
-        atomic_write_text(path, json.dumps(results, indent=2))
-
-
-def _model_order(name: str) -> tuple:
-    return (MODELS.index(name) if name in MODELS else len(MODELS), name)
+    return model, seconds
 
 
 def train_stage(study: Study, role: str) -> DermClassifier:
@@ -316,10 +253,10 @@ def train_stage(study: Study, role: str) -> DermClassifier:
     study.seed()
     weights = class_weights(study.splits["train"][1], stage.class_weights)
     with stage_run(study, role):
-        model = fit_stage(study, role, study.new_model(role), Supervised(stage, weights), stage)
+        model, seconds = fit_stage(study, role, study.new_model(role), Supervised(stage, weights), stage)
         if study.is_main:
             save_weights(model, study.out / f"{role}.safetensors", {"data_size": study.cfg.data.size})
-        record_model(study, role, model)
+        record_model(study, role, model, train_time_s=seconds)
     return model
 
 
@@ -366,10 +303,11 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
             class_weights=weights,
             mixed_precision=study.accelerator.mixed_precision,
         )
-    objective.val_teacher_logits = val_teacher_logits
     study.seed()
     with stage_run(study, "distilled"):
-        model = fit_stage(study, "distilled", study.new_model("student"), objective, study.cfg.distill)
+        model, seconds = fit_stage(
+            study, "distilled", study.new_model("student"), objective, study.cfg.distill, val_teacher_logits
+        )
         teacher.cpu()
         if study.is_main:
             save_weights(
@@ -383,7 +321,7 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
                     "teacher_data_size": teacher_size,
                 },
             )
-        record_model(study, "distilled", model, teacher=teacher)
+        record_model(study, "distilled", model, teacher=teacher, train_time_s=seconds)
     return model
 
 
