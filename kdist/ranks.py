@@ -130,8 +130,8 @@ def check_shared_folder(folder: Path, is_main: bool, wait_s: float = 5.0) -> Non
     new file late), else stops with one line naming the folder and the host."""
     if _store() is None:
         return
-    marker = folder / f".shared-check-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
     token = broadcast_choice(secrets.token_hex(8) if is_main else None)
+    marker = folder / f".shared-check-{token}"  # its own name: jobs of one study share the folder
     if is_main:
         marker.write_text(token)
     patient_barrier("shared-folder-written")
