@@ -295,7 +295,7 @@ class TrainLoop:
                 targets = self.objective.targets(images, indices, views)
             with record_function("kdist/loss"):
                 loss, parts = self.objective.loss(*gather_batch(accelerator, logits.float(), labels, targets), mix)
-            if accelerator.scaler is None:  # fp16's scaler skips a non-finite step itself (count_skipped)
+            if accelerator.scaler is None:  # fp16's scaler skips a non-finite step itself (step_skipped)
                 self.nonfinite_losses += ~torch.isfinite(loss.detach())
                 if check:
                     self.stop_if_diverged(f"epoch {epoch}, step {step}")
@@ -306,10 +306,7 @@ class TrainLoop:
                     accelerator.clip_grad_norm_(self.model.parameters(), stage.gradient_clip)
                 self.optimizer.step()
                 if accelerator.sync_gradients:
-                    skipped = accelerator.scaler is not None and accelerator.optimizer_step_was_skipped
-                    if accelerator.scaler is not None:
-                        self.count_skipped(skipped, epoch, step)
-                    if not skipped:  # the schedule counts the optimizer steps taken
+                    if not self.step_skipped(epoch, step):  # the schedule counts the optimizer steps taken
                         self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and accelerator.sync_gradients:
@@ -330,12 +327,13 @@ class TrainLoop:
                 f"kept in {self.checkpoints / 'last'}; lower the learning rate"
             )
 
-    def count_skipped(self, skipped: bool, epoch: int, step: int) -> None:
-        """fp16: GradScaler skips a step whose gradients overflow and lowers its scale; a run stops only when
-        MAX_SKIPPED_IN_A_ROW steps in a row are skipped (the scale would then be far below any useful value)."""
-        if not skipped:
+    def step_skipped(self, epoch: int, step: int) -> bool:
+        """Whether fp16's GradScaler skipped this optimizer step for non-finite gradients (never without a scaler);
+        a run stops only when MAX_SKIPPED_IN_A_ROW steps in a row are skipped (the scale would then be far below
+        any useful value)."""
+        if self.accelerator.scaler is None or not self.accelerator.optimizer_step_was_skipped:
             self.skipped_in_a_row = 0
-            return
+            return False
         self.state.skipped_steps += 1
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
@@ -344,6 +342,7 @@ class TrainLoop:
                 f"non-finite gradients, by epoch {epoch}, step {step}; the last good checkpoint is kept in "
                 f"{self.checkpoints / 'last'}; lower the learning rate or use --mixed-precision bf16"
             )
+        return True
 
     def train_figures(self, sums: dict) -> dict:
         """Train loss, accuracy and loss parts over every process's samples, and the learning rate."""
