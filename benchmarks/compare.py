@@ -58,10 +58,11 @@ def write_models(folder: Path, data_root: str) -> tuple[Path, Path]:
     normalisation), seeded, in kdist's safetensors format."""
     import torch
 
-    from kdist.data import channel_stats, load_dermamnist
+    from kdist.data import channel_stats
+    from kdist.datasets import load_medmnist
     from kdist.models import create_model, save_weights
 
-    mean, std = channel_stats(load_dermamnist(data_root, 28, False)["train"][0])
+    mean, std = channel_stats(load_medmnist(data_root, "dermamnist", 28, False)["train"][0])
     paths = []
     for role in ("teacher", "student"):
         torch.manual_seed(0)

@@ -144,17 +144,17 @@ def predict(weights, paths, teacher, out, batch_size, views):
 @cli.command()
 @click.argument("weights", type=PATH)
 @click.option("--onnx", "onnx_path", type=PATH, required=True, help="output .onnx file")
-@click.option("--data-root", help="folder with dermamnist.npz, for the check on test images")
+@click.option("--data-root", help="folder with the weights' MedMNIST npz, for the check on test images")
+@click.option("--shards", type=PATH, help="instead: the shard folder of the weights' data, for its test images")
 @click.option(
     "--check-images", type=int, default=512, show_default=True, help="test images to compare on (0: skip the check)"
 )
 @views_option
-def export(weights, onnx_path, data_root, check_images, views):
+def export(weights, onnx_path, data_root, shards, check_images, views):
     """Export weights to ONNX and check it against PyTorch on real test images."""
-    from .data import load_dermamnist
-    from .inference import data_size, export_onnx
+    from .inference import export_onnx, test_images
 
-    images = load_dermamnist(data_root, data_size(weights))["test"][0][:check_images] if check_images else None
+    images = test_images(weights, data_root, shards, check_images) if check_images else None
     report = export_onnx(weights, onnx_path, images, views=views)
     if images is not None and report["max_abs_diff_probabilities"] >= 1e-4:
         raise KdistError(

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import yaml
 
 from . import KdistError
+from .datasets import DEFAULT_FLAG
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "none")
@@ -21,8 +22,11 @@ MIXED_PRECISIONS = (None, "no", "fp16", "bf16")
 
 @dataclass
 class DataConfig:
+    # The MedMNIST 2D set read from the data root (its npz, or the shards written from it): any flag of medmnist's
+    # INFO with one label per image. A shard folder (data.shards) names its own dataset in its manifest.
+    flag: str = DEFAULT_FLAG
     root: str | None = None  # None: $KDIST_DATA_ROOT, else medmnist's default root
-    size: int = 28
+    size: int = 28  # image side the models get: a MedMNIST size (28, 64, 128, 224), or any size from shards
     train_subset: int | None = None  # use a random subset of train/val (for --quick)
     val_subset: int | None = None
     download: bool = True
@@ -125,6 +129,13 @@ class TrainerConfig:
 
 
 @dataclass
+class ReportConfig:
+    # The class whose sensitivity and specificity the report, model card and W&B summary give; a set without a
+    # class of that name: the positive class (label 1) of a two-class set, else none.
+    positive_class: str = "melanoma"
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -139,11 +150,13 @@ class Config:
     distill: StageConfig = field(default_factory=lambda: StageConfig(epochs=25, gradient_clip=1.0))
     kd: KDConfig = field(default_factory=KDConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> "Config":
+        from .datasets import medmnist_info
         from .losses import KD_LOSSES
         from .models import resolve_arch
 
@@ -219,6 +232,8 @@ class Config:
             )
         if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
             self.data.shards = None
+        medmnist_info(self.data.flag)
+        check(isinstance(self.data.size, int) and self.data.size >= 8, "data.size", "must be a whole number >= 8")
         check(
             self.data.num_workers is None or (isinstance(self.data.num_workers, int) and self.data.num_workers >= 0),
             "data.num_workers",

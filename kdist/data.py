@@ -1,141 +1,41 @@
-"""DermaMNIST: loading, validation, in-memory batching and batched augmentation.
+"""In-memory batching and batched augmentation of a study's images (which dataset, and reading its files:
+datasets.py).
 
-Dataset facts (classes, split sizes, file names) come from medmnist's INFO, the single source of
-truth. The whole dataset lives in memory as uint8 tensors; a batch is one tensor index, and
-augmentation (the 8 flips/rotations of the square, optionally a random shift of a few pixels) is
-applied to the whole batch at once.
+The whole split lives in memory as uint8 tensors; a batch is one tensor index, and augmentation (the 8
+flips/rotations of the square, optionally a random shift of a few pixels) is applied to the whole batch at once.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from medmnist import INFO as MEDMNIST_INFO
-from medmnist.info import DEFAULT_ROOT
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import KdistError
-
-FLAG = "dermamnist"
-INFO = MEDMNIST_INFO[FLAG]
-CLASS_NAMES = [INFO["label"][str(i)] for i in range(len(INFO["label"]))]
-NUM_CLASSES = len(CLASS_NAMES)
-SPLITS = ("train", "val", "test")
-SPLIT_SIZES = {split: INFO["n_samples"][split] for split in SPLITS}
-SIZES = (28, 64, 128, 224)  # the resolutions medmnist publishes
-
-
-def npz_name(size: int) -> str:
-    """medmnist's file name: dermamnist.npz at 28 px, dermamnist_{size}.npz otherwise."""
-    return f"{FLAG}.npz" if size == 28 else f"{FLAG}_{size}.npz"
-
-
-def resolve_root(root: str | os.PathLike | None) -> Path:
-    """--data-root, else $KDIST_DATA_ROOT, else medmnist's default root."""
-    return Path(root or os.environ.get("KDIST_DATA_ROOT") or DEFAULT_ROOT).expanduser()
-
-
-def _download(root: Path, size: int) -> None:
-    """Fetch the file through medmnist; raises KdistError when that is not possible (offline)."""
-    path = root / npz_name(size)
-    hint = f"put {npz_name(size)} in {root} or point --data-root / $KDIST_DATA_ROOT at a folder that has it"
-    if os.environ.get("KDIST_NO_DOWNLOAD"):
-        raise KdistError(f"data file {path} not found (downloads disabled); {hint}")
-    try:
-        from medmnist import DermaMNIST
-
-        root.mkdir(parents=True, exist_ok=True)
-        DermaMNIST(split="train", root=str(root), download=True, size=size)
-    except Exception as exc:  # medmnist/torchvision raise many kinds of network errors
-        raise KdistError(f"data file {path} not found and download failed ({type(exc).__name__}); {hint}") from None
-    if not path.exists():
-        raise KdistError(f"data file {path} not found after download; {hint}")
-
-
-def read_medmnist_npz(path: Path, size: int, info: dict = INFO) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read and validate a MedMNIST npz of any 2D flag against its entry in medmnist's INFO: split -> (uint8
-    images (N, size, size, 3), or (N, size, size) for one channel; int64 labels (N,)). The one npz reader."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-        arrays = {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise KdistError(f"{path} is not a readable npz file ({exc}); re-download it or fix --data-root") from None
-    shape = (size, size, 3) if info["n_channels"] == 3 else (size, size)
-    classes = len(info["label"])
-    splits = {}
-    for split in SPLITS:
-        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
-        if images is None or labels is None:
-            raise KdistError(
-                f"{path} lacks {split}_images/{split}_labels (has {sorted(arrays)}); it is not a medmnist file"
-            )
-        if images.dtype != np.uint8 or images.shape[1:] != shape:
-            raise KdistError(
-                f"{path}: {split}_images is {images.dtype} {images.shape}, expected uint8 "
-                f"(N, {', '.join(map(str, shape))}); check --size matches the file"
-            )
-        if labels.dtype.kind not in "iu" or labels.ndim not in (1, 2) or labels.shape[1:] not in ((), (1,)):
-            raise KdistError(f"{path}: {split}_labels is {labels.dtype} {labels.shape}, expected integers (N, 1)")
-        labels = labels.reshape(-1).astype(np.int64)
-        expected = info["n_samples"][split]
-        if len(images) != expected or len(labels) != expected:
-            raise KdistError(
-                f"{path}: {split} has {len(images)} images / {len(labels)} labels, "
-                f"medmnist's {info['python_class']} has {expected}; use the official file"
-            )
-        if labels.min() < 0 or labels.max() >= classes:
-            raise KdistError(f"{path}: {split}_labels range {labels.min()}..{labels.max()}, expected 0..{classes - 1}")
-        splits[split] = (images, labels)
-    return splits
-
-
-def load_npz(path: Path, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Read and validate DermaMNIST's npz; returns split -> (uint8 images NCHW, int64 labels)."""
-    # NHWC -> NCHW view: the memory stays NHWC, i.e. already channels_last.
-    return {
-        split: (torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels))
-        for split, (images, labels) in read_medmnist_npz(path, size).items()
-    }
-
-
-def load_dermamnist(root=None, size: int = 28, download: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Find (or download) and load DermaMNIST at `size` px from the data root."""
-    if size not in SIZES:
-        raise KdistError(f"size {size} is not a DermaMNIST resolution; choose one of {SIZES}")
-    root = resolve_root(root)
-    path = root / npz_name(size)
-    if not path.exists():
-        if not download:
-            raise KdistError(f"data file {path} not found; put {npz_name(size)} there or set --data-root")
-        _download(root, size)
-    return load_npz(path, size)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units of uint8 NCHW images (computed on the train split)."""
     # One row per channel in a fixed layout: the sums do not depend on how the images lie in memory (the npz's
     # NHWC view or shards' NCHW), so every data path gets the same normalisation to the last bit.
-    x = images.to(torch.float64).transpose(0, 1).reshape(3, -1).contiguous() / 255.0
+    x = images.to(torch.float64).transpose(0, 1).reshape(images.shape[1], -1).contiguous() / 255.0
     mean, std = x.mean(dim=1), x.std(dim=1)
     if not (std > 1e-6).all():  # normalising by a zero std would turn every input into NaN
         raise KdistError(f"train images have a constant channel (std {std.tolist()}); the data file is broken")
     return mean.tolist(), std.tolist()
 
 
-def class_weights(labels: torch.Tensor, mode: str = "none") -> torch.Tensor | None:
+def class_weights(labels: torch.Tensor, num_classes: int, mode: str = "none") -> torch.Tensor | None:
     """Per-class weights for the label loss against class imbalance (nevus is 67% of DermaMNIST):
     `inverse` 1/frequency, `inverse_sqrt` 1/sqrt(frequency), scaled to average 1 over the samples
     (so the loss keeps its scale); `none` gives None (plain cross-entropy)."""
     if mode == "none":
         return None
-    counts = torch.bincount(labels.flatten(), minlength=NUM_CLASSES).double()
+    counts = torch.bincount(labels.flatten(), minlength=num_classes).double()
     present = counts.clamp(min=1)  # an absent class gets a finite weight; it never occurs in the loss
     weights = 1 / present if mode == "inverse" else present.rsqrt()
     weights = weights * len(labels) / (weights * counts).sum()

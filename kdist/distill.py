@@ -31,10 +31,12 @@ def command(teachers, **opts):
     from .options import planned_config
     from .pipeline import distill_stage
     from .results import record_model, recorded
+    from .study_data import planned_dataset
 
     # The teachers are read before the run folder is touched: a missing or wrong file changes nothing. One file
-    # must hold the configured teacher (teacher_model.arch; --set it for another).
-    teacher = load_teacher(list(teachers), expect_arch=planned_config(opts, "student").teacher_model.arch)
+    # must hold the configured teacher (teacher_model.arch; --set it for another), trained on the data's classes.
+    cfg = planned_config(opts, "student")
+    teacher = load_teacher(list(teachers), cfg.teacher_model.arch, planned_dataset(cfg.data))
     study = open_study(opts, "distill", "student")
     distill_stage(study, teacher)
     if not recorded(study, "teacher"):

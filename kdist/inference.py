@@ -11,7 +11,7 @@ import torch
 
 from . import KdistError
 from .cache import logits_for_all_views
-from .data import CLASS_NAMES, to_float
+from .data import to_float
 from .files import atomic_output
 from .models import data_size_of, load_model, read_metadata
 from .preprocess import collect_images, load_image, to_batch
@@ -43,7 +43,7 @@ def predict_probs(
     for start in range(0, len(images), batch_size):
         batch = to_float(images[start : start + batch_size].to(device))
         chunks.append(torch.softmax(view_logits(model, batch, views).float(), dim=1).cpu())
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.dataset.num_classes), dtype=np.float32)
 
 
 def data_size(weights: Path) -> int:
@@ -62,8 +62,9 @@ def predict_files(
     """Rows of {file, predicted, prob_<class>...} (and teacher_* columns); plus one error line per unreadable file.
     `views` as in predict_probs, for every model."""
     models = {"": load_model(weights)}
+    classes = models[""].dataset.classes
     if teacher:
-        models["teacher_"] = load_model(teacher)
+        models["teacher_"] = load_model(teacher, expect_dataset=models[""].dataset)
     size = data_size(weights)
     if teacher and data_size(teacher) != size:
         raise KdistError(f"{teacher} was trained on {data_size(teacher)} px images, {weights} on {size} px")
@@ -90,8 +91,8 @@ def predict_files(
         chunk_rows = [{"file": str(path)} for path in good]
         for prefix, model in models.items():
             for row, probs in zip(chunk_rows, predict_probs(model, batch, views=views)):
-                row[f"{prefix}predicted"] = CLASS_NAMES[int(probs.argmax())]
-                row.update({f"{prefix}prob_{name}": round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)})
+                row[f"{prefix}predicted"] = classes[int(probs.argmax())]
+                row.update({f"{prefix}prob_{name}": round(float(p), 6) for name, p in zip(classes, probs)})
         rows += chunk_rows
     return rows, errors
 
@@ -136,17 +137,18 @@ def write_onnx(model: torch.nn.Module, size: int, out: Path) -> None:
 
 
 def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = None, views: str = "one") -> dict:
-    """ONNX with a dynamic batch axis; input float RGB [0, 1] NCHW, output 7 probabilities.
+    """ONNX with a dynamic batch axis; input float RGB [0, 1] NCHW, output one probability per class.
     When `check_images` (uint8 NCHW) are given, compares ONNX Runtime with PyTorch on them."""
     check_views(views)
-    model = WithSoftmax(load_model(weights).to(memory_format=torch.contiguous_format), views).eval()
+    classifier = load_model(weights)
+    model = WithSoftmax(classifier.to(memory_format=torch.contiguous_format), views).eval()
     size = data_size(weights)
     out = Path(out)
     write_onnx(model, size, out)
     report = {
         "onnx": str(out),
         "input": f"float32 [batch, 3, {size}, {size}] RGB in [0, 1]",
-        "classes": CLASS_NAMES,
+        "classes": list(classifier.dataset.classes),
         "views": views,
     }
     if check_images is not None:
@@ -158,3 +160,25 @@ def export_onnx(weights: Path, out: Path, check_images: torch.Tensor | None = No
         report["checked_images"] = len(check_images)
         report["max_abs_diff_probabilities"] = float(np.abs(got - expected).max())
     return report
+
+
+def test_images(weights: Path, data_root=None, shards=None, count: int = 512) -> torch.Tensor:
+    """The first `count` test images of the data the weights were trained on (uint8 NCHW): from `shards` (a
+    folder from `kdist shards`) when given, else from the weights' MedMNIST file in the data root."""
+    from .datasets import load_medmnist, medmnist_info
+    from .shard_data import evaluation_samples, read_manifest
+
+    size = data_size(weights)
+    if shards:
+        images = evaluation_samples(Path(shards), "test", size, manifest=read_manifest(Path(shards)))[0]
+    else:
+        name = load_model(weights).dataset.name
+        try:
+            medmnist_info(name)
+        except KdistError:
+            raise KdistError(
+                f"{weights} was trained on {name}, not a MedMNIST set; pass --shards FOLDER (its shards) for the test "
+                "images, or --check-images 0"
+            ) from None
+        images = load_medmnist(data_root, name, size, download=False)["test"][0]
+    return images[:count]

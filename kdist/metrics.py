@@ -1,7 +1,8 @@
 """Classification metrics from predicted probabilities, via scikit-learn and medmnist.
 
-AUC is medmnist's definition (mean of the one-vs-rest AUCs of the 7 classes), taken from
-medmnist's own evaluator so numbers are comparable with the MedMNIST v2 benchmark.
+AUC is medmnist's definition (the mean of the one-vs-rest AUCs of the classes; for two classes the AUC of the
+positive one, the same number), taken from medmnist's own evaluator so numbers are comparable with the
+MedMNIST v2 benchmark.
 """
 
 from __future__ import annotations
@@ -11,35 +12,39 @@ import torch
 from medmnist.evaluator import getAUC
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, precision_recall_fscore_support, roc_auc_score
 
-from .data import CLASS_NAMES, INFO, NUM_CLASSES
-
 ECE_BINS = 15
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Headline and per-class metrics of a split. `probs` is (N, C) softmax output, `labels` (N,)."""
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names=None) -> dict:
+    """Headline and per-class metrics of a split. `probs` is (N, C) softmax output, `labels` (N,); `class_names`
+    name the per-class entries (default "0".."C-1"). Per class: precision, recall (sensitivity), specificity, F1,
+    one-vs-rest AUC and support."""
     probs = np.asarray(probs, dtype=np.float64)
     probs = probs / probs.sum(1, keepdims=True)  # float32 softmax output sums to 1 only up to rounding
     labels = np.asarray(labels).reshape(-1)
     preds = probs.argmax(1)
-    classes = list(range(NUM_CLASSES))
+    classes = list(range(probs.shape[1]))
+    class_names = list(class_names) if class_names is not None else [str(c) for c in classes]
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
     per_class = {}
     for c in classes:
         present = (labels == c).any() and not (labels == c).all()
-        per_class[CLASS_NAMES[c]] = {
+        negatives = labels != c
+        per_class[class_names[c]] = {
             "precision": float(precision[c]),
             "recall": float(recall[c]),
+            "specificity": float((preds[negatives] != c).mean()) if negatives.any() else None,
             "f1": float(f1[c]),
             "auc": float(roc_auc_score(labels == c, probs[:, c])) if present else None,
             "support": int(support[c]),
         }
-    all_present = len(np.unique(labels)) == NUM_CLASSES
+    all_present = len(np.unique(labels)) == len(classes)
+    task = "binary-class" if len(classes) == 2 else "multi-class"
     return {
         "n": int(len(labels)),
         "loss": float(log_loss(labels, np.clip(probs, 1e-12, 1), labels=classes)),
         "acc": float((preds == labels).mean()),
-        "auc": float(getAUC(labels, probs, INFO["task"])) if all_present else None,
+        "auc": float(getAUC(labels, probs, task)) if all_present else None,
         "balanced_acc": float(balanced_accuracy_score(labels, preds)),
         "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0)),
         "ece": expected_calibration_error(probs, labels),
@@ -67,12 +72,12 @@ def sample_std(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def majority_baseline(train_labels: np.ndarray, labels: np.ndarray) -> dict:
+def majority_baseline(train_labels: np.ndarray, labels: np.ndarray, class_names) -> dict:
     """Always predict the train split's most common class, with the train class frequencies as
     probabilities (so the loss is the NLL of the class prior and the AUC is 0.5)."""
-    prior = np.bincount(np.asarray(train_labels), minlength=NUM_CLASSES) / len(train_labels)
+    prior = np.bincount(np.asarray(train_labels), minlength=len(class_names)) / len(train_labels)
     probs = np.tile(prior, (len(labels), 1))
-    return classification_metrics(probs, labels)
+    return classification_metrics(probs, labels, class_names)
 
 
 def mean_std_text(stat, pct: bool) -> str:

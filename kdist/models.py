@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import KdistError, __version__
-from .data import CLASS_NAMES, NUM_CLASSES
+from .datasets import DatasetSpec, default_spec
 from .files import atomic_output
 from .pretrained import EXTRA_ARCHS, build_backbone, load_imagenet, load_matching, pretrained_norm
 
@@ -129,13 +129,15 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class DermClassifier(nn.Module):
-    """Normalise, optionally upsample to `input_size`, then run a torchvision backbone."""
+    """Normalise, optionally upsample to `input_size`, then run a torchvision backbone with a head for the classes
+    of `dataset` (default: the default dataset's)."""
 
-    def __init__(self, arch: str, mean, std, input_size: int | None = None, num_classes: int = NUM_CLASSES):
+    def __init__(self, arch: str, mean, std, input_size: int | None = None, dataset: DatasetSpec | None = None):
         super().__init__()
-        self.arch, self.input_size, self.num_classes = arch, input_size, num_classes
+        self.dataset = dataset or default_spec()
+        self.arch, self.input_size, self.num_classes = arch, input_size, self.dataset.num_classes
         self.data_size: int | None = None  # the data file's image size it was trained on, once loaded from one
-        self.backbone = draw_per_global_batch(build_backbone(arch, num_classes))
+        self.backbone = draw_per_global_batch(build_backbone(arch, self.num_classes))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -149,7 +151,8 @@ class DermClassifier(nn.Module):
         return {
             "arch": self.arch,
             "num_classes": self.num_classes,
-            "classes": CLASS_NAMES,
+            "classes": list(self.dataset.classes),
+            "dataset": self.dataset.to_dict(),
             "input_size": self.input_size,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
@@ -158,13 +161,14 @@ class DermClassifier(nn.Module):
 
 
 def create_model(
-    name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=None, pretrained=None
+    name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=None, pretrained=None, dataset=None
 ) -> DermClassifier:
-    """`pretrained="imagenet"`: start from ImageNet weights, with the normalisation they were trained with."""
+    """`pretrained="imagenet"`: start from ImageNet weights, with the normalisation they were trained with.
+    `dataset`: the DatasetSpec whose classes the head predicts (default: the default dataset's)."""
     arch = resolve_arch(name)
     if pretrained:
         mean, std = pretrained_norm(arch)
-    model = DermClassifier(arch, mean, std, input_size)
+    model = DermClassifier(arch, mean, std, input_size, dataset)
     if pretrained:
         load_imagenet(model.backbone, arch)
     if arch.startswith(CHANNELS_LAST_PREFIXES):
@@ -188,16 +192,20 @@ class TeacherEnsemble(nn.Module):
                 f"the teachers were trained on different image sizes {data_sizes}; ensemble teachers of one size"
             )
         self.data_size = data_sizes[0]
+        if len({member.dataset.classes for member in members}) > 1:
+            raise KdistError("the teachers predict different classes; ensemble teachers trained on one dataset")
+        self.dataset = members[0].dataset
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(images) for member in self.members]).mean(0)
 
 
-def load_teacher(paths: list[Path], expect_arch: str | None = None) -> nn.Module:
-    """One teacher file: that model (checked against `expect_arch`). Several: their ensemble, any architectures."""
+def load_teacher(paths: list[Path], expect_arch: str | None = None, expect_dataset=None) -> nn.Module:
+    """One teacher file: that model (checked against `expect_arch`). Several: their ensemble, any architectures.
+    `expect_dataset`: the student's data, whose classes the teacher must predict."""
     if len(paths) == 1:
-        return load_model(paths[0], expect_arch)
-    return TeacherEnsemble([load_model(path) for path in paths]).eval()
+        return load_model(paths[0], expect_arch, expect_dataset)
+    return TeacherEnsemble([load_model(path, expect_dataset=expect_dataset) for path in paths]).eval()
 
 
 def count_params(model: nn.Module) -> int:
@@ -231,14 +239,27 @@ def data_size_of(meta: dict) -> int:
     return int(meta.get("data_size", 28))
 
 
-def load_model(path: Path, expect_arch: str | None = None) -> DermClassifier:
-    """Rebuild a DermClassifier from a kdist safetensors file. Never unpickles anything."""
+def dataset_of(meta: dict) -> DatasetSpec:
+    """The dataset weights were trained on (files from before it was recorded: the default dataset's classes)."""
+    if "dataset" in meta:
+        return DatasetSpec.from_dict(meta["dataset"])
+    return DatasetSpec(default_spec().name, tuple(meta["classes"]), default_spec().channels)
+
+
+def load_model(path: Path, expect_arch: str | None = None, expect_dataset: DatasetSpec | None = None) -> DermClassifier:
+    """Rebuild a DermClassifier from a kdist safetensors file. Never unpickles anything. `expect_dataset`: refuse
+    weights trained on other classes."""
     meta = read_metadata(path)
     if expect_arch and meta["arch"] != resolve_arch(expect_arch):
         raise KdistError(f"{path} holds a {meta['arch']}, expected {resolve_arch(expect_arch)}")
-    if meta["num_classes"] != NUM_CLASSES:
-        raise KdistError(f"{path} has {meta['num_classes']} classes, DermaMNIST has {NUM_CLASSES}")
-    model = create_model(meta["arch"], meta["mean"], meta["std"], meta["input_size"])
+    dataset = dataset_of(meta)
+    if expect_dataset and dataset.classes != expect_dataset.classes:
+        raise KdistError(
+            f"{path} predicts the {dataset.num_classes} classes of {dataset.name} ({', '.join(dataset.classes)}), the "
+            f"data has the {expect_dataset.num_classes} of {expect_dataset.name} ({', '.join(expect_dataset.classes)})"
+            "; use a model trained on this data"
+        )
+    model = create_model(meta["arch"], meta["mean"], meta["std"], meta["input_size"], dataset=dataset)
     load_state(model, path)
     model.data_size = data_size_of(meta)
     return model.eval()

@@ -48,8 +48,15 @@ def study_options(command=None, *, without: tuple = ()):
     options = [
         click.option("--config", type=PATH, help="YAML config file (see configs/default.yaml)"),
         click.option("--out", type=PATH, help="run folder (default: runs/<timestamp>)"),
-        click.option("--data-root", help="folder with dermamnist.npz (default: $KDIST_DATA_ROOT, else ~/.medmnist)"),
-        click.option("--size", type=int, help="image size of the data file: 28 (default), 64, 128 or 224"),
+        click.option(
+            "--flag", help="the MedMNIST 2D set to train on (data.flag; default dermamnist), e.g. breastmnist"
+        ),
+        click.option("--data-root", help="folder with the MedMNIST npz (default: $KDIST_DATA_ROOT, else ~/.medmnist)"),
+        click.option(
+            "--size",
+            type=int,
+            help="image side the models get: 28 (default), 64, 128 or 224 from a MedMNIST file; any from shards",
+        ),
         click.option(
             "--shards",
             metavar="auto|FOLDER|none",
@@ -142,6 +149,7 @@ def config_overrides(opts: dict, role: str | None = None) -> list[dict]:
     that --weights and --pretrained apply to."""
     overrides = [QUICK] if opts.get("quick") else []
     flags = {
+        ("data", "flag"): opts.get("flag"),
         ("data", "root"): opts.get("data_root"),
         ("data", "size"): opts.get("size"),
         ("data", "shards"): str(opts["shards"]) if opts.get("shards") else None,

@@ -30,6 +30,7 @@ from . import KdistError, __version__
 from .cache import teacher_cache
 from .config import Config
 from .data import class_weights, subset
+from .datasets import DatasetSpec, default_spec
 from .engine import fit
 from .files import atomic_output, atomic_write_text
 from .models import DermClassifier, create_model, load_model, load_state, save_weights
@@ -57,6 +58,7 @@ class Study:
     cache_dir: Path | None = None  # teacher-logit caches; default <out>/cache (a sweep shares one)
     other_sizes: dict = field(default_factory=dict)  # {size: splits} of other data files, for teachers of those files
     shard_folder: Path | None = None  # where the data is read from, when from shards
+    dataset: DatasetSpec = field(default_factory=default_spec)  # its classes, which every model predicts
 
     @classmethod
     def open(
@@ -77,7 +79,16 @@ class Study:
             out.mkdir(parents=True, exist_ok=True)
         check_shared_folder(out, accelerator.is_main_process)  # before any stage's work is spent
         study = cls(
-            cfg, out, accelerator, splits, data.mean, data.std, resume, eval_splits, shard_folder=data.shard_folder
+            cfg,
+            out,
+            accelerator,
+            splits,
+            data.mean,
+            data.std,
+            resume,
+            eval_splits,
+            shard_folder=data.shard_folder,
+            dataset=data.spec,
         )
         if (
             accelerator.is_main_process and not (out / "config.yaml").exists()
@@ -203,7 +214,7 @@ class Study:
 
     def new_model(self, role: str) -> DermClassifier:
         spec = self.cfg.teacher_model if role == "teacher" else self.cfg.student_model
-        model = create_model(spec.arch, self.mean, self.std, spec.input_size, spec.pretrained)
+        model = create_model(spec.arch, self.mean, self.std, spec.input_size, spec.pretrained, self.dataset)
         if spec.weights:
             load_state(model, Path(spec.weights))
         return model
@@ -251,7 +262,7 @@ def train_stage(study: Study, role: str) -> DermClassifier:
     stage = study.cfg.teacher if role == "teacher" else study.cfg.student
     study.claim(role)
     study.seed()
-    weights = class_weights(study.splits["train"][1], stage.class_weights)
+    weights = class_weights(study.splits["train"][1], study.dataset.num_classes, stage.class_weights)
     with stage_run(study, role):
         model, seconds = fit_stage(study, role, study.new_model(role), Supervised(stage, weights), stage)
         if study.is_main:
@@ -263,7 +274,7 @@ def train_stage(study: Study, role: str) -> DermClassifier:
 def teacher_stage(study: Study) -> DermClassifier:
     """The study's teacher: loaded when a resumed study already finished it, else trained."""
     if study.finished("teacher"):
-        return load_model(study.out / "teacher.safetensors")
+        return load_model(study.out / "teacher.safetensors", expect_dataset=study.dataset)
     return train_stage(study, "teacher")
 
 
@@ -271,6 +282,11 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
     """Distill a fresh student from a frozen teacher; save and evaluate its best-on-val weights."""
     # A teacher loaded from a file sees the train images at the size it was trained on (e.g. the 64 px file
     # teaching a 28 px student); the student only ever sees its own data.
+    if teacher.dataset.classes != study.dataset.classes:
+        raise KdistError(
+            f"the teacher predicts the classes of {teacher.dataset.name} ({', '.join(teacher.dataset.classes)}), the "
+            f"data is {study.dataset.name} ({', '.join(study.dataset.classes)}); distill from a teacher of this data"
+        )
     teacher_size = study.size_for(teacher)
     kd, mode = study.cfg.kd, study.teacher_mode(teacher_size)
     if mode == "cached" and (study.cfg.distill.mixup_alpha or study.cfg.distill.cutmix_alpha):
@@ -284,7 +300,7 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
             "a teacher of another size needs kd.teacher_mode: cached"
         )
     study.claim("distilled")
-    weights = class_weights(study.splits["train"][1], study.cfg.distill.class_weights)
+    weights = class_weights(study.splits["train"][1], study.dataset.num_classes, study.cfg.distill.class_weights)
     images, labels = study.split_at("train", teacher_size)  # a teacher of another file: the same samples, checked
     teacher.to(study.device)
     val_teacher_logits, _ = gathered_logits(study.accelerator, teacher, *study.split_at("val", teacher_size))

@@ -12,10 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
-from .data import CLASS_NAMES  # noqa: E402
 from .metrics import ECE_BINS  # noqa: E402
 
-SHORT_NAMES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]  # HAM10000's abbreviations, in label order
+# HAM10000's abbreviations of DermaMNIST's class names, for axes and titles; other names are cut to 10 letters
+ABBREVIATIONS = {
+    "actinic keratoses and intraepithelial carcinoma": "akiec",
+    "basal cell carcinoma": "bcc",
+    "benign keratosis-like lesions": "bkl",
+    "dermatofibroma": "df",
+    "melanoma": "mel",
+    "melanocytic nevi": "nv",
+    "vascular lesions": "vasc",
+}
 COLORS = {"teacher": "tab:blue", "student": "tab:orange", "distilled": "tab:green"}
 LABELS = {"teacher": "Teacher", "student": "Student (alone)", "distilled": "Student (distilled)"}
 
@@ -81,8 +89,13 @@ def comparison(histories: dict[str, dict], out: Path) -> list[Path]:
     return paths
 
 
-def prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, name: str, out: Path) -> Path:
+def short_names(classes) -> list[str]:
+    return [ABBREVIATIONS.get(name, name[:10]) for name in classes]
+
+
+def prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, name: str, out: Path, classes) -> Path:
     """Test images (NHWC uint8, upscaled by imshow) titled predicted/true; green right, red wrong."""
+    short = short_names(classes)
     side = int(np.ceil(np.sqrt(len(images))))
     fig, axes = plt.subplots(side, side, figsize=(1.7 * side, 1.85 * side))
     for ax in np.ravel(axes):
@@ -91,7 +104,7 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, n
         pred = int(prob.argmax())
         ax.imshow(image, interpolation="nearest")
         ax.set_title(
-            f"pred {SHORT_NAMES[pred]} {prob[pred]:.2f}\ntrue {SHORT_NAMES[label]}",
+            f"pred {short[pred]} {prob[pred]:.2f}\ntrue {short[label]}",
             fontsize=8,
             color="green" if pred == label else "red",
         )
@@ -99,9 +112,9 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, n
     return _save(fig, out / f"{name}_test_grid.png")
 
 
-def confusion(labels: np.ndarray, probs: np.ndarray, name: str, out: Path) -> Path:
+def confusion(labels: np.ndarray, probs: np.ndarray, name: str, out: Path, classes) -> Path:
     """Row-normalised confusion matrix (rows: true class; each row sums to 1 = recall)."""
-    matrix = confusion_matrix(labels, probs.argmax(1), labels=range(len(CLASS_NAMES)), normalize="true")
+    matrix = confusion_matrix(labels, probs.argmax(1), labels=range(len(classes)), normalize="true")
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     im = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(matrix)):
@@ -115,9 +128,9 @@ def confusion(labels: np.ndarray, probs: np.ndarray, name: str, out: Path) -> Pa
                 fontsize=7,
                 color="white" if matrix[i, j] > 0.5 else "black",
             )
-    ticks = range(len(CLASS_NAMES))
-    ax.set_xticks(ticks, SHORT_NAMES)
-    ax.set_yticks(ticks, SHORT_NAMES)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, short_names(classes))
+    ax.set_yticks(ticks, short_names(classes))
     ax.set(xlabel="predicted", ylabel="true", title=f"{LABELS.get(name, name)}: test confusion (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, out / f"{name}_confusion.png")

@@ -41,6 +41,18 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     return image
 
 
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def source_channels(data: bytes, name: str = "image") -> int:
+    """1 for a grayscale image file, 3 for colour (read from the header; decode_image names a broken file)."""
+    try:
+        return 1 if Image.open(io.BytesIO(data)).mode in GRAYSCALE_MODES else 3
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        decode_image(data, name)  # raises the one-line error naming what is wrong
+        raise
+
+
 def decode_image(data: bytes, name: str = "image") -> Image.Image:
     """Bytes -> RGB PIL image, or KdistError naming what is wrong."""
     if not data:

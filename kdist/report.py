@@ -15,17 +15,18 @@ from pathlib import Path
 import numpy as np
 
 from . import KdistError, plots
-from .data import CLASS_NAMES
 from .files import atomic_write_text
 from .metrics import mean_std_text, sample_std
 from .plots import LABELS
 
-MELANOMA = CLASS_NAMES.index("melanoma")
-# Published numbers on the official DermaMNIST file (Yang et al., MedMNIST v2, Sci. Data 2023, Table 3).
-PUBLISHED = [
-    ("ResNet-18 (28), MedMNIST v2 [published]", 0.735, 0.917),
-    ("Google AutoML Vision, MedMNIST v2 [published]", 0.768, 0.914),
-]
+# Published numbers per dataset and size (MedMNIST v2: Yang et al., Sci. Data 2023, Table 3), shown beside a
+# study of that dataset.
+PUBLISHED = {
+    ("dermamnist", 28): [
+        ("ResNet-18 (28), MedMNIST v2 [published]", 0.735, 0.917),
+        ("Google AutoML Vision, MedMNIST v2 [published]", 0.768, 0.914),
+    ],
+}
 COLUMNS = [
     ("loss", "Loss", False),
     ("acc", "Accuracy", True),
@@ -33,7 +34,8 @@ COLUMNS = [
     ("balanced_acc", "Balanced acc", True),
     ("macro_f1", "Macro F1", False),
     ("ece", "ECE", False),
-    ("mel_recall", "Melanoma recall", True),
+    ("sensitivity", "Sensitivity", True),  # of the positive class (report.positive_class)
+    ("specificity", "Specificity", True),
 ]
 
 
@@ -50,21 +52,34 @@ def seed_runs(run_dir: Path) -> list[Path]:
     return [p.parent for p in runs]
 
 
-def headline(metrics: dict) -> dict:
-    out = {key: metrics.get(key) for key, _, _ in COLUMNS if key != "mel_recall"}
-    out["mel_recall"] = metrics["per_class"]["melanoma"]["recall"]
+def positive_class(result: dict) -> str | None:
+    """The class whose sensitivity and specificity are reported (results written before it was recorded: melanoma,
+    where the classes hold it)."""
+    if "positive_class" in result:
+        return result["positive_class"]
+    entry = next(iter(result["models"].values()))
+    return "melanoma" if "melanoma" in (entry.get("test") or entry["val"])["per_class"] else None
+
+
+def headline(metrics: dict, positive: str | None) -> dict:
+    out = {key: metrics.get(key) for key, _, _ in COLUMNS[:-2]}
+    chosen = metrics["per_class"][positive] if positive else {}
+    out["sensitivity"], out["specificity"] = chosen.get("recall"), chosen.get("specificity")
     return out
 
 
 def aggregate(results: list[dict]) -> dict:
     """{model: {split: {metric: (mean, std, [values])}}} over seeds, plus params/arch."""
     out = {}
+    positive = positive_class(results[0])
     names = [n for n in results[0]["models"] if all(n in r["models"] for r in results)]
     for name in names + ["majority"]:
         entry = {}
         for split in ("val", "test"):
             rows = [
-                headline(r["baselines"]["majority"][split] if name == "majority" else r["models"][name][split])
+                headline(
+                    r["baselines"]["majority"][split] if name == "majority" else r["models"][name][split], positive
+                )
                 for r in results
             ]
             entry[split] = {}
@@ -77,16 +92,21 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
-def main_table(summary: dict, split: str) -> tuple[list[str], list[list[str]]]:
-    header = ["Model", "Arch", "Params"] + [label for _, label, _ in COLUMNS]
+def main_table(summary: dict, split: str, result: dict) -> tuple[list[str], list[list[str]]]:
+    """The models' headline metrics on `split`, the published rows of the dataset (on test) below them."""
+    positive = positive_class(result)
+    header = ["Model", "Arch", "Params"] + [
+        f"{positive} {label.lower()}" if key in ("sensitivity", "specificity") and positive else label
+        for key, label, _ in COLUMNS
+    ]
     rows = []
     for name, entry in summary.items():
-        label = "Majority class (always nevus)" if name == "majority" else LABELS.get(name, name)
+        label = "Majority class (train prior)" if name == "majority" else LABELS.get(name, name)
         arch, params = ("-", "-") if name == "majority" else (entry["arch"], f"{entry['params'] / 1e6:.2f}M")
         rows.append([label, arch, params] + [mean_std_text(entry[split][key], pct) for key, _, pct in COLUMNS])
     if split == "test":
-        for label, acc, auc in PUBLISHED:
-            rows.append([label, "-", "-", "-", f"{100 * acc:.2f}%", f"{auc:.4f}", "-", "-", "-", "-"])
+        for label, acc, auc in PUBLISHED.get((result.get("dataset"), result.get("size")), []):
+            rows.append([label, "-", "-", "-", f"{100 * acc:.2f}%", f"{auc:.4f}"] + ["-"] * (len(COLUMNS) - 3))
     return header, rows
 
 
@@ -111,7 +131,7 @@ def per_seed_table(results: list[dict], runs: list[Path]) -> tuple[list[str], li
 
 
 def per_class_table(result: dict, name: str) -> tuple[list[str], list[list[str]]]:
-    header = ["Class", "Support", "Precision", "Recall", "F1", "AUC (one-vs-rest)"]
+    header = ["Class", "Support", "Precision", "Recall", "Specificity", "F1", "AUC (one-vs-rest)"]
     rows = []
     for cls, m in result["models"][name]["test"]["per_class"].items():
         rows.append(
@@ -120,6 +140,7 @@ def per_class_table(result: dict, name: str) -> tuple[list[str], list[list[str]]
                 str(m["support"]),
                 f"{m['precision']:.3f}",
                 f"{m['recall']:.3f}",
+                f"{m['specificity']:.3f}" if m.get("specificity") is not None else "n/a",
                 f"{m['f1']:.3f}",
                 f"{m['auc']:.3f}" if m["auc"] is not None else "n/a",
             ]
@@ -131,6 +152,7 @@ def make_figures(run: Path, result: dict, figures: Path) -> list[tuple[str, str]
     """Draw every figure that the saved logs and predictions allow; returns (file, caption) pairs."""
     figures.mkdir(exist_ok=True)
     names = list(result["models"])
+    classes = result.get("classes") or list(next(iter(result["models"].values()))["test"]["per_class"])
     drawn = []
     histories = {n: plots.read_history(run / n) for n in names if (run / n / "metrics.csv").exists()}
     for name, history in histories.items():
@@ -149,13 +171,16 @@ def make_figures(run: Path, result: dict, figures: Path) -> list[tuple[str, str]
         with np.load(samples, allow_pickle=False) as saved:
             indices, images = saved["indices"], saved["images"]
         for name, (labels, probs) in predictions.items():
-            path = plots.prediction_grid(images, labels[indices], probs[indices], name, figures)
+            path = plots.prediction_grid(images, labels[indices], probs[indices], name, figures, classes)
             drawn.append(
                 (path, f"{LABELS.get(name, name)}: the same {len(indices)} random test images for every model")
             )
     for name, (labels, probs) in predictions.items():
         drawn.append(
-            (plots.confusion(labels, probs, name, figures), f"{LABELS.get(name, name)}: confusion matrix on test")
+            (
+                plots.confusion(labels, probs, name, figures, classes),
+                f"{LABELS.get(name, name)}: confusion matrix on test",
+            )
         )
     if predictions:
         eces = {name: result["models"][name]["test"]["ece"] for name in predictions}
@@ -225,14 +250,18 @@ def write_report(run_dir: Path) -> Path:
     summary = aggregate(results)
     first = results[0]
     seeds = [r["seed"] for r in results]
-    title = f"kdist: DermaMNIST {first['size']} px, " + (f"seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}")
+    title = f"kdist: {first['dataset']} {first['size']} px, " + (
+        f"seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    )
+    published = PUBLISHED.get((first.get("dataset"), first.get("size")))
     blocks = [
         ("h1", title),
         (
             "p",
             "Checkpoints are chosen on val accuracy; test is evaluated once per final model. Loss is the test "
             "negative log-likelihood, AUC medmnist's mean one-vs-rest AUC, ECE the expected calibration error "
-            "with 15 bins. The majority row predicts the train class frequencies (argmax: nevus)."
+            "with 15 bins; sensitivity and specificity are those of the positive class (report.positive_class). The "
+            "majority row predicts the train class frequencies."
             + (
                 f" Cells are mean ± std over {len(seeds)} seeds; differences under one point are noise, not gains."
                 if len(seeds) > 1
@@ -240,15 +269,17 @@ def write_report(run_dir: Path) -> Path:
             ),
         ),
         ("h2", "Test"),
-        ("table", *main_table(summary, "test")),
-        (
-            "p",
-            "Published rows are the MedMNIST v2 benchmark on the official 28 px file (Yang et al., Sci. Data 2023); "
-            "kdist reads a file rebuilt from HAM10000 with the official split, so they are comparable, not identical.",
-        ),
-        ("h2", "Val"),
-        ("table", *main_table(summary, "val")),
+        ("table", *main_table(summary, "test", first)),
     ]
+    if published:
+        blocks.append(
+            (
+                "p",
+                "Published rows are the MedMNIST v2 benchmark on the official file (Yang et al., Sci. Data 2023); "
+                "kdist reads a file rebuilt from HAM10000 with the official split: comparable, not identical.",
+            )
+        )
+    blocks += [("h2", "Val"), ("table", *main_table(summary, "val", first))]
     if "wall_time_s" in first:
         blocks.append(
             (
@@ -272,6 +303,8 @@ def write_report(run_dir: Path) -> Path:
     if len(runs) > 1:  # the multi-seed record: every headline metric as mean, std and per-seed values
         record = {
             "dataset": first["dataset"],
+            "classes": first.get("classes"),
+            "positive_class": positive_class(first),
             "size": first["size"],
             "seeds": seeds,
             "runs": [r.name for r in runs],

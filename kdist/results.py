@@ -44,7 +44,7 @@ def record_model(
             split_labels.numpy(),
         )
         arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs[split].astype(np.float32), labels[split]
-        entry[split] = classification_metrics(probs[split], labels[split])
+        entry[split] = classification_metrics(probs[split], labels[split], study.dataset.classes)
     model.cpu()
     if study.is_main:
         (study.out / "predictions").mkdir(exist_ok=True)
@@ -74,10 +74,21 @@ def record_result(study, name: str, entry: dict) -> None:
     with locked(study.out / ".results.lock"):
         results = json.loads(path.read_text()) if path.exists() else {}
         train_labels = study.splits["train"][1].numpy()
-        results.update({"dataset": "dermamnist", "size": study.cfg.data.size, "seed": study.cfg.seed})
+        dataset = study.dataset
+        positive = dataset.positive_index(study.cfg.report.positive_class)
+        results.update(
+            {
+                "dataset": dataset.name,
+                "classes": list(dataset.classes),
+                "positive_class": None if positive is None else dataset.classes[positive],
+                "size": study.cfg.data.size,
+                "seed": study.cfg.seed,
+            }
+        )
         results["baselines"] = {
             "majority": {
-                split: majority_baseline(train_labels, study.splits[split][1].numpy()) for split in study.eval_splits
+                split: majority_baseline(train_labels, study.splits[split][1].numpy(), dataset.classes)
+                for split in study.eval_splits
             }
         }
         results.setdefault("models", {})[name] = entry

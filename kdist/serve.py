@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from . import KdistError
-from .data import CLASS_NAMES
 from .inference import data_size, predict_probs
 from .models import load_model
 from .preprocess import decode_image, to_batch, to_model_array
@@ -63,8 +62,9 @@ class Classifier:
     def __init__(self, weights: Path, teacher: Path | None = None, views: str = "one"):
         self.size, self.views = data_size(weights), views
         self.models = {"student": load_model(weights)}
+        self.classes = self.models["student"].dataset.classes
         if teacher:
-            self.models["teacher"] = load_model(teacher)
+            self.models["teacher"] = load_model(teacher, expect_dataset=self.models["student"].dataset)
         self.lock = threading.Lock()
 
     def classify(self, data: bytes) -> dict:
@@ -74,8 +74,8 @@ class Classifier:
             for role, model in self.models.items():
                 probs = predict_probs(model, batch, views=self.views)[0]
                 out[role] = {
-                    "predicted": CLASS_NAMES[int(probs.argmax())],
-                    "probabilities": {name: round(float(p), 6) for name, p in zip(CLASS_NAMES, probs)},
+                    "predicted": self.classes[int(probs.argmax())],
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(self.classes, probs)},
                 }
         return out
 

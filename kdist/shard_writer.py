@@ -18,30 +18,27 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import KdistError
-from .data import channel_stats, read_medmnist_npz, resolve_root
+from .data import channel_stats
+from .datasets import as_rgb_nchw, medmnist_info, medmnist_spec, npz_name, read_medmnist_npz, resolve_root
 from .files import atomic_write_text
-from .preprocess import IMAGE_SUFFIXES, decode_image
+from .preprocess import IMAGE_SUFFIXES, decode_image, source_channels
 from .shard_data import FORMAT, MANIFEST, read_manifest, sha256
 
 
 def medmnist_samples(root, flag: str, size: int) -> tuple[dict, dict]:
-    """{split: iterator of (png bytes, label, index)} and facts of a MedMNIST file of any 2D flag and size."""
-    from medmnist import INFO
-
-    if flag not in INFO:
-        raise KdistError(f"--flag {flag!r} is not a MedMNIST dataset; choose one of {', '.join(sorted(INFO))}")
-    info = INFO[flag]
-    path = resolve_root(root) / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
+    """{split: (images, labels)} and manifest facts of a MedMNIST file of any 2D flag and size."""
+    info = medmnist_info(flag)
+    path = resolve_root(root) / npz_name(flag, size)
     if not path.exists():
         raise KdistError(
             f"data file {path} not found; put it there or point --data-root / $KDIST_DATA_ROOT at its folder"
         )
     splits = read_medmnist_npz(path, size, info)
-    classes = [info["label"][str(i)] for i in range(len(info["label"]))]
-    return splits, {"source": str(path), "flag": flag, "classes": classes, "image_size": size}
+    spec = medmnist_spec(flag)
+    facts = {"source": str(path), "flag": flag, "classes": list(spec.classes), "channels": spec.channels}
+    return splits, {**facts, "image_size": size}
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -52,8 +49,9 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def folder_samples(source: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(path, label) rows of an image folder with one sub-folder per class (sorted names), or of a CSV of path,label."""
+def folder_samples(source: Path) -> list[tuple[Path, str]]:
+    """(path, class name) rows of an image folder with one sub-folder per class, or of a CSV of path,label (a
+    header line allowed; paths relative to the CSV's folder; labels are class names, or numbers)."""
     source = Path(source)
     if source.is_dir():
         classes = sorted(p.name for p in source.iterdir() if p.is_dir())
@@ -61,30 +59,51 @@ def folder_samples(source: Path) -> tuple[list[tuple[Path, int]], list[str]]:
             raise KdistError(
                 f"{source} has no class sub-folders; give one sub-folder per class, or a CSV of path,label"
             )
-        rows = [
-            (path, label)
-            for label, name in enumerate(classes)
-            for path in sorted((source / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        return rows, classes
+        rows = []
+        for name in classes:
+            found = [path for path in sorted((source / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
+            if not found:
+                raise KdistError(f"class folder {source / name} holds no images; add some or remove the folder")
+            rows += [(path, name) for path in found]
+        return rows
     import csv
 
     try:
         with open(source, newline="") as handle:
             table = [row for row in csv.reader(handle) if row]
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise KdistError(f"{source} not found; give an image folder or a CSV of path,label") from None
-    if table and not table[0][1].strip().lstrip("-").isdigit():
-        table = table[1:]  # a header line
+    if table and [cell.strip().lower() for cell in table[0][:2]] == ["path", "label"]:
+        table = table[1:]
     rows = []
     for number, row in enumerate(table, start=1):
-        if len(row) < 2 or not row[1].strip().lstrip("-").isdigit():
-            raise KdistError(f"{source}, row {number}: expected path,integer label, got {row}")
-        path = Path(row[0]) if Path(row[0]).is_absolute() else source.parent / row[0]
-        rows.append((path, int(row[1])))
-    classes = [str(i) for i in range(max(label for _, label in rows) + 1)] if rows else []
-    return rows, classes
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise KdistError(f"{source}, row {number}: expected path,label, got {row}")
+        path = Path(row[0].strip())
+        rows.append((path if path.is_absolute() else source.parent / path, row[1].strip()))
+    return rows
+
+
+def class_order(names) -> list[str]:
+    """Class names in label order: numerically when every name is a whole number, else alphabetically."""
+    names = set(names)
+    numeric = all(name.lstrip("-").isdigit() for name in names)
+    return sorted(names, key=int) if numeric else sorted(names)
+
+
+def _resized(data: bytes, image, side: int, suffix: str) -> tuple[bytes, str]:
+    """(bytes, extension) of the image scaled so its shorter side is `side` px (aspect kept), re-encoded: JPEG
+    (quality 95) for JPEG sources, PNG otherwise. Images already that small keep their bytes."""
+    from PIL import Image
+
+    if min(image.size) <= side:
+        return data, suffix
+    scale = side / min(image.size)
+    size = (max(side, round(image.width * scale)), max(side, round(image.height * scale)))
+    buffer = io.BytesIO()
+    jpeg = suffix in ("jpg", "jpeg")
+    image.resize(size, Image.BILINEAR).save(buffer, format="JPEG" if jpeg else "PNG", quality=95)
+    return buffer.getvalue(), "jpg" if jpeg else "png"
 
 
 def write_split(out: Path, split: str, samples, maxcount: int, maxsize: int) -> dict:
@@ -137,38 +156,73 @@ def write_medmnist(root, flag: str, size: int, out: Path, maxcount: int = 2000, 
             maxcount,
             maxsize,
         )
-    train = torch.from_numpy(splits["train"][0])  # the statistics training computes on these images, decoded
-    train = train.permute(0, 3, 1, 2) if train.ndim == 4 else train[:, None].expand(-1, 3, -1, -1)
-    manifest["channel_mean"], manifest["channel_std"] = channel_stats(train)
+    # the statistics training computes on these images, decoded
+    manifest["channel_mean"], manifest["channel_std"] = channel_stats(as_rgb_nchw(splits["train"][0]))
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
-def write_images(source: Path, out: Path, split: str = "train", maxcount: int = 2000, maxsize: int = 1 << 30) -> dict:
-    """Shards of an image folder or CSV (the original bytes), as one split; added to the folder's manifest."""
-    rows, classes = folder_samples(source)
+def write_images(
+    source: Path,
+    out: Path,
+    split: str = "train",
+    maxcount: int = 2000,
+    maxsize: int = 1 << 30,
+    resize: int | None = None,
+) -> dict:
+    """Shards of an image folder or CSV, as one split, added to the folder's manifest: the original bytes, or with
+    `resize` the image scaled to that shorter side. The first split written names the classes; later ones must
+    use only those. A split mixing grayscale and colour images, or unlike the earlier splits, is refused."""
+    rows = folder_samples(source)
     if not rows:
         raise KdistError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     manifest = read_manifest(out) if (out / MANIFEST).exists() else {"format": FORMAT, "splits": {}}
     if split in manifest["splits"] or list(out.glob(f"{split}-*.tar")):
         raise KdistError(f"{out} already holds a {split} split; choose another --out or --split")
-
+    classes = manifest.get("classes") or class_order(name for _, name in rows)
+    unknown = sorted({name for _, name in rows} - set(classes))
+    if unknown:
+        raise KdistError(
+            f"{source}: label(s) {', '.join(unknown)} are not among the classes of the splits already in {out} "
+            f"({', '.join(classes)}); fix the labels or write the splits into a new --out"
+        )
+    index_of = {name: i for i, name in enumerate(classes)}
     moments = np.zeros((3, 3))  # per channel: pixel count, sum, sum of squares (in [0, 1] units), for normalisation
+    modes = {}  # grayscale or colour -> the first file of that kind
 
     def samples():
-        for index, (path, label) in enumerate(rows):
+        for index, (path, name) in enumerate(rows):
             try:
                 data = path.read_bytes()
             except OSError as exc:
                 raise KdistError(f"{path}: cannot read ({exc.strerror}); fix or remove that row") from None
-            pixels = (
-                np.asarray(decode_image(data, str(path)), dtype=np.float64).reshape(-1, 3) / 255.0
-            )  # unreadable: refused now
+            modes.setdefault(source_channels(data, str(path)), path)
+            if len(modes) > 1:
+                raise KdistError(
+                    f"{source} mixes grayscale ({modes[1]}) and colour ({modes[3]}) images; convert them to one mode"
+                )
+            image = decode_image(data, str(path))  # unreadable: refused now
+            suffix = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            if resize:
+                data, suffix = _resized(data, image, resize, suffix)
+                image = decode_image(data, str(path))  # the statistics of the pixels stored
+            pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
             moments[:] += [[len(pixels)] * 3, pixels.sum(0), (pixels**2).sum(0)]
-            yield data, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"), label, index
+            yield data, suffix, index_of[name], index
 
-    manifest.update({"source": str(source), "classes": classes, "image_size": None})
-    manifest["splits"][split] = write_split(out, split, samples(), maxcount, maxsize)
+    entry = write_split(out, split, samples(), maxcount, maxsize)
+    channels = next(iter(modes))
+    if manifest.get("channels", channels) != channels:
+        for path in out.glob(f"{split}-*.tar"):
+            path.unlink()
+        raise KdistError(
+            f"{source} holds {'grayscale' if channels == 1 else 'colour'} images, the earlier splits in {out} do not; "
+            "convert them to one mode"
+        )
+    # the dataset's name (in results and weights): the shard folder's, as the user named it
+    manifest.setdefault("name", Path(out).resolve().name)
+    manifest.update({"classes": classes, "channels": channels, "image_size": resize})
+    manifest["splits"][split] = {"source": str(source), **entry}
     if split == "train":
         count, mean = moments[0], moments[1] / moments[0]
         # The sample std, as data.channel_stats computes it on images in memory, here from running sums.

@@ -20,19 +20,27 @@ from .shard_writer import write_images, write_medmnist
 @click.option(
     "--images",
     type=PATH,
-    help="instead of a MedMNIST file: an image folder (one sub-folder per class) or a CSV of path,label",
+    help="instead of a MedMNIST file: an image folder (one sub-folder per class) or a CSV of path,label (label: "
+    "the class name)",
 )
 @click.option("--split", default="train", show_default=True, help="with --images: the split these images form")
+@click.option(
+    "--resize",
+    type=int,
+    help="with --images: store each image scaled to this shorter side (aspect kept; default: the original bytes)",
+)
 @click.option("--maxcount", type=int, default=2000, show_default=True, help="samples per shard at most")
 @click.option("--maxsize", type=int, default=1 << 30, show_default=True, help="bytes per shard at most")
 @click.option("--verify", "verify_only", is_flag=True, help="check the shards in --out against their manifest and stop")
-def command(out, data_root, flag, size, images, split, maxcount, maxsize, verify_only):
+def command(out, data_root, flag, size, images, split, resize, maxcount, maxsize, verify_only):
     """Write webdataset shards from a MedMNIST file or an image folder / CSV, with a manifest of counts,
     class histograms and sha256 per shard (or check them with --verify)."""
+    if resize is not None and (not images or resize < 8):
+        raise click.UsageError("--resize N (N >= 8) applies to --images only")
     if verify_only:
         manifest = verify(out)
     elif images:
-        manifest = write_images(images, out, split, maxcount, maxsize)
+        manifest = write_images(images, out, split, maxcount, maxsize, resize)
     else:
         manifest = write_medmnist(data_root, flag, size, out, maxcount, maxsize)
     for name, entry in manifest["splits"].items():

@@ -15,15 +15,8 @@ from pathlib import Path
 import torch
 
 from . import KdistError
-from .data import (
-    FLAG,
-    NUM_CLASSES,
-    MemoryImages,
-    channel_stats,
-    load_dermamnist,
-    npz_name,
-    resolve_root,
-)
+from .data import MemoryImages, channel_stats
+from .datasets import DatasetSpec, load_medmnist, manifest_spec, medmnist_spec, npz_name, resolve_root
 from .ranks import main_first
 from .shard_data import (
     MANIFEST,
@@ -43,26 +36,25 @@ def cache_folder(npz: Path, flag: str, size: int) -> Path:
     return base / f"{flag}_{size}-{sha256(npz)[:12]}"
 
 
-def auto_shards(root, size: int, download: bool = True) -> Path:
-    """The cached shard set of the DermaMNIST file at `size`, written on first use (into a temporary folder,
+def auto_shards(root, flag: str, size: int, download: bool = True) -> Path:
+    """The cached shard set of the MedMNIST file `flag` at `size`, written on first use (into a temporary folder,
     then renamed: a set is there whole or not at all, also when two jobs race). `download`: data.download."""
     import shutil
 
-    npz = resolve_root(root) / npz_name(size)
+    npz = resolve_root(root) / npz_name(flag, size)
     if not npz.exists():
-        load_dermamnist(root, size, download)  # downloads it (if allowed), or names what is missing
-    folder = cache_folder(npz, FLAG, size)
+        load_medmnist(root, flag, size, download)  # downloads it (if allowed), or names what is missing
+    folder = cache_folder(npz, flag, size)
     if (folder / MANIFEST).exists():
         return folder
-    load_dermamnist(
-        root, size, download=False
-    )  # a broken file is named as the in-memory path names it, before any writing
+    # a broken file is named as the in-memory path names it, before any writing
+    train_count = len(load_medmnist(root, flag, size, download=False)["train"][1])
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"kdist: writing the webdataset shards of {npz} once, into {folder}", file=sys.stderr, flush=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     # 16 equal train shards: up to 16 processes x workers each read a whole one, and ranks get equal shares.
-    write_medmnist(root, FLAG, size, partial, maxcount=-(-7007 // 16))
+    write_medmnist(root, flag, size, partial, maxcount=-(-train_count // 16))
     try:
         partial.rename(folder)
     except OSError:  # another job finished first: use its set
@@ -73,8 +65,17 @@ def auto_shards(root, size: int, download: bool = True) -> Path:
 def locate_shards(data, check: bool = True) -> tuple[Path, dict]:
     """The shard folder of a data config (`auto` or unset: the data file's cached shards) and its manifest,
     each local shard checked against it when `check` (remote ones, data.shard_url, cannot be)."""
-    folder = auto_shards(data.root, data.size, data.download) if data.shards in (None, "auto") else Path(data.shards)
-    return folder, verify(folder) if check and not data.shard_url else read_manifest(folder)
+    if data.shards in (None, "auto"):
+        folder = auto_shards(data.root, data.flag, data.size, data.download)
+    else:
+        folder = Path(data.shards)
+    manifest = verify(folder) if check and not data.shard_url else read_manifest(folder)
+    if manifest.get("flag") not in (None, data.flag):
+        raise KdistError(
+            f"{folder / MANIFEST} holds MedMNIST's {manifest['flag']}, data.flag is {data.flag}; set --flag "
+            f"{manifest['flag']} or choose the shards of {data.flag}"
+        )
+    return folder, manifest
 
 
 def loader_workers(num_workers: int | None) -> int:
@@ -86,15 +87,19 @@ def loader_workers(num_workers: int | None) -> int:
     return max(0, min(8, cpus - 1))
 
 
-def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float], Path]:
+def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float], Path, DatasetSpec]:
     """A study's splits from shards (data.shards: a folder, or `auto`): val/test in memory; train in memory
     where it fits data.memory_mb, else as ShardImages (streamed); the normalisation from the train images in
     memory, else from the manifest. The main process writes (auto) and checks the shards first."""
     with main_first("shards", accelerator.is_main_process):
         folder, manifest = locate_shards(data, check=accelerator.is_main_process)
-    if len(manifest["classes"]) != NUM_CLASSES:
+    spec = manifest_spec(manifest, folder)
+    histogram = manifest["splits"].get("train", {}).get("class_histogram", {})
+    empty = [name for label, name in enumerate(spec.classes) if not histogram.get(str(label))]
+    if "train" in manifest["splits"] and empty:
         raise KdistError(
-            f"{folder / MANIFEST} has {len(manifest['classes'])} classes; kdist trains DermaMNIST's {NUM_CLASSES}"
+            f"{folder / MANIFEST}: class(es) {', '.join(empty)} have no train images; add some, or leave them out of "
+            "every split"
         )
     for split in ("train", "val", "test"):
         if split not in manifest["splits"]:
@@ -127,7 +132,15 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
             ),
             train_labels,
         )
-    return splits, mean, std, folder
+    return splits, mean, std, folder, spec
+
+
+def planned_dataset(data) -> DatasetSpec:
+    """The dataset a data config will read, without reading its images: a shard folder's manifest, else the
+    MedMNIST set data.flag (`--shards auto` writes its shards from that file)."""
+    if data.shards not in (None, "auto"):
+        return manifest_spec(read_manifest(Path(data.shards)), Path(data.shards))
+    return medmnist_spec(data.flag)
 
 
 @dataclass
@@ -135,12 +148,13 @@ class DataInfo:
     """A command's data, chosen once (the npz in memory, or shards) and used alike by training, evaluation and
     bench: split -> (images, labels), where the train images are data.MemoryImages or, streamed,
     shard_data.ShardImages (one interface: `loader(..., epoch)` gives an epoch's batches); the train split's
-    normalisation (None when train was not asked for); the shard folder, if any."""
+    normalisation (None when train was not asked for); the shard folder, if any; the dataset's facts."""
 
     splits: dict
     mean: list[float] | None
     std: list[float] | None
     shard_folder: Path | None
+    spec: DatasetSpec
 
 
 def open_data(data, accelerator, names: tuple = ("train", "val", "test")) -> DataInfo:
@@ -148,15 +162,15 @@ def open_data(data, accelerator, names: tuple = ("train", "val", "test")) -> Dat
     or from the npz (data.shards None or "none"). The main process downloads or writes first."""
     if data.shards and str(data.shards).lower() != "none":
         if "train" in names:
-            splits, mean, std, folder = open_shard_splits(data, accelerator)
-            return DataInfo({name: splits[name] for name in names}, mean, std, folder)
+            splits, mean, std, folder, spec = open_shard_splits(data, accelerator)
+            return DataInfo({name: splits[name] for name in names}, mean, std, folder, spec)
         with main_first("shards", accelerator.is_main_process):
             folder, manifest = locate_shards(data, check=accelerator.is_main_process)
         splits = {name: evaluation_samples(folder, name, data.size, data.shard_url, manifest) for name in names}
-        return DataInfo(splits, None, None, folder)
+        return DataInfo(splits, None, None, folder, manifest_spec(manifest, folder))
     with main_first("data file", accelerator.is_main_process):  # a download, if any, happens once
-        full = load_dermamnist(data.root, data.size, data.download)
+        full = load_medmnist(data.root, data.flag, data.size, data.download)
     mean, std = channel_stats(full["train"][0]) if "train" in names else (None, None)
     if "train" in names:
         full["train"] = (MemoryImages(*full["train"]), full["train"][1])
-    return DataInfo({name: full[name] for name in names}, mean, std, None)
+    return DataInfo({name: full[name] for name in names}, mean, std, None, medmnist_spec(data.flag))

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 from accelerate.tracking import GeneralTracker, on_main_process
 
-from .data import CLASS_NAMES
 from .ranks import patient_barrier
 
 TRACKERS = ("csv", "none", "wandb", "jsonl")
@@ -206,12 +205,16 @@ def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teache
         or not accelerator.trackers
     ):
         return
+    classes = study.dataset.classes
+    positive = study.dataset.positive_index(study.cfg.report.positive_class)
     summary = {}
     for split in ("val", "test"):
         if split in entry:
             for key in ("acc", "auc", "balanced_acc", "macro_f1", "ece", "loss"):
                 summary[f"{split}/{key}"] = entry[split][key]
-            summary[f"{split}/melanoma_recall"] = entry[split]["per_class"]["melanoma"]["recall"]
+            if positive is not None:  # of the positive class (report.positive_class)
+                summary[f"{split}/sensitivity"] = entry[split]["per_class"][classes[positive]]["recall"]
+                summary[f"{split}/specificity"] = entry[split]["per_class"][classes[positive]]["specificity"]
     if study.cfg.trainer.tracker == "jsonl":
         accelerator.log_with[0].summary(summary)
         return
@@ -225,7 +228,7 @@ def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teache
             f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=labels[split].tolist(),
                 preds=probs[split].argmax(1).tolist(),
-                class_names=CLASS_NAMES,
+                class_names=list(classes),
                 title=f"{name}: {split} confusion",
             )
         }
@@ -244,14 +247,14 @@ def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teache
             cells = [
                 int(index),
                 wandb.Image(images[row]),
-                CLASS_NAMES[labels["test"][index]],
-                CLASS_NAMES[int(prob.argmax())],
+                classes[labels["test"][index]],
+                classes[int(prob.argmax())],
                 float(prob.max()),
             ]
             if teacher_sample_probs is not None:
-                cells += [CLASS_NAMES[int(teacher_sample_probs[row].argmax())], float(teacher_sample_probs[row].max())]
+                cells += [classes[int(teacher_sample_probs[row].argmax())], float(teacher_sample_probs[row].max())]
             table.add_data(*cells)
         from .plots import prediction_grid
 
-        grid = prediction_grid(images, labels["test"][indices], sample_probs, name, study.out / "predictions")
+        grid = prediction_grid(images, labels["test"][indices], sample_probs, name, study.out / "predictions", classes)
         run.log({"qualitative/test_samples": table, "qualitative/test_grid": wandb.Image(str(grid))})

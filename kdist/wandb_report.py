@@ -10,7 +10,7 @@ from . import KdistError
 from .options import entry_point
 
 JOB_TYPES = ("teacher", "student", "distilled")
-SUMMARY_KEYS = ["test/acc", "test/auc", "test/balanced_acc", "test/macro_f1", "test/ece", "test/melanoma_recall"]
+SUMMARY_KEYS = ["test/acc", "test/auc", "test/balanced_acc", "test/macro_f1", "test/ece", "test/sensitivity"]
 
 
 def build_report(entity: str, project: str, group: str):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdist.data import SPLIT_SIZES
+from kdist.datasets import medmnist_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def synthetic_arrays(size: int = 28, seed: int = 0) -> dict[str, np.ndarray]:
     """Random images whose mean colour depends on the label, so a model can learn something."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for split, n in SPLIT_SIZES.items():
+    for split, n in medmnist_info("dermamnist")["n_samples"].items():
         labels = rng.integers(0, 7, size=(n, 1), dtype=np.uint8)
         images = rng.integers(0, 128, size=(n, size, size, 3), dtype=np.uint8)
         images[..., 0] += (labels[:, 0] * 18).astype(np.uint8)[:, None, None]
@@ -47,7 +47,7 @@ def synthetic_root(tmp_path_factory, base_arrays) -> Path:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KDIST_SHARD_CACHE", str(tmp_path_factory.getbasetemp() / "shard-cache"))
-        auto_shards(root, 28)
+        auto_shards(root, "dermamnist", 28)
     return root
 
 

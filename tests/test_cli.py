@@ -153,12 +153,12 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
-    from kdist.data import load_dermamnist
+    from kdist.datasets import load_medmnist
     from kdist.inference import predict_probs
     from kdist.metrics import classification_metrics
     from kdist.models import load_model
 
-    images, labels = load_dermamnist(synthetic_root, 28)["val"]
+    images, labels = load_medmnist(synthetic_root, "dermamnist", 28)["val"]
     expected = classification_metrics(
         predict_probs(load_model(out / "student.safetensors"), images, views="mean"), labels.numpy()
     )
@@ -181,11 +181,13 @@ def test_quick_run_on_real_data(tmp_path, real_root):
 
 @pytest.mark.parametrize("kind", ["three-classes", "garbage", "other-architecture"])
 def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
+    from kdist.datasets import DatasetSpec
     from kdist.models import DermClassifier, save_weights
 
     path = tmp_path / "teacher.safetensors"
     if kind == "three-classes":
-        save_weights(DermClassifier("efficientnet_b0", [0.5] * 3, [0.2] * 3, num_classes=3), path)
+        three = DatasetSpec("abc", ("a", "b", "c"))
+        save_weights(DermClassifier("efficientnet_b0", [0.5] * 3, [0.2] * 3, dataset=three), path)
     elif kind == "other-architecture":
         save_weights(DermClassifier("squeezenet1_1", [0.5] * 3, [0.2] * 3), path)
     else:
@@ -204,7 +206,7 @@ def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
     err = capsys.readouterr().err
     assert "teacher.safetensors" in err and err.count("\n") == 1
     if kind == "three-classes":
-        assert "has 3 classes" in err
+        assert "predicts the 3 classes of abc (a, b, c), the data has the 7 of dermamnist" in err
     if kind == "other-architecture":
         assert "holds a squeezenet1_1, expected efficientnet_b0" in err
 

@@ -11,11 +11,9 @@ from kdist.data import (
     batch_loader,
     channel_stats,
     dihedral,
-    load_dermamnist,
-    load_npz,
-    resolve_root,
     to_float,
 )
+from kdist.datasets import load_medmnist, medmnist_info, read_medmnist_npz, resolve_root
 
 
 def write(tmp_path, arrays, name="dermamnist.npz"):
@@ -24,7 +22,7 @@ def write(tmp_path, arrays, name="dermamnist.npz"):
 
 
 def test_loads_synthetic_file(synthetic_root):
-    splits = load_dermamnist(synthetic_root)
+    splits = load_medmnist(synthetic_root, "dermamnist")
     images, labels = splits["train"]
     assert images.shape == (7007, 3, 28, 28) and images.dtype == torch.uint8
     assert labels.shape == (7007,) and labels.dtype == torch.int64
@@ -32,7 +30,7 @@ def test_loads_synthetic_file(synthetic_root):
 
 
 def test_real_data_matches_medmnist_facts(real_root):
-    splits = load_dermamnist(real_root)
+    splits = load_medmnist(real_root, "dermamnist")
     counts = torch.bincount(splits["test"][1], minlength=7).tolist()
     assert counts == [66, 103, 220, 23, 223, 1341, 29]
     mean, _ = channel_stats(splits["train"][0])
@@ -49,12 +47,12 @@ def test_data_root_precedence(monkeypatch, tmp_path):
 
 def test_missing_file_names_path_and_fix(tmp_path):
     with pytest.raises(KdistError, match=r"dermamnist\.npz not found.*--data-root"):
-        load_dermamnist(tmp_path)
+        load_medmnist(tmp_path, "dermamnist")
 
 
 def test_unsupported_size():
     with pytest.raises(KdistError, match="size 30"):
-        load_dermamnist(None, size=30)
+        load_medmnist(None, "dermamnist", size=30)
 
 
 @pytest.mark.parametrize(
@@ -73,20 +71,20 @@ def test_validation_errors(tmp_path, base_arrays, change, message):
     arrays = dict(base_arrays)
     change(arrays)
     with pytest.raises(KdistError, match=message):
-        load_npz(write(tmp_path, arrays) / "dermamnist.npz", 28)
+        read_medmnist_npz(write(tmp_path, arrays) / "dermamnist.npz", 28, medmnist_info("dermamnist"))
 
 
 def test_truncated_npz(tmp_path, synthetic_root):
     data = (synthetic_root / "dermamnist.npz").read_bytes()
     (tmp_path / "dermamnist.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(KdistError, match="not a readable npz"):
-        load_dermamnist(tmp_path)
+        load_medmnist(tmp_path, "dermamnist")
 
 
 def test_not_a_zip(tmp_path):
     (tmp_path / "dermamnist.npz").write_bytes(b"this is not an npz")
     with pytest.raises(KdistError, match="not a readable npz"):
-        load_dermamnist(tmp_path)
+        load_medmnist(tmp_path, "dermamnist")
 
 
 def test_dihedral_views_are_the_eight_symmetries():
@@ -108,7 +106,7 @@ def test_apply_views_turns_each_image_to_its_view():
 
 
 def test_loader_yields_whole_batches(synthetic_root):
-    splits = load_dermamnist(synthetic_root)
+    splits = load_medmnist(synthetic_root, "dermamnist")
     images, labels, indices, views, shifts = next(iter(batch_loader(*splits["train"], 100, shuffle=True)))
     assert images.shape == (100, 3, 28, 28) and labels.shape == (100,) and views.shape == (100,)
     assert shifts.shape == (100, 2) and not shifts.any()  # translate is off by default
@@ -122,7 +120,7 @@ def test_memory_images_subset_and_batch_as_the_tensors_do(synthetic_root):
     loader is batch_loader's (the interface shard_data.ShardImages shares)."""
     from kdist.data import MemoryImages, subset
 
-    splits = load_dermamnist(synthetic_root)
+    splits = load_medmnist(synthetic_root, "dermamnist")
     train = MemoryImages(*splits["train"])
     assert len(train) == 7007 and train.shape == (7007, 3, 28, 28) and not train.streamed
     kept = subset({**splits, "train": (train, splits["train"][1])}, 500, None, seed=3)["train"][0]
@@ -233,7 +231,7 @@ def test_fuzz_npz_validator(tmp_path_factory, base_arrays, key, array):
     path = tmp_path_factory.mktemp("fuzz") / "dermamnist.npz"
     np.savez(path, **arrays)
     try:
-        load_npz(path, 28)
+        read_medmnist_npz(path, 28, medmnist_info("dermamnist"))
     except KdistError:
         pass
 
@@ -248,20 +246,20 @@ def test_fuzz_npz_random_bytes(data):
         path = Path(folder) / "dermamnist.npz"
         path.write_bytes(data)
         with pytest.raises(KdistError):
-            load_npz(path, 28)
+            read_medmnist_npz(path, 28, medmnist_info("dermamnist"))
 
 
 def test_class_weights_golden_values():
     from kdist.data import class_weights
 
     labels = torch.tensor([0, 0, 0, 1])
-    assert class_weights(labels, "none") is None
+    assert class_weights(labels, 7, "none") is None
     # inverse: 1/3 and 1, scaled so the average weight over the samples is 1: 2/3 and 2
-    torch.testing.assert_close(class_weights(labels, "inverse")[:2], torch.tensor([2 / 3, 2.0]))
+    torch.testing.assert_close(class_weights(labels, 7, "inverse")[:2], torch.tensor([2 / 3, 2.0]))
     # inverse_sqrt: 1/sqrt(3) and 1, scaled by 4 / (sqrt(3) + 1)
-    torch.testing.assert_close(class_weights(labels, "inverse_sqrt")[:2], torch.tensor([0.845299, 1.464102]))
+    torch.testing.assert_close(class_weights(labels, 7, "inverse_sqrt")[:2], torch.tensor([0.845299, 1.464102]))
     for mode in ("inverse", "inverse_sqrt"):
-        weights = class_weights(labels, mode)
+        weights = class_weights(labels, 7, mode)
         assert weights.shape == (7,) and torch.isfinite(weights).all()
         assert abs(float(weights[labels].mean()) - 1) < 1e-6
 
@@ -295,7 +293,7 @@ def test_translate_draws_shifts_within_range_without_changing_order_or_views(syn
     assert [s.tolist() for _, _, s in EpochBatchSampler(50, 16, seed=3, epoch=1, translate=2)] == [
         s.tolist() for _, _, s in shifted
     ]
-    splits = load_dermamnist(synthetic_root)
+    splits = load_medmnist(synthetic_root, "dermamnist")
     raw, labels, indices, views, shifts = next(iter(batch_loader(*splits["train"], 64, shuffle=True, translate=2)))
     images = augment(raw, views, shifts, 2)
     assert images.shape == (64, 3, 28, 28) and not torch.equal(images, to_float(apply_views(raw, views)))

@@ -12,9 +12,12 @@ from PIL import Image
 
 from kdist import KdistError
 from kdist.cli import main
-from kdist.data import CLASS_NAMES, dihedral, to_float
+from kdist.data import dihedral, to_float
+from kdist.datasets import default_spec
 from kdist.inference import predict_probs
 from kdist.models import create_model, save_weights
+
+CLASS_NAMES = default_spec().classes
 
 
 @pytest.fixture(scope="module")

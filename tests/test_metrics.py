@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
+from kdist.datasets import medmnist_spec
 from kdist.metrics import classification_metrics, majority_baseline
+
+DERMA = medmnist_spec("dermamnist").classes
 
 
 @pytest.fixture
@@ -18,7 +21,7 @@ def fixed():
 
 def test_headline_metrics_match_sklearn(fixed):
     probs, labels = fixed
-    m = classification_metrics(probs, labels)
+    m = classification_metrics(probs, labels, DERMA)
     assert m["acc"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
     assert m["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro"))
     ovr = np.mean([roc_auc_score(labels == c, probs[:, c]) for c in range(7)])
@@ -37,11 +40,24 @@ def test_headline_metrics_match_sklearn(fixed):
     }
 
 
-def test_majority_baseline_on_real_test_split(real_root):
-    from kdist.data import load_dermamnist
+def test_specificity_per_class_and_two_classes():
+    """Specificity of class c: the share of the other classes' images not predicted c. Two classes: the AUC is
+    that of the positive class, as medmnist's binary-class AUC; the class names default to "0", "1"."""
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.7, 0.3]])
+    m = classification_metrics(probs, labels)
+    assert set(m["per_class"]) == {"0", "1"}
+    assert m["per_class"]["1"]["recall"] == pytest.approx(1 / 2)  # sensitivity
+    assert m["per_class"]["1"]["specificity"] == pytest.approx(2 / 3)
+    assert m["per_class"]["0"]["specificity"] == pytest.approx(1 / 2)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, probs[:, 1]))
 
-    splits = load_dermamnist(real_root)
-    m = majority_baseline(splits["train"][1].numpy(), splits["test"][1].numpy())
+
+def test_majority_baseline_on_real_test_split(real_root):
+    from kdist.datasets import load_medmnist
+
+    splits = load_medmnist(real_root, "dermamnist")
+    m = majority_baseline(splits["train"][1].numpy(), splits["test"][1].numpy(), DERMA)
     assert m["acc"] == pytest.approx(0.6688, abs=1e-4) and m["auc"] == pytest.approx(0.5)
 
 

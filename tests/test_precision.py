@@ -190,4 +190,3 @@ def test_the_gpu_bench_on_cuda():
 
     figures = cuda_figures(load_config(None, [QUICK]), [0.5] * 3, [0.25] * 3, 28, steps=5)
     assert figures["bf16"]["student_step_img_s"] > 0 and figures["device"] == torch.cuda.get_device_name()
-

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from kdist.cli import main
+from kdist.datasets import medmnist_spec
 from kdist.metrics import classification_metrics, majority_baseline
 from kdist.report import write_report
 
+DERMA = medmnist_spec("dermamnist").classes
 MODELS = {
     "teacher": ("efficientnet_b0", 4_016_515),
     "student": ("squeezenet1_1", 726_087),
@@ -30,10 +32,12 @@ def fake_run(folder, seed, skill):
     labels = {"val": rng.integers(0, 7, 60), "test": rng.integers(0, 7, 80)}
     results = {
         "dataset": "dermamnist",
+        "classes": list(DERMA),
+        "positive_class": "melanoma",
         "size": 28,
         "seed": seed,
         "models": {},
-        "baselines": {"majority": {s: majority_baseline(labels["val"], labels[s]) for s in labels}},
+        "baselines": {"majority": {s: majority_baseline(labels["val"], labels[s], DERMA) for s in labels}},
     }
     for offset, (name, (arch, params)) in enumerate(MODELS.items()):
         arrays, entry = {}, {"arch": arch, "params": params}
@@ -41,7 +45,7 @@ def fake_run(folder, seed, skill):
             logits = rng.normal(size=(len(y), 7)) + (skill + offset) * np.eye(7)[y]
             probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
             arrays[f"{split}_probs"], arrays[f"{split}_labels"] = probs, y
-            entry[split] = classification_metrics(probs, y)
+            entry[split] = classification_metrics(probs, y, DERMA)
         np.savez(folder / "predictions" / f"{name}.npz", **arrays)
         results["models"][name] = entry
         (folder / name).mkdir()
@@ -68,13 +72,16 @@ def test_single_run_report_has_every_figure(tmp_path):
     for name in FIGURES:
         assert (tmp_path / "figures" / name).stat().st_size > 1000, name
     md = (tmp_path / "report.md").read_text()
-    assert "| Model | Arch | Params | Loss | Accuracy | AUC | Balanced acc | Macro F1 | ECE | Melanoma recall |" in md
+    assert (
+        "| Model | Arch | Params | Loss | Accuracy | AUC | Balanced acc | Macro F1 | ECE | melanoma sensitivity | melanoma specificity |"
+        in md
+    )
     assert "Majority class" in md and "[published]" in md and "73.50%" in md
     html = (tmp_path / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', html)
     assert len(sources) == len(FIGURES) and all((tmp_path / s).exists() for s in sources)
     card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "Not a medical" in card and "CC BY-NC" in card and "Melanoma recall" in card
+    assert "Not a medical" in card and "CC BY-NC" in card and "melanoma sensitivity" in card
 
 
 def test_multi_seed_report_shows_mean_and_std(tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from kdist import KdistError
 from kdist.cli import main
-from kdist.data import load_dermamnist
+from kdist.datasets import load_medmnist
 from kdist.shard_data import ShardImages, evaluation_samples, read_manifest, stream, verify
 from kdist.shard_writer import write_images
 
@@ -48,7 +48,7 @@ def shards(tmp_path_factory, synthetic_root):
 
 def test_manifest_counts_histograms_and_checksums(shards, synthetic_root):
     manifest = verify(shards)
-    npz = load_dermamnist(synthetic_root)
+    npz = load_medmnist(synthetic_root, "dermamnist")
     for split, n in (("train", 7007), ("val", 1003), ("test", 2005)):
         entry = manifest["splits"][split]
         assert entry["count"] == n == sum(shard["count"] for shard in entry["shards"])
@@ -81,7 +81,7 @@ def test_shards_are_plain_ustar_and_rewritten_byte_for_byte(shards, synthetic_ro
 
 def test_evaluation_reads_every_sample_once_losslessly(shards, synthetic_root):
     images, labels = evaluation_samples(shards, "test", 28)
-    npz = load_dermamnist(synthetic_root)["test"]
+    npz = load_medmnist(synthetic_root, "dermamnist")["test"]
     assert torch.equal(images, npz[0].contiguous()) and torch.equal(labels, npz[1])
 
 
@@ -231,7 +231,7 @@ def test_the_train_loader_repeats_itself_and_reads_the_stored_pixels(shards, syn
     """Two DataLoader workers, a --quick-like subset: the same (seed, epoch) gives the same batches, views and
     shifts; another epoch another order; every image is the stored one at its position; equal batch counts."""
     train = ShardImages(shards, read_manifest(shards), "train", 28, num_workers=2)[torch.arange(0, 7007, 3)]
-    npz_images = load_dermamnist(synthetic_root)["train"][0][::3]
+    npz_images = load_medmnist(synthetic_root, "dermamnist")["train"][0][::3]
     first = list(train.loader(64, seed=1, epoch=0, translate=2))
     again = list(train.loader(64, seed=1, epoch=0, translate=2))
     assert len(first) == len(train.loader(64, seed=1)) == len(train) // 64
@@ -253,8 +253,8 @@ def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root)
     from kdist.study_data import open_shard_splits
 
     accelerator = make_accelerator(TrainerConfig(cpu=True))
-    npz = load_dermamnist(synthetic_root)
-    splits, mean, std, _ = open_shard_splits(DataConfig(root=str(synthetic_root), shards=str(shards)), accelerator)
+    npz = load_medmnist(synthetic_root, "dermamnist")
+    splits, mean, std, _, _ = open_shard_splits(DataConfig(root=str(synthetic_root), shards=str(shards)), accelerator)
     assert all(
         torch.equal(splits[split][0], npz[split][0].contiguous()) and torch.equal(splits[split][1], npz[split][1])
         for split in ("val", "test")
@@ -262,7 +262,7 @@ def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root)
     assert torch.equal(splits["train"][0].load(), npz["train"][0]) and torch.equal(splits["train"][1], npz["train"][1])
     assert not splits["train"][0].streamed
     assert (mean, std) == channel_stats(npz["train"][0])
-    streamed, _, _, _ = open_shard_splits(
+    streamed, _, _, _, _ = open_shard_splits(
         DataConfig(root=str(synthetic_root), shards=str(shards), memory_mb=1), accelerator
     )
     assert isinstance(streamed["train"][0], ShardImages) and torch.equal(streamed["train"][1], npz["train"][1])

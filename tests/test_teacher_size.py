@@ -10,7 +10,8 @@ from conftest import synthetic_arrays
 
 from kdist.cache import cache_key
 from kdist.cli import main
-from kdist.data import load_dermamnist, subset
+from kdist.data import subset
+from kdist.datasets import load_medmnist
 from kdist.inference import predict_probs
 from kdist.metrics import classification_metrics
 from kdist.models import DermClassifier, load_model, read_metadata, save_weights
@@ -64,7 +65,7 @@ def test_a_64px_teacher_is_cached_on_the_64px_images(tmp_path, two_size_root):
     # the cache's key hashes the images it was computed on: the 64 px train split, not the 28 px one
     data = yaml.safe_load((out / "config.yaml").read_text())["data"]
     sizes = {
-        size: subset(load_dermamnist(two_size_root, size), data["train_subset"], data["val_subset"], 0)
+        size: subset(load_medmnist(two_size_root, "dermamnist", size), data["train_subset"], data["val_subset"], 0)
         for size in (28, 64)
     }
     train64, train28 = sizes[64]["train"], sizes[28]["train"]
