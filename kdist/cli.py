@@ -192,11 +192,27 @@ def serve(weights, teacher, host, port, views):
 @study_options(
     without=("teacher_mode", "tracker", "pretrained", "mixed_precision")
 )  # bench times both teacher modes and both precisions itself, tracks nothing
-def bench(steps, results, processes, **opts):
+@click.option(
+    "--photos",
+    type=PATH,
+    help="instead: the loader at a photograph's size (--size, default 224) on these JPEG shards' train split, beside "
+    "torchvision's ImageFolder with the same transforms",
+)
+@click.option(
+    "--photo-images", type=int, default=1024, show_default=True, help="with --photos: images timed per loader"
+)
+def bench(steps, results, processes, photos, photo_images, **opts):
     """Speed figures: data path, cached vs online distillation, the online step's breakdown, 32-bit vs bf16, 1 vs 2
-    processes, latency, FLOPs."""
+    processes, latency, FLOPs (or, with --photos, the photo loader)."""
     from .bench import format_bench, run_bench
 
+    if photos:
+        from .bench_photos import format_photos, photo_figures
+
+        cfg = resolve_config(opts)
+        size = opts.get("size") or 224
+        click.echo(format_photos(photo_figures(photos, size, photo_images, arch=cfg.student_model.arch)))
+        return
     out = opts.get("out") or default_out("bench-")
     click.echo(format_bench(run_bench(resolve_config(opts), out, steps, results, processes)))
     click.echo(f"written: {out / 'bench.json'}")

@@ -27,6 +27,10 @@ class DataConfig:
     flag: str = DEFAULT_FLAG
     root: str | None = None  # None: $KDIST_DATA_ROOT, else medmnist's default root
     size: int = 28  # image side the models get: a MedMNIST size (28, 64, 128, 224), or any size from shards
+    # The train batches' recipe: dihedral (the 8 flips/rotations of the square, and the stages' pixel shifts), or
+    # photo (those, then a random resized crop and colour jitter: torchvision's ops, batched on the device), for
+    # photographs. In distillation the online teacher sees the same view (photo needs kd.teacher_mode online/auto).
+    augment: str = "dihedral"
     train_subset: int | None = None  # use a random subset of train/val (for --quick)
     val_subset: int | None = None
     download: bool = True
@@ -156,6 +160,7 @@ class Config:
         return asdict(self)
 
     def validate(self) -> "Config":
+        from .data import AUGMENTS
         from .datasets import medmnist_info
         from .losses import KD_LOSSES
         from .models import resolve_arch
@@ -233,6 +238,12 @@ class Config:
         if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
             self.data.shards = None
         medmnist_info(self.data.flag)
+        check(self.data.augment in AUGMENTS, "data.augment", f"must be one of {AUGMENTS} (got {self.data.augment!r})")
+        check(
+            not (self.data.augment == "photo" and self.kd.teacher_mode == "cached"),
+            "data.augment",
+            "photo needs kd.teacher_mode online or auto: the teacher must see the augmented view",
+        )
         check(isinstance(self.data.size, int) and self.data.size >= 8, "data.size", "must be a whole number >= 8")
         check(
             self.data.num_workers is None or (isinstance(self.data.num_workers, int) and self.data.num_workers >= 0),

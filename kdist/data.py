@@ -97,6 +97,63 @@ def augment(raw: torch.Tensor, views: torch.Tensor, shifts: torch.Tensor, transl
     return apply_shifts(to_float(apply_views(raw, views)), shifts, translate)
 
 
+AUGMENTS = ("dihedral", "photo")  # data.augment: the recipes a train batch may get
+PHOTO_SCALE, PHOTO_RATIO, PHOTO_JITTER = (0.35, 1.0), (3 / 4, 4 / 3), 0.2
+
+
+def photo_draws(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The `photo` recipe's draws of an epoch, one row per train position, from (seed, epoch) alone (the same on
+    every process, like epoch_draws; a stream of their own, so the order, views and shifts stay as they were):
+    a crop (top, left, height, width as fractions of the image; area PHOTO_SCALE, aspect PHOTO_RATIO, as
+    torchvision's RandomResizedCrop) and brightness, contrast and saturation factors in 1 +- PHOTO_JITTER."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 0, 0, 0))
+    area = torch.empty(n).uniform_(*PHOTO_SCALE, generator=generator)
+    ratio = torch.empty(n).uniform_(math.log(PHOTO_RATIO[0]), math.log(PHOTO_RATIO[1]), generator=generator).exp()
+    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    top = torch.rand(n, generator=generator) * (1 - height)
+    left = torch.rand(n, generator=generator) * (1 - width)
+    factors = torch.empty(n, 3).uniform_(1 - PHOTO_JITTER, 1 + PHOTO_JITTER, generator=generator)
+    return torch.cat([torch.stack([top, left, height, width], 1), factors], 1)
+
+
+def _axis(start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size) sampling coordinates in [-1, 1] (grid_sample, align_corners=False) that resize the pixels
+    start..start + length of an axis to `size`, clamped to the crop's first and last pixel centres (resized_crop
+    resizes the crop alone)."""
+    out = (torch.arange(size, dtype=start.dtype, device=start.device) + 0.5) / size  # output pixel centres, [0, 1]
+    pixels = start[:, None] + out * length[:, None] - 0.5  # the source pixel coordinate of each output pixel
+    pixels = pixels.clamp(min=start[:, None], max=(start + length - 1)[:, None])
+    return (2 * pixels + 1) / size - 1
+
+
+def photo_augment(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The `photo` recipe on a float batch in [0, 1], image i with the draws params[i] (photo_draws): its crop
+    resized back to the full size (bilinear: torchvision.transforms.v2.functional.resized_crop without
+    antialiasing), then brightness, contrast and saturation (v2.functional.adjust_*, the same arithmetic, in that
+    order). One batched pass on the device, no host sync; the flips and rotations are the dihedral views applied
+    before it."""
+    n, _, rows, cols = images.shape
+    # the crop in whole pixels of this image size, as RandomResizedCrop draws it
+    top, left, height, width = params[:, :4].to(images.dtype).unbind(1)
+    height, width = (height * rows).round().clamp(1, rows), (width * cols).round().clamp(1, cols)
+    top, left = torch.minimum((top * rows).floor(), rows - height), torch.minimum((left * cols).floor(), cols - width)
+    xs, ys = _axis(left, width, cols), _axis(top, height, rows)  # separable: an axis-aligned crop
+    grid = torch.stack([xs[:, None, :].expand(n, rows, cols), ys[:, :, None].expand(n, rows, cols)], dim=-1)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # torchvision's _blend(image, other, factor) = (factor * image + (1 - factor) * other).clamp(0, 1), in place
+    brightness, contrast, saturation = (factor.view(-1, 1, 1, 1) for factor in params[:, 4:].to(images.dtype).unbind(1))
+    luma = LUMA.to(images)
+    out.mul_(brightness).clamp_(0, 1)
+    mean = (out.mean(dim=(2, 3)) @ luma).view(-1, 1, 1, 1)  # the mean of the grayscale image
+    out.mul_(contrast).add_((1 - contrast) * mean).clamp_(0, 1)
+    gray = F.conv2d(out, luma.view(1, 3, 1, 1))  # the grayscale image, one fast pass
+    out.mul_(saturation).add_((1 - saturation) * gray).clamp_(0, 1)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+LUMA = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights (ITU-R 601-2)
+
+
 def mix_batch(
     images: torch.Tensor,
     rng: np.random.Generator,

@@ -11,9 +11,8 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
   shards too large for memory, streamed (shard_data.ShardImages), not a prepared loader; the loss is computed
   on the micro-batch gathered from every process (objectives.gather_batch), so N processes train as one does
   and a resumed run repeats an uninterrupted one;
-- what a batch costs is an objective (objectives.py): cross-entropy, or distillation from a teacher never
-  wrapped in DDP, frozen on every process and fed the same augmented batch (online), or looked up in the
-  exact cache (cached); the Accelerator itself comes from processes.make_accelerator;
+- what a batch costs is an objective (objectives.py): cross-entropy, or distillation from a frozen teacher
+  outside DDP fed the same augmented batch (online), or the exact cache (cached);
 - every epoch ends with `save_state` into <stage>/checkpoints/last (model, optimizer, scheduler and the
   training state, checkpoints.TrainState); `--resume` loads it and goes on. The best-on-val weights are kept beside it.
 """
@@ -45,7 +44,7 @@ from .checkpoints import (
     write_history,
 )
 from .config import StageConfig
-from .data import augment, derive_seed, mix_batch
+from .data import augment, derive_seed, mix_batch, photo_augment, photo_draws
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
@@ -85,10 +84,12 @@ def fit(
     progress_bar: bool = True,
     sync_batchnorm: bool = True,
     val_teacher_logits: torch.Tensor | None = None,
+    augment: str = "dihedral",
 ) -> tuple[torch.nn.Module, float]:
     """Train `model` on `objective`, validating every epoch; return it (unwrapped, on the CPU, eval mode)
     holding its best-on-val weights, and the training loop's seconds. Writes <folder>/metrics.csv and
     <folder>/checkpoints/. `val_teacher_logits`: a teacher's val logits, for how closely the student follows it.
+    `augment`: data.augment, the recipe of the train batches (data.AUGMENTS).
 
     `stage.batch_size` is the global batch of an optimizer step, whatever the process count: each process
     trains on its slice of every micro-batch (epoch_batches) and the loss sees the whole micro-batch
@@ -170,6 +171,7 @@ def fit(
         epoch_batches=epoch_batches,
         progress_bar=progress_bar,
         val_teacher_logits=val_teacher_logits,
+        photo_draws=(lambda epoch: photo_draws(len(train_labels), seed, epoch)) if augment == "photo" else None,
     )
     start = time.perf_counter()
     with StopWatch() as watch:
@@ -216,6 +218,7 @@ class TrainLoop:
     epoch_batches: Callable  # epoch -> this process's train batches (raw, labels, indices, views, shifts)
     progress_bar: bool
     val_teacher_logits: torch.Tensor | None = None  # (N_val, C): agreement and KL with the teacher on val
+    photo_draws: Callable | None = None  # epoch -> data.photo_draws per train position; None: no photo recipe
 
     def __post_init__(self):
         self.plain = self.accelerator.unwrap_model(self.model)
@@ -240,6 +243,7 @@ class TrainLoop:
             # restored the RNG as it was at the stop instead.
             torch.manual_seed(derive_seed(self.seed, epoch))
         self.model.train()
+        self.photo = self.photo_draws(epoch).to(self.accelerator.device) if self.photo_draws else None
         device = self.accelerator.device
         saved = dict(self.state.epoch_sums) if skip else {}
         sums = {key: torch.tensor(float(saved.pop(key, 0.0)), device=device) for key in ("loss", "correct", "seen")}
@@ -260,24 +264,27 @@ class TrainLoop:
                 )
         return sums
 
+    def augmented(self, raw, views, shifts, indices) -> torch.Tensor:
+        """Train images as the model sees them: each in its dihedral view and shift, then the photo recipe."""
+        images = augment(raw, views, shifts, self.stage.translate)
+        return images if self.photo is None else photo_augment(images, self.photo[indices])
+
     def step(self, batch, epoch: int, step: int, sums: dict, check: bool = True) -> None:
         """One (micro-)batch: augment, mix, forward, the loss on the gathered batch, backward, optimizer. `check`:
         look at the losses' finiteness now (a host sync)."""
         accelerator, stage = self.accelerator, self.stage
         with record_function("kdist/augment"):
             raw, labels, indices, views, shifts = (t.to(accelerator.device, non_blocking=True) for t in batch)
-            images, mix = augment(raw, views, shifts, stage.translate), None
+            images, mix = self.augmented(raw, views, shifts, indices), None
         if stage.mixup_alpha or stage.cutmix_alpha:  # one mixing per global micro-batch, for teacher and student
             partners_at = None
             if accelerator.num_processes > 1:
                 # The global batch's uint8 images, views and shifts (a quarter of its float bytes); only the partner
                 # rows this process needs are augmented.
-                whole_raw, whole_views, whole_shifts = accelerator.gather((raw.contiguous(), views, shifts))
+                whole = accelerator.gather((raw.contiguous(), views, shifts, indices))
 
                 def partners_at(positions):
-                    return augment(
-                        whole_raw[positions], whole_views[positions], whole_shifts[positions], stage.translate
-                    )
+                    return self.augmented(*(part[positions] for part in whole))
 
             images, mix = mix_batch(
                 images,

@@ -201,6 +201,8 @@ class Study:
             why = f"the teacher was trained on {teacher_size} px images, the data is {self.cfg.data.size} px"
         elif distill.mixup_alpha or distill.cutmix_alpha:
             chosen, why = "online", "the teacher must see the mixed batches"
+        elif self.cfg.data.augment == "photo":
+            chosen, why = "online", "the teacher must see the photo recipe's crops and colours"
         elif self.device.type == "cuda":
             chosen, why = "online", "on GPUs"
         else:
@@ -251,6 +253,7 @@ def fit_stage(
         progress_bar=study.cfg.trainer.progress,
         sync_batchnorm=study.cfg.trainer.sync_batchnorm,
         val_teacher_logits=val_teacher_logits,
+        augment=study.cfg.data.augment,
     )
     if study.is_main:
         atomic_write_text(study.out / name / "config.yaml", yaml.safe_dump(study.cfg.to_dict(), sort_keys=False))
@@ -293,6 +296,10 @@ def distill_stage(study: Study, teacher: torch.nn.Module) -> DermClassifier:
         raise KdistError(
             "distill.mixup_alpha/cutmix_alpha need kd.teacher_mode online (or auto): the teacher must see the mixed "
             "batch"
+        )
+    if mode == "cached" and study.cfg.data.augment == "photo":
+        raise KdistError(
+            "data.augment photo needs kd.teacher_mode online (or auto): the teacher must see the augmented view"
         )
     if teacher_size != study.cfg.data.size and mode != "cached":
         raise KdistError(

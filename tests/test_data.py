@@ -308,3 +308,28 @@ def test_translate_is_validated():
     for bad in (-1, 8, 1.5):
         with pytest.raises(KdistError, match="distill.translate"):
             load_config(None, [{"distill": {"translate": bad}}])
+
+
+def test_photo_recipe_is_torchvisions_resized_crop_and_colour_jitter_per_image():
+    """Each image of the batched photo recipe equals torchvision.transforms.v2.functional's resized_crop
+    (bilinear, no antialiasing) and adjust_brightness/contrast/saturation with its own draws; the draws come from
+    (seed, epoch) alone and stay inside the image and the jitter range."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from kdist.data import PHOTO_JITTER, photo_augment, photo_draws
+
+    images = torch.rand(6, 3, 40, 40)
+    draws = photo_draws(6, seed=3, epoch=2)
+    assert torch.equal(draws, photo_draws(6, seed=3, epoch=2)) and not torch.equal(draws, photo_draws(6, 3, 1))
+    got = photo_augment(images, draws)
+    for image, out, (top, left, height, width, brightness, contrast, saturation) in zip(images, got, draws.tolist()):
+        h, w = max(1, round(height * 40)), max(1, round(width * 40))
+        t, l = min(int(top * 40), 40 - h), min(int(left * 40), 40 - w)  # noqa: E741
+        expected = TF.resized_crop(image, t, l, h, w, [40, 40], antialias=False)
+        expected = TF.adjust_brightness(expected, brightness)
+        expected = TF.adjust_contrast(expected, contrast)
+        expected = TF.adjust_saturation(expected, saturation)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    many = photo_draws(5000, seed=0, epoch=0)
+    assert (many[:, 0] + many[:, 2] <= 1).all() and (many[:, 1] + many[:, 3] <= 1).all()
+    assert many[:, 4:].min() >= 1 - PHOTO_JITTER and many[:, 4:].max() <= 1 + PHOTO_JITTER

@@ -4,6 +4,7 @@ and `predict` on the test split's image files gives the test accuracy the study 
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -127,7 +128,8 @@ def photo_folder(root, classes=("akiec", "mel", "nv"), per_split=None, seed=0) -
     return truth
 
 
-def test_image_folder_of_odd_sized_jpegs_and_pngs_end_to_end(tmp_path):
+def test_image_folder_of_odd_sized_jpegs_and_pngs_end_to_end(tmp_path, capsys):
+    """Classes from the folder names; trained with the photo recipe (so the teacher runs online)."""
     truth = photo_folder(tmp_path / "photos")
     shards = tmp_path / "S"
     for split in ("train", "val", "test"):
@@ -135,14 +137,26 @@ def test_image_folder_of_odd_sized_jpegs_and_pngs_end_to_end(tmp_path):
             main(["shards", "--images", str(tmp_path / "photos" / split), "--split", split, "--out", str(shards)]) == 0
         )
     out = tmp_path / "run"
-    args = ["run", "--shards", str(shards), "--size", "32", "--out", str(out), *QUICK, "--set", "teacher.batch_size=20"]
-    assert main(args + ["--set", "student.batch_size=20", "--set", "distill.batch_size=20"]) == 0
+    args = ["run", "--shards", str(shards), "--size", "32", *QUICK, "--set", "data.augment=photo"]
+    args += ["--set", "teacher.batch_size=20", "--set", "student.batch_size=20", "--set", "distill.batch_size=20"]
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "cached"), "--teacher-mode", "cached"]) == 2
+    assert "data.augment photo needs kd.teacher_mode online" in capsys.readouterr().err
+    assert not (tmp_path / "cached").exists()  # refused before any work
+    assert main(args + ["--out", str(out)]) == 0
+    assert "kd.teacher_mode auto: online (the teacher must see the photo recipe" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["classes"] == ["akiec", "mel", "nv"] and results["dataset"] == "S"
     test = results["models"]["distilled"]["test"]
     assert test["n"] == 24
     weights = out / "distilled.safetensors"
     assert predicted_accuracy(weights, tmp_path / "photos" / "test", truth, tmp_path) == pytest.approx(test["acc"])
+    # The photo loader bench on these shards and their source files, beside torchvision's ImageFolder.
+    capsys.readouterr()
+    assert main(["bench", "--photos", str(shards), "--size", "48", "--photo-images", "40"]) == 0
+    printed = capsys.readouterr().out
+    for line in ("kdist loader worker", "torchvision ImageFolder worker", "batched photo recipe", "training step"):
+        assert re.search(line + r".*\s\d+\.\d", printed), printed
 
 
 def test_csv_of_class_names_and_its_errors(tmp_path, capsys):

@@ -25,10 +25,19 @@ def relative_l2(a: Path, b: Path) -> float:
     )
 
 
-@pytest.mark.parametrize("command", [["kdist.distill", "--teacher", None], ["kdist.train", "student"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["kdist.distill", "--teacher", None],
+        ["kdist.train", "student"],
+        ["kdist.distill", "--teacher", None, "--set", "data.augment=photo"],  # the online teacher, photo crops
+    ],
+    ids=["distill", "train", "distill-photo"],
+)
 def test_four_processes_train_the_weights_of_one(tmp_path, real_root, teacher, command):
-    """The same config and seed on 1 and on 4 processes: the global batch, sample order, dropout masks and the
-    loss (DIST's batch-level term included) are those of one process, so the weights agree to float rounding.
+    """The same config and seed on 1 and on 4 processes: the global batch, sample order, augmentation draws,
+    dropout masks and the loss (DIST's batch-level term included) are those of one process, so the weights agree
+    to float rounding.
     4 optimizer steps: Adam turns rounding differences in near-cancelling gradient elements into update
     differences of the order of the learning rate, so over many steps weights drift apart chaotically
     (measured: 16 quick steps on one process with 1 vs 2 threads already differ by 3e-4)."""
