@@ -1,4 +1,5 @@
-"""kdist: knowledge distillation for skin-lesion classification on DermaMNIST."""
+"""kdist: distributed knowledge distillation for skin-lesion classification (DermaMNIST by default; any
+MedMNIST 2D set, image folder or CSV)."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -38,7 +38,7 @@ from .wandb_report import command as wandb_report_command
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdist")
 def cli():
-    """kdist: distributed knowledge distillation for skin-lesion classification (DermaMNIST).
+    """kdist: distributed knowledge distillation for skin-lesion classification (DermaMNIST by default).
 
     Training commands run on one process as they are, or on many under `accelerate launch -m kdist.<command>`.
     """

@@ -34,7 +34,7 @@ class DataConfig:
     train_subset: int | None = None  # use a random subset of train/val (for --quick)
     val_subset: int | None = None
     download: bool = True
-    # Where train/val/test are read from: `auto` (the default: the DermaMNIST file's webdataset shards, written
+    # Where train/val/test are read from: `auto` (the default: the data.flag file's webdataset shards, written
     # once into $KDIST_SHARD_CACHE or ~/.cache/kdist/shards), a folder written by `kdist shards`, or null / none
     # (the npz in memory, as every run before shards became the data path).
     shards: str | None = "auto"

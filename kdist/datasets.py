@@ -155,7 +155,7 @@ def as_rgb_nchw(images: np.ndarray) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2)
 
 
-def load_medmnist(root=None, flag: str = "dermamnist", size: int = 28, download: bool = True) -> dict:
+def load_medmnist(root=None, flag: str = DEFAULT_FLAG, size: int = 28, download: bool = True) -> dict:
     """Find (or download) and load a MedMNIST 2D set at `size` px from the data root: split -> (uint8 images
     NCHW, 3 channels; int64 labels)."""
     info = medmnist_info(flag)

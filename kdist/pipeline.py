@@ -119,7 +119,7 @@ class Study:
         if not torch.equal(labels, self.splits[split][1]):
             raise KdistError(
                 f"the {size} px and {cfg.data.size} px data files do not hold the same {split} images in the same "
-                "order; use files of one DermaMNIST release"
+                "order; use files of one release"
             )
         return images, labels
 

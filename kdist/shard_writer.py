@@ -180,6 +180,8 @@ def write_images(
     if split in manifest["splits"] or list(out.glob(f"{split}-*.tar")):
         raise KdistError(f"{out} already holds a {split} split; choose another --out or --split")
     classes = manifest.get("classes") or class_order(name for _, name in rows)
+    if len(classes) < 2:
+        raise KdistError(f"{source} names one class ({classes[0]}); a classifier needs two or more: check its labels")
     unknown = sorted({name for _, name in rows} - set(classes))
     if unknown:
         raise KdistError(

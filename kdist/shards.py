@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from .datasets import DEFAULT_FLAG
 from .options import PATH, entry_point
 from .shard_data import MANIFEST, verify
 from .shard_writer import write_images, write_medmnist
@@ -14,7 +15,7 @@ from .shard_writer import write_images, write_medmnist
 @click.option("--out", type=PATH, required=True, help="folder for the tar shards and manifest.json")
 @click.option("--data-root", help="folder with the MedMNIST npz (default: $KDIST_DATA_ROOT)")
 @click.option(
-    "--flag", default="dermamnist", show_default=True, help="MedMNIST dataset (any 2D flag medmnist's INFO knows)"
+    "--flag", default=DEFAULT_FLAG, show_default=True, help="MedMNIST dataset (any 2D flag medmnist's INFO knows)"
 )
 @click.option("--size", type=int, default=28, show_default=True, help="MedMNIST image size: 28, 64, 128 or 224")
 @click.option(

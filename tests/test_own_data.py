@@ -182,6 +182,11 @@ def test_csv_of_class_names_and_its_errors(tmp_path, capsys):
         assert code == 2 and err.count("\n") == 0 and all(word in err for word in words), err
         assert sorted(p.name for p in shards.iterdir()) == before
 
+    with open(tmp_path / "one_class.csv", "w") as handle:
+        handle.write("photos/val/mel/0.jpg,mel\n")
+    capsys.readouterr()
+    assert main(["shards", "--images", str(tmp_path / "one_class.csv"), "--out", str(tmp_path / "one")]) == 2
+    assert "names one class (mel)" in capsys.readouterr().err and not (tmp_path / "one").exists()
     with open(tmp_path / "bad_label.csv", "w") as handle:
         handle.write("photos/val/mel/0.jpg,nv\n")
     refused(tmp_path / "bad_label.csv", "val", ["nv", "not among the classes"])
