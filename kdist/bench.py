@@ -32,7 +32,7 @@ from .inference import WithSoftmax, write_onnx
 from .models import count_params, create_model
 from .objectives import Distillation, Supervised
 from .processes import cpu_has_bf16, make_accelerator
-from .study_data import open_data
+from .study_data import open_data, planned_dataset
 
 
 def _train_step(model, optimizer, images, labels):
@@ -56,12 +56,14 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
     results = {}
     for source, make_loader in sources.items():
         torch.manual_seed(0)
-        model = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size).train()
+        model = create_model(
+            cfg.student_model.arch, mean, std, cfg.student_model.input_size, dataset=planned_dataset(cfg.data)
+        ).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         size = splits["val"][0].shape[-1]
         fixed = (
             torch.rand(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last),
-            torch.randint(0, 7, (batch_size,)),
+            torch.randint(0, planned_dataset(cfg.data).num_classes, (batch_size,)),
         )
         batches = endless_batches(make_loader) if make_loader else None
         done, start = 0, None
@@ -115,14 +117,18 @@ def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no", 
 def epochs(cfg: Config, splits, mean, std, cache_dir: Path, shard_split=None) -> dict:
     """One epoch each: supervised student (from memory and, with `shard_split` (ShardImages, labels), from
     shards, as engine.fit reads them), distillation with cached teacher, with online teacher."""
-    teacher = create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval()
+    teacher = create_model(
+        cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size, dataset=planned_dataset(cfg.data)
+    ).eval()
     start = time.perf_counter()
     cache = teacher_cache(teacher, splits["train"][0].load(), splits["train"][1], cache_dir)
     cache_s = time.perf_counter() - start
 
     def student():
         torch.manual_seed(0)
-        return create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
+        return create_model(
+            cfg.student_model.arch, mean, std, cfg.student_model.input_size, dataset=planned_dataset(cfg.data)
+        )
 
     cpu = cfg.trainer.cpu  # --cpu: every figure on the CPU, even where CUDA is present
     student_s = epoch_seconds(student(), Supervised(cfg.student), cfg.student, splits, cpu=cpu)
@@ -242,7 +248,7 @@ def onnx_latency_ms(model, size: int, folder: Path) -> dict:
 def model_figures(cfg: Config, mean, std, size: int, folder: Path) -> dict:
     out = {}
     for role, spec in (("teacher", cfg.teacher_model), ("student", cfg.student_model)):
-        model = create_model(spec.arch, mean, std, spec.input_size).eval()
+        model = create_model(spec.arch, mean, std, spec.input_size, dataset=planned_dataset(cfg.data)).eval()
         with FlopCounterMode(display=False) as counter:
             with torch.inference_mode():
                 model(torch.rand(1, 3, size, size))
@@ -289,8 +295,12 @@ def run_bench(
         "online_step": online_breakdown(
             cfg,
             splits,
-            create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size).eval(),
-            lambda: create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
+            create_model(
+                cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size, dataset=planned_dataset(cfg.data)
+            ).eval(),
+            lambda: create_model(
+                cfg.student_model.arch, mean, std, cfg.student_model.input_size, dataset=planned_dataset(cfg.data)
+            ),
             out,
             steps=max(2, min(steps, 20)),
         ),

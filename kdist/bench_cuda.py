@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .losses import distillation_terms
 from .models import create_model, frozen_copy
+from .study_data import planned_dataset
 
 # Dense peaks from NVIDIA's data sheets, TFLOP/s: (bf16 tensor cores, float32 without tensor cores).
 PEAK_TFLOPS = {
@@ -53,9 +54,15 @@ def cuda_figures(cfg, mean, std, size: int, steps: int, device: torch.device = t
     batch = cfg.distill.batch_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 7, (batch,), device=device)
-    teacher32 = frozen_copy(create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size)).to(device)
-    student = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size).to(device).train()
+    labels = torch.randint(0, planned_dataset(cfg.data).num_classes, (batch,), device=device)
+    teacher32 = frozen_copy(
+        create_model(cfg.teacher_model.arch, mean, std, cfg.teacher_model.input_size, dataset=planned_dataset(cfg.data))
+    ).to(device)
+    student = (
+        create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size, dataset=planned_dataset(cfg.data))
+        .to(device)
+        .train()
+    )
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     figures = {"device": name}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

@@ -25,7 +25,7 @@ from .engine import fit
 from .models import create_model
 from .objectives import Distillation
 from .processes import make_accelerator
-from .study_data import open_data
+from .study_data import open_data, planned_dataset
 
 
 def endless_batches(make_loader):
@@ -124,9 +124,13 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
     mean, std = data.mean, data.std
     splits = subset(data.splits, cfg.data.train_subset, cfg.data.val_subset, cfg.seed)
     splits["val"] = tuple(t[:128] for t in splits["val"])
-    cache = torch.randn(len(splits["train"][1]), 8, 7)  # the cache's cost is a lookup, whatever its values
+    cache = torch.randn(
+        len(splits["train"][1]), 8, planned_dataset(cfg.data).num_classes
+    )  # the cache's cost is a lookup, whatever its values
     torch.manual_seed(0)
-    student = create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size)
+    student = create_model(
+        cfg.student_model.arch, mean, std, cfg.student_model.input_size, dataset=planned_dataset(cfg.data)
+    )
     objective = Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache)
     folder = Path(result_file).with_suffix("")  # one folder for every process: they share its checkpoints
     accelerator.wait_for_everyone()
@@ -137,7 +141,9 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
     torch.manual_seed(0)
     costs = gather_cost(
         accelerator,
-        create_model(cfg.student_model.arch, mean, std, cfg.student_model.input_size),
+        create_model(
+            cfg.student_model.arch, mean, std, cfg.student_model.input_size, dataset=planned_dataset(cfg.data)
+        ),
         Distillation(cfg.distill, cfg.kd, teacher_logits_cache=cache),
         cfg.distill,
         splits,

