@@ -151,6 +151,14 @@ def test_image_folder_of_odd_sized_jpegs_and_pngs_end_to_end(tmp_path, capsys):
     assert test["n"] == 24
     weights = out / "distilled.safetensors"
     assert predicted_accuracy(weights, tmp_path / "photos" / "test", truth, tmp_path) == pytest.approx(test["acc"])
+    capsys.readouterr()
+    assert main(["evaluate", str(weights), "--shards", str(shards), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["acc"] == pytest.approx(test["acc"])
+    assert main(["evaluate", str(weights), "--split", "test"]) == 2  # not a MedMNIST set: its shards are needed
+    assert "pass --shards FOLDER" in capsys.readouterr().err
+    assert main(["export", str(weights), "--onnx", str(tmp_path / "d.onnx"), "--shards", str(shards)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["classes"] == ["akiec", "mel", "nv"] and exported["checked_images"] == 24
     # The photo loader bench on these shards and their source files, beside torchvision's ImageFolder.
     capsys.readouterr()
     assert main(["bench", "--photos", str(shards), "--size", "48", "--photo-images", "40"]) == 0
