@@ -3,8 +3,8 @@
 One process with one thread, as a DataLoader worker runs, turns the same train JPEGs into augmented float
 batches at `size` px with the photo recipe, in two ways:
 - kdist: a loader worker reads and decodes the shards as training streams them (shard_data.stream: centre
-  square, resized); the training process augments whole batches on its device (data.augment's dihedral view,
-  then data.photo_augment's crop and colour jitter), timed here on this CPU, and both in one thread;
+  square, resized); the training process augments whole batches on its device (data.photo_augment: dihedral
+  view and crop in one grid_sample, then colour jitter), timed here on this CPU, and both in one thread;
 - torchvision: `ImageFolder` over the same files (linked into class folders) and a `DataLoader`, each image
   through `transforms.v2` (centre square, resize, flips, RandomResizedCrop, ColorJitter) in the worker.
 Then the student's training step at that size, for what the loader must keep up with.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import KdistError
-from .data import PHOTO_JITTER, PHOTO_RATIO, PHOTO_SCALE, augment, epoch_draws, photo_augment, photo_draws
+from .data import PHOTO_JITTER, PHOTO_RATIO, PHOTO_SCALE, epoch_draws, photo_augment, photo_draws, to_float
 from .models import create_model
 from .shard_data import stream, verify
 from .shard_writer import folder_samples
@@ -43,13 +43,13 @@ def kdist_batches(folder: Path, manifest: dict, size: int, batch: int, seed: int
 def recipe_images_per_s(batches: list, count: int, seed: int = 0) -> float:
     """The batched photo recipe (dihedral view, crop, colour jitter) on uint8 batches, on this CPU: what the
     training process does on its device."""
-    _, views, shifts = epoch_draws(count, seed, 0)
+    _, views, _ = epoch_draws(count, seed, 0)
     draws = photo_draws(count, seed, 0)
     raw, _, indices = batches[0]
-    photo_augment(augment(raw[:2], views[indices[:2]], shifts[indices[:2]], 0), draws[indices[:2]])  # warm-up
+    photo_augment(to_float(raw[:2]), views[indices[:2]], draws[indices[:2]])  # warm-up
     start = time.perf_counter()
     for raw, _, indices in batches:
-        photo_augment(augment(raw, views[indices], shifts[indices], 0), draws[indices])
+        photo_augment(to_float(raw), views[indices], draws[indices])
     return sum(len(raw) for raw, _, _ in batches) / (time.perf_counter() - start)
 
 

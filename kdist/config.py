@@ -239,6 +239,12 @@ class Config:
             self.data.shards = None
         medmnist_info(self.data.flag)
         check(self.data.augment in AUGMENTS, "data.augment", f"must be one of {AUGMENTS} (got {self.data.augment!r})")
+        for name in ("teacher", "student", "distill"):
+            check(
+                self.data.augment != "photo" or getattr(self, name).translate == 0,
+                f"{name}.translate",
+                "must be 0 with data.augment photo (its random crops move the image already)",
+            )
         check(
             not (self.data.augment == "photo" and self.kd.teacher_mode == "cached"),
             "data.augment",

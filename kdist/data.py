@@ -126,32 +126,47 @@ def _axis(start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
     return (2 * pixels + 1) / size - 1
 
 
-def photo_augment(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """The `photo` recipe on a float batch in [0, 1], image i with the draws params[i] (photo_draws): its crop
-    resized back to the full size (bilinear: torchvision.transforms.v2.functional.resized_crop without
-    antialiasing), then brightness, contrast and saturation (v2.functional.adjust_*, the same arithmetic, in that
-    order). One batched pass on the device, no host sync; the flips and rotations are the dihedral views applied
-    before it."""
+@functools.cache
+def _view_matrices(device: torch.device) -> torch.Tensor:
+    """(8, 2, 2): for each dihedral view, M with (x, y) of the source = M @ (x, y) of the viewed image, in
+    grid_sample's centred coordinates: read off `dihedral` itself on a 2x2 image of coordinates."""
+    centres = torch.tensor([-0.5, 0.5])
+    coords = torch.stack(torch.meshgrid(centres, centres, indexing="xy"))[None]  # (1, 2, 2, 2): x, y per pixel
+    points = torch.tensor([[0.5, 0.5], [-0.5, 0.5]])  # columns: (x, y) of output pixels (row 0, col 1), (1, 1)
+    matrices = []
+    for view in range(8):
+        viewed = dihedral(coords, view)[0]
+        matrices.append(torch.stack([viewed[:, 0, 1], viewed[:, 1, 1]], 1) @ torch.linalg.inv(points))
+    return torch.stack(matrices).round().to(device)  # entries are 0 and +-1
+
+
+def photo_augment(images: torch.Tensor, views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The `photo` recipe on a float batch in [0, 1]: image i in dihedral view views[i], then with the draws
+    params[i] (photo_draws) its crop resized back to the full size (bilinear: torchvision.transforms.v2.functional.
+    resized_crop without antialiasing), then brightness, contrast and saturation (v2.functional.adjust_*, the same
+    arithmetic, in that order). View and crop are one grid_sample; one batched pass on the device, no host sync."""
     n, _, rows, cols = images.shape
     # the crop in whole pixels of this image size, as RandomResizedCrop draws it
     top, left, height, width = params[:, :4].to(images.dtype).unbind(1)
     height, width = (height * rows).round().clamp(1, rows), (width * cols).round().clamp(1, cols)
     top, left = torch.minimum((top * rows).floor(), rows - height), torch.minimum((left * cols).floor(), cols - width)
-    xs, ys = _axis(left, width, cols), _axis(top, height, rows)  # separable: an axis-aligned crop
-    grid = torch.stack([xs[:, None, :].expand(n, rows, cols), ys[:, :, None].expand(n, rows, cols)], dim=-1)
+    xs, ys = _axis(left, width, cols)[:, None, :], _axis(top, height, rows)[:, :, None]  # in the viewed image
+    m = _view_matrices(images.device)[views].to(images.dtype)[:, :, :, None, None]  # (N, 2, 2, 1, 1)
+    grid = torch.stack([m[:, 0, 0] * xs + m[:, 0, 1] * ys, m[:, 1, 0] * xs + m[:, 1, 1] * ys], dim=-1)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # torchvision's _blend(image, other, factor) = (factor * image + (1 - factor) * other).clamp(0, 1), in place
     brightness, contrast, saturation = (factor.view(-1, 1, 1, 1) for factor in params[:, 4:].to(images.dtype).unbind(1))
-    luma = LUMA.to(images)
     out.mul_(brightness).clamp_(0, 1)
-    mean = (out.mean(dim=(2, 3)) @ luma).view(-1, 1, 1, 1)  # the mean of the grayscale image
+    mean = _grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
     out.mul_(contrast).add_((1 - contrast) * mean).clamp_(0, 1)
-    gray = F.conv2d(out, luma.view(1, 3, 1, 1))  # the grayscale image, one fast pass
-    out.mul_(saturation).add_((1 - saturation) * gray).clamp_(0, 1)
+    gray = (1 - saturation) * _grayscale(out)
+    out.mul_(saturation).add_(gray).clamp_(0, 1)
     return out.contiguous(memory_format=torch.channels_last)
 
 
-LUMA = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights (ITU-R 601-2)
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale (ITU-R 601-2 luma), one channel."""
+    return (0.2989 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]).clamp_(0, 1)
 
 
 def mix_batch(

@@ -311,21 +311,22 @@ def test_translate_is_validated():
 
 
 def test_photo_recipe_is_torchvisions_resized_crop_and_colour_jitter_per_image():
-    """Each image of the batched photo recipe equals torchvision.transforms.v2.functional's resized_crop
-    (bilinear, no antialiasing) and adjust_brightness/contrast/saturation with its own draws; the draws come from
-    (seed, epoch) alone and stay inside the image and the jitter range."""
+    """Each image of the batched photo recipe equals its dihedral view (data.dihedral) through torchvision.
+    transforms.v2.functional's resized_crop (bilinear, no antialiasing) and adjust_brightness/contrast/saturation
+    with its own draws; the draws come from (seed, epoch) alone and stay inside the image and the jitter range."""
     from torchvision.transforms.v2 import functional as TF
 
     from kdist.data import PHOTO_JITTER, photo_augment, photo_draws
 
-    images = torch.rand(6, 3, 40, 40)
-    draws = photo_draws(6, seed=3, epoch=2)
-    assert torch.equal(draws, photo_draws(6, seed=3, epoch=2)) and not torch.equal(draws, photo_draws(6, 3, 1))
-    got = photo_augment(images, draws)
-    for image, out, (top, left, height, width, brightness, contrast, saturation) in zip(images, got, draws.tolist()):
+    images, views = torch.rand(16, 3, 40, 40), torch.arange(16) % 8
+    draws = photo_draws(16, seed=3, epoch=2)
+    assert torch.equal(draws, photo_draws(16, seed=3, epoch=2)) and not torch.equal(draws, photo_draws(16, 3, 1))
+    got = photo_augment(images, views, draws)
+    for image, view, out, row in zip(images, views, got, draws.tolist()):
+        top, left, height, width, brightness, contrast, saturation = row
         h, w = max(1, round(height * 40)), max(1, round(width * 40))
         t, l = min(int(top * 40), 40 - h), min(int(left * 40), 40 - w)  # noqa: E741
-        expected = TF.resized_crop(image, t, l, h, w, [40, 40], antialias=False)
+        expected = TF.resized_crop(dihedral(image[None], int(view))[0], t, l, h, w, [40, 40], antialias=False)
         expected = TF.adjust_brightness(expected, brightness)
         expected = TF.adjust_contrast(expected, contrast)
         expected = TF.adjust_saturation(expected, saturation)
