@@ -235,8 +235,6 @@ class Config:
                 f"{name}.pretrained",
                 f"must be imagenet or null (got {model.pretrained!r})",
             )
-        if str(self.data.shards).lower() in ("none", "null", ""):  # `--shards none`: the npz in memory
-            self.data.shards = None
         medmnist_info(self.data.flag)
         check(self.data.augment in AUGMENTS, "data.augment", f"must be one of {AUGMENTS} (got {self.data.augment!r})")
         for name in ("teacher", "student", "distill"):
@@ -354,6 +352,10 @@ def load_config(path=None, overrides: list[dict] | None = None) -> Config:
 
 
 def config_from_dict(values: dict) -> Config:
+    """A validated Config from nested values; `data.shards: none` (the npz in memory) is read as null."""
+    data = values.get("data")
+    if isinstance(data, dict) and str(data.get("shards")).lower() in ("none", "null", ""):
+        values = {**values, "data": {**data, "shards": None}}
     try:
         return _build(Config, values, "").validate()
     except TypeError as exc:  # e.g. a string where a number belongs

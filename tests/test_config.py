@@ -339,3 +339,16 @@ def test_consistent_mixup_probe_changes_only_the_planned_keys():
         2,
         0.001,
     )
+
+
+def test_shards_none_is_read_as_null_and_validate_changes_nothing():
+    """`--shards none` (the npz in memory) becomes null when the config is read; validate() only checks."""
+    import copy
+
+    from kdist.config import load_config, parse_override
+
+    cfg = load_config(None, [parse_override("data.shards=none")])
+    assert cfg.data.shards is None
+    cfg.data.shards = "auto"
+    before = copy.deepcopy(cfg)
+    assert cfg.validate() == before
