@@ -18,6 +18,7 @@ SCHEDULES = ("onecycle", "cosine", "none")
 CLASS_WEIGHTS = ("none", "inverse_sqrt", "inverse")
 TEACHER_MODES = ("auto", "cached", "online")
 MIXED_PRECISIONS = (None, "no", "fp16", "bf16")
+TRACKERS = ("none", "wandb", "jsonl")
 
 
 @dataclass
@@ -122,9 +123,9 @@ class TrainerConfig:
     )
     timeout_s: int = 600  # collective timeout: a hung process fails in minutes
     progress: bool = True  # one line per epoch
-    # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; csv or none: no tracker
-    # beyond the run folder's metrics.csv and results.json, which are always written (tracking.py)
-    tracker: str = "csv"
+    # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; none: no tracker beyond the run
+    # folder's metrics.csv and results.json, which are always written (tracking.py)
+    tracker: str = "none"
     project: str | None = None  # the W&B project; None: $WANDB_PROJECT, else kdist
     wandb_entity: str | None = None  # the W&B entity (team or user); None: $WANDB_ENTITY, else your default entity
     wandb_group: str | None = (
@@ -214,9 +215,14 @@ class Config:
             "must be a whole number >= 1",
         )
         check(
-            self.trainer.tracker in ("csv", "none", "wandb", "jsonl"),
+            self.trainer.tracker != "csv",
             "trainer.tracker",
-            f"must be csv, none, wandb or jsonl (got {self.trainer.tracker!r})",
+            "csv is gone: metrics.csv and results.json are always written; use none (or wandb, jsonl)",
+        )
+        check(
+            self.trainer.tracker in TRACKERS,
+            "trainer.tracker",
+            f"must be none, wandb or jsonl (got {self.trainer.tracker!r})",
         )
         check(self.trainer.timeout_s >= 10, "trainer.timeout_s", "must be >= 10 seconds")
         check(self.kd.teacher_views in ("same", "mean"), "kd.teacher_views", "must be same or mean")

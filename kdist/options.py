@@ -81,8 +81,8 @@ def study_options(command=None, *, without: tuple = ()):
         click.option("--no-progress", is_flag=True, help="no per-epoch lines"),
         click.option(
             "--tracker",
-            type=click.Choice(["csv", "none", "wandb", "jsonl"]),
-            help="experiment tracker: wandb (offline without an API key), jsonl, or csv/none (default: the run "
+            type=click.Choice(["none", "wandb", "jsonl"]),
+            help="experiment tracker: wandb (offline without an API key), jsonl, or none (default: the run "
             "folder's metrics.csv and results.json only, which are always written)",
         ),
         click.option(

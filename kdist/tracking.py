@@ -28,8 +28,6 @@ from accelerate.tracking import GeneralTracker, on_main_process
 
 from .ranks import patient_barrier
 
-TRACKERS = ("csv", "none", "wandb", "jsonl")
-
 
 class JsonlTracker(GeneralTracker):
     """Every value the engine logs, as JSON lines in <stage>/tracker.jsonl (with the process that logged it):

@@ -352,3 +352,13 @@ def test_shards_none_is_read_as_null_and_validate_changes_nothing():
     cfg.data.shards = "auto"
     before = copy.deepcopy(cfg)
     assert cfg.validate() == before
+
+
+def test_tracker_csv_is_refused_naming_none():
+    """`csv` did what `none` does (metrics.csv is always written): refused in one line that names none."""
+    from kdist import KdistError
+    from kdist.config import load_config, parse_override
+
+    with pytest.raises(KdistError, match="csv is gone.*use none"):
+        load_config(None, [parse_override("trainer.tracker=csv")])
+    assert load_config(None, []).trainer.tracker == "none"
