@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 VENV = .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test gpu-kit
+.PHONY: setup test test-fast gpu-kit
 setup:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -23,6 +23,12 @@ setup:
 test:
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The unit tests, for the edit-test loop (under 2 minutes on 2 cores): no launched processes, Slurm, browser or
+# whole studies (the markers in setup.cfg). CI runs `make test`, the whole suite.
+test-fast:
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 -m "not processes and not slurm and not browser and not study"
 
 # What benchmarks/gpu-probe.sh needs on a GPU machine without internet: the wheels its image lacks and the data file.
 gpu-kit:

@@ -94,6 +94,7 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
     torch.testing.assert_close(teacher_cache(teacher, images, labels, tmp_path), expected)
 
 
+@pytest.mark.study
 def test_compiled_online_teacher_gives_the_eager_teachers_logits():
     images, labels = small_data(16)
     teacher = create_model("student")  # small: compiling costs seconds, not minutes

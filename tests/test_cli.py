@@ -17,6 +17,7 @@ def kdist(*args, env=None):
     return subprocess.run([sys.executable, "-m", "kdist.cli", *map(str, args)], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.processes
 def test_help_lists_commands():
     result = kdist("--help")
     assert result.returncode == 0
@@ -24,6 +25,7 @@ def test_help_lists_commands():
         assert command in result.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("module", ["kdist.train", "kdist.distill", "kdist.evaluate"])
 def test_launcher_modules_take_the_same_options(module):
     """`python -m kdist.distill --help` (what `accelerate launch -m kdist.distill` runs) shows the subcommand's
@@ -35,6 +37,7 @@ def test_launcher_modules_take_the_same_options(module):
     assert options(as_module.stdout) == options(as_subcommand.stdout) and "--help" in as_module.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "args",
     [["fly"], ["train", "professor"], ["run", "--seed", "x"], ["distill"]],
@@ -79,6 +82,7 @@ def check_run_folder(out):
     return results
 
 
+@pytest.mark.study
 def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     out = tmp_path / "run"
     assert main(["run", "--quick", "--data-root", str(synthetic_root), "--out", str(out), "--no-progress"]) == 0
@@ -172,6 +176,7 @@ def test_quick_run_on_synthetic_data(tmp_path, synthetic_root):
     assert json.loads(result.stdout)["test"]["acc"] == pytest.approx(recorded["teacher"]["test"]["acc"])
 
 
+@pytest.mark.study
 def test_quick_run_on_real_data(tmp_path, real_root):
     out = tmp_path / "run"
     assert main(["run", "--quick", "--data-root", str(real_root), "--out", str(out), "--no-progress"]) == 0
@@ -211,6 +216,7 @@ def test_unusable_teacher_is_refused(tmp_path, synthetic_root, capsys, kind):
         assert "holds a squeezenet1_1, expected efficientnet_b0" in err
 
 
+@pytest.mark.study
 def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     args = [
         "bench",
@@ -249,6 +255,7 @@ def test_bench_prints_figures_and_writes_json(tmp_path, synthetic_root, capsys):
     assert "2 processes" in printed
 
 
+@pytest.mark.study
 def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsys):
     out = tmp_path / "run"
     args = [
@@ -273,6 +280,7 @@ def test_diverging_run_stops_with_epoch_and_step(tmp_path, synthetic_root, capsy
     assert not (out / "student.safetensors").exists() and not (out / "results.json").exists()
 
 
+@pytest.mark.study
 def test_val_only_training_run_never_touches_test(tmp_path, synthetic_root, capsys):
     """A tuning run (--val-only) records val alone; the chosen model is tested later, once, by evaluate."""
     out = tmp_path / "tune"
@@ -299,6 +307,7 @@ def test_val_only_training_run_never_touches_test(tmp_path, synthetic_root, caps
     assert set(json.loads(capsys.readouterr().out)) == {"weights", "arch", "views", "test", "num_processes"}
 
 
+@pytest.mark.study
 def test_a_failed_start_leaves_no_new_folder_and_an_old_one_unchanged(tmp_path, synthetic_root, capsys):
     """Inputs are checked before the run folder is touched: a missing teacher, a bad config."""
     missing = [
@@ -334,6 +343,7 @@ def test_a_failed_start_leaves_no_new_folder_and_an_old_one_unchanged(tmp_path, 
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.study
 def test_resume_auto_starts_a_run_then_continues_only_the_same_run(tmp_path, synthetic_root, capsys):
     args = [
         "train",

@@ -23,6 +23,8 @@ from test_world_size import relative_l2
 
 from kdist.files import locked
 
+pytestmark = pytest.mark.processes
+
 COMMON = [
     "--quick",
     "--no-progress",

@@ -193,6 +193,7 @@ def test_export_and_serve_mean_views_match_evaluate(tmp_path, weights, real_root
 CHROMIUM = shutil.which("chromium")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM, reason="Debian chromium not installed (make setup installs it where apt is usable)")
 def test_serve_page_end_to_end_in_chromium(tmp_path, weights, lesion_images):
     from playwright.sync_api import sync_playwright

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from launching import evaluate_alone, kdist_env, launch
 
+pytestmark = pytest.mark.processes
+
 QUICK = [
     "--quick",
     "--no-progress",

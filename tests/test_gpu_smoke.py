@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 
+import pytest
 from launching import REPO
+
+pytestmark = pytest.mark.processes
 
 
 def test_the_gpu_smoke_script_passes_reduced_on_cpus(tmp_path, real_root):

@@ -87,6 +87,7 @@ def test_mixup_with_the_cached_teacher_is_refused():
         )
 
 
+@pytest.mark.processes
 def test_two_processes_mix_as_one_does(tmp_path, synthetic_root):
     """Mixup and CutMix draw partners over the global batch: under 2 processes each process gathers the batch's
     uint8 images and builds the partners it needs, and trains the weights of one process to float rounding."""

@@ -13,6 +13,8 @@ from PIL import Image
 
 from kdist.cli import main
 
+pytestmark = pytest.mark.study
+
 QUICK = ["--quick", "--no-progress", "--set", "teacher_model.arch=student"]  # a SqueezeNet teacher: fast
 
 

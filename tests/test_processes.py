@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.processes
+
 # A few training steps of a small convolution net whose activations (128 x 64 x 64 x 64 floats, 128 MiB) are
 # larger than anything glibc keeps by default; prints the fewest minor page faults of one step after two warm-up
 # steps (the fewest: which thread's arena serves a buffer varies from run to run).

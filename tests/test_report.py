@@ -105,6 +105,7 @@ def test_report_of_empty_folder_is_a_clear_error(tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM, reason="Debian chromium not installed (make setup installs it where apt is usable)")
 def test_html_renders_in_headless_chromium(tmp_path):
     fake_run(tmp_path, 0, 1.0)

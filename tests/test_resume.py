@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.study
+
 
 def strip_times(results):
     results.pop("wall_time_s", None)

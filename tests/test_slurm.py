@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import Cluster, ensure_installed
 
+pytestmark = pytest.mark.slurm
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = [
     "--quick",

@@ -3,7 +3,11 @@
 import json
 import re
 
+import pytest
+
 from kdist.cli import main
+
+pytestmark = pytest.mark.study
 
 
 def test_sweep_on_synthetic_data(tmp_path, synthetic_root, capsys):

@@ -16,6 +16,8 @@ from kdist.inference import predict_probs
 from kdist.metrics import classification_metrics
 from kdist.models import DermClassifier, load_model, read_metadata, save_weights
 
+pytestmark = pytest.mark.study
+
 QUICK_DISTILL = [
     "--quick",
     "--no-progress",

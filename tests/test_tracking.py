@@ -14,6 +14,8 @@ import pytest
 from launching import kdist_env, launch
 from wandb_records import read_run
 
+pytestmark = pytest.mark.study
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from launching import REPO, kdist_env, launch
 
+pytestmark = pytest.mark.processes
+
 
 def relative_l2(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
