@@ -13,8 +13,7 @@ loop of accelerate's examples (complete_cv_example.py, by_feature/checkpointing.
   and a resumed run repeats an uninterrupted one;
 - what a batch costs is an objective (objectives.py): cross-entropy, or distillation from a frozen teacher
   outside DDP fed the same augmented batch (online), or the exact cache (cached);
-- every epoch ends with `save_state` into <stage>/checkpoints/last (model, optimizer, scheduler and the
-  training state, checkpoints.TrainState); `--resume` loads it and goes on. The best-on-val weights are kept beside it.
+- every epoch ends with `save_state` into <stage>/checkpoints/last (checkpoints.py); `--resume` goes on from it.
 """
 
 from __future__ import annotations
@@ -265,7 +264,7 @@ class TrainLoop:
         return sums
 
     def augmented(self, raw, views, shifts, indices) -> torch.Tensor:
-        """Train images as the model sees them: each in its dihedral view and shift, then the photo recipe."""
+        """Train images as the model sees them: each in its dihedral view and shift, or the photo recipe."""
         if self.photo is None:
             return augment(raw, views, shifts, self.stage.translate)
         return photo_augment(to_float(raw), views, self.photo[indices])

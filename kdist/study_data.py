@@ -138,7 +138,7 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
 def planned_dataset(data) -> DatasetSpec:
     """The dataset a data config will read, without reading its images: a shard folder's manifest, else the
     MedMNIST set data.flag (`--shards auto` writes its shards from that file)."""
-    if data.shards not in (None, "auto"):
+    if data.shards and str(data.shards).lower() not in ("auto", "none"):
         return manifest_spec(read_manifest(Path(data.shards)), Path(data.shards))
     return medmnist_spec(data.flag)
 
