@@ -107,8 +107,11 @@ class Study:
         cfg = self.cfg
         if size == cfg.data.size:
             return self.splits[split]
-        if size not in self.other_sizes:  # read each other file once
-            other = open_data(replace(cfg.data, size=size, shards="none"), self.accelerator)
+        if size not in self.other_sizes:  # read each other size once: the MedMNIST file of it, or the same shards
+            medmnist = cfg.data.shards in (None, "auto")
+            other = open_data(
+                replace(cfg.data, size=size, shards="none" if medmnist else cfg.data.shards), self.accelerator
+            )
             self.other_sizes[size] = subset(
                 other.splits,
                 cfg.data.train_subset,

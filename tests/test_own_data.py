@@ -161,6 +161,14 @@ def test_image_folder_of_odd_sized_jpegs_and_pngs_end_to_end(tmp_path, capsys):
     assert main(["export", str(weights), "--onnx", str(tmp_path / "d.onnx"), "--shards", str(shards)]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["classes"] == ["akiec", "mel", "nv"] and exported["checked_images"] == 24
+    # A teacher trained at another size on the same shards teaches the 32 px student from its own size.
+    small = ["--quick", "--no-progress", "--set", "teacher_model.arch=student", "--shards", str(shards)]
+    small += ["--set", "teacher.batch_size=20", "--set", "distill.batch_size=20"]
+    assert main(["train", "teacher", "--size", "48", "--out", str(tmp_path / "t48"), *small]) == 0
+    teacher48 = str(tmp_path / "t48" / "teacher.safetensors")
+    assert main(["distill", "--teacher", teacher48, "--size", "32", "--out", str(tmp_path / "d32"), *small]) == 0
+    taught = json.loads((tmp_path / "d32" / "results.json").read_text())["models"]
+    assert taught["teacher"]["data_size"] == 48 and "data_size" not in taught["distilled"]
     # The photo loader bench on these shards and their source files, beside torchvision's ImageFolder.
     capsys.readouterr()
     assert main(["bench", "--photos", str(shards), "--size", "48", "--photo-images", "40"]) == 0
