@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import KdistError
-from .data import PHOTO_JITTER, PHOTO_RATIO, PHOTO_SCALE, epoch_draws, photo_augment, photo_draws, to_float
+from .data import PHOTO_JITTER, PHOTO_RATIO, PHOTO_SCALE, epoch_draws, photo_augment, photo_draws
 from .models import create_model
 from .shard_data import stream, verify
 from .shard_writer import folder_samples
@@ -46,10 +46,10 @@ def recipe_images_per_s(batches: list, count: int, seed: int = 0) -> float:
     _, views, _ = epoch_draws(count, seed, 0)
     draws = photo_draws(count, seed, 0)
     raw, _, indices = batches[0]
-    photo_augment(to_float(raw[:2]), views[indices[:2]], draws[indices[:2]])  # warm-up
+    photo_augment(raw[:2], views[indices[:2]], draws[indices[:2]])  # warm-up
     start = time.perf_counter()
     for raw, _, indices in batches:
-        photo_augment(to_float(raw), views[indices], draws[indices])
+        photo_augment(raw, views[indices], draws[indices])
     return sum(len(raw) for raw, _, _ in batches) / (time.perf_counter() - start)
 
 

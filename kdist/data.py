@@ -140,23 +140,24 @@ def _view_matrices(device: torch.device) -> torch.Tensor:
     return torch.stack(matrices).round().to(device)  # entries are 0 and +-1
 
 
-def photo_augment(images: torch.Tensor, views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """The `photo` recipe on a float batch in [0, 1]: image i in dihedral view views[i], then with the draws
+def photo_augment(raw: torch.Tensor, views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """The `photo` recipe on a uint8 batch, to float in [0, 1]: image i in dihedral view views[i], then with the draws
     params[i] (photo_draws) its crop resized back to the full size (bilinear: torchvision.transforms.v2.functional.
     resized_crop without antialiasing), then brightness, contrast and saturation (v2.functional.adjust_*, the same
     arithmetic, in that order). View and crop are one grid_sample; one batched pass on the device, no host sync."""
+    images = raw.float()  # in 0..255: the division by 255 rides on the brightness factor
     n, _, rows, cols = images.shape
     # the crop in whole pixels of this image size, as RandomResizedCrop draws it
     top, left, height, width = params[:, :4].to(images.dtype).unbind(1)
     height, width = (height * rows).round().clamp(1, rows), (width * cols).round().clamp(1, cols)
     top, left = torch.minimum((top * rows).floor(), rows - height), torch.minimum((left * cols).floor(), cols - width)
-    xs, ys = _axis(left, width, cols)[:, None, :], _axis(top, height, rows)[:, :, None]  # in the viewed image
-    m = _view_matrices(images.device)[views].to(images.dtype)[:, :, :, None, None]  # (N, 2, 2, 1, 1)
-    grid = torch.stack([m[:, 0, 0] * xs + m[:, 0, 1] * ys, m[:, 1, 0] * xs + m[:, 1, 1] * ys], dim=-1)
+    xs, ys = _axis(left, width, cols)[:, None, :, None], _axis(top, height, rows)[:, :, None, None]  # viewed image
+    m = _view_matrices(images.device)[views].to(images.dtype)  # (N, 2, 2): source (x, y) = m @ viewed (x, y)
+    grid = xs * m[:, None, None, :, 0] + ys * m[:, None, None, :, 1]  # (N, H, W, 2) in one pass
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # torchvision's _blend(image, other, factor) = (factor * image + (1 - factor) * other).clamp(0, 1), in place
     brightness, contrast, saturation = (factor.view(-1, 1, 1, 1) for factor in params[:, 4:].to(images.dtype).unbind(1))
-    out.mul_(brightness).clamp_(0, 1)
+    out.mul_(brightness / 255).clamp_(0, 1)
     mean = _grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
     out.mul_(contrast).add_((1 - contrast) * mean).clamp_(0, 1)
     gray = (1 - saturation) * _grayscale(out)

@@ -43,7 +43,7 @@ from .checkpoints import (
     write_history,
 )
 from .config import StageConfig
-from .data import augment, derive_seed, mix_batch, photo_augment, photo_draws, to_float
+from .data import augment, derive_seed, mix_batch, photo_augment, photo_draws
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
@@ -267,7 +267,7 @@ class TrainLoop:
         """Train images as the model sees them: each in its dihedral view and shift, or the photo recipe."""
         if self.photo is None:
             return augment(raw, views, shifts, self.stage.translate)
-        return photo_augment(to_float(raw), views, self.photo[indices])
+        return photo_augment(raw, views, self.photo[indices])
 
     def step(self, batch, epoch: int, step: int, sums: dict, check: bool = True) -> None:
         """One (micro-)batch: augment, mix, forward, the loss on the gathered batch, backward, optimizer. `check`:

@@ -318,11 +318,11 @@ def test_photo_recipe_is_torchvisions_resized_crop_and_colour_jitter_per_image()
 
     from kdist.data import PHOTO_JITTER, photo_augment, photo_draws
 
-    images, views = torch.rand(16, 3, 40, 40), torch.arange(16) % 8
+    raw, views = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8), torch.arange(16) % 8
     draws = photo_draws(16, seed=3, epoch=2)
     assert torch.equal(draws, photo_draws(16, seed=3, epoch=2)) and not torch.equal(draws, photo_draws(16, 3, 1))
-    got = photo_augment(images, views, draws)
-    for image, view, out, row in zip(images, views, got, draws.tolist()):
+    got = photo_augment(raw, views, draws)
+    for image, view, out, row in zip(to_float(raw), views, got, draws.tolist()):
         top, left, height, width, brightness, contrast, saturation = row
         h, w = max(1, round(height * 40)), max(1, round(width * 40))
         t, l = min(int(top * 40), 40 - h), min(int(left * 40), 40 - w)  # noqa: E741
