@@ -110,7 +110,7 @@ def epoch_seconds(model, objective, stage, splits, mixed_precision: str = "no", 
     short = {"train": splits["train"], "val": tuple(t[:128] for t in splits["val"])}
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        fit(accelerator, model, objective, replace(stage, epochs=1), short, Path(folder), seed=0, progress_bar=False)
+        fit(accelerator, model, objective, replace(stage, epochs=1), short, Path(folder), seed=0, progress=False)
         return time.perf_counter() - start
 
 
@@ -191,7 +191,7 @@ def online_breakdown(cfg: Config, splits, teacher, make_student, out: Path, step
     objective = Distillation(cfg.distill, cfg.kd, teacher=teacher)
     accelerator = make_accelerator(TrainerConfig(cpu=cfg.trainer.cpu, mixed_precision="no", progress=False))
     with tempfile.TemporaryDirectory() as folder, profile(activities=[ProfilerActivity.CPU]) as prof:
-        fit(accelerator, make_student(), objective, stage, short, Path(folder), seed=0, progress_bar=False)
+        fit(accelerator, make_student(), objective, stage, short, Path(folder), seed=0, progress=False)
     starts = sorted(event.time_range.start for event in prof.events() if event.name == "kdist/augment")[
         1:
     ]  # first step: warm-up

@@ -135,7 +135,7 @@ def _process_worker(result_file: str, cfg_json: str) -> None:
     folder = Path(result_file).with_suffix("")  # one folder for every process: they share its checkpoints
     accelerator.wait_for_everyone()
     start = time.perf_counter()
-    fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, folder, seed=0, progress_bar=False)
+    fit(accelerator, student, objective, replace(cfg.distill, epochs=1), splits, folder, seed=0, progress=False)
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()  # every process has read the kept weights back
     torch.manual_seed(0)

@@ -122,7 +122,7 @@ class TrainerConfig:
         True  # SyncBatchNorm in trained models under several CUDA processes (CPUs: BN statistics per process)
     )
     timeout_s: int = 600  # collective timeout: a hung process fails in minutes
-    progress: bool = True  # one line per epoch
+    progress: bool = True  # a line per epoch, and a progress bar within it on a terminal (main process)
     # wandb: W&B runs (offline without an API key); jsonl: <stage>/tracker.jsonl; none: no tracker beyond the run
     # folder's metrics.csv and results.json, which are always written (tracking.py)
     tracker: str = "none"

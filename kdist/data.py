@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -374,3 +375,26 @@ def subset(splits, train: int | None, val: int | None, seed: int):
             keep = torch.randperm(len(labels), generator=generator)[:n].sort().values
             out[split] = (images[keep], labels[keep])
     return out
+
+
+def audited(epoch_batches, folder: Path, name: str, rank: int):
+    """`epoch_batches` that also write the dataset indices each epoch yielded to
+    <folder>/<name>-epoch<E>-rank<R>.npy once the epoch's batches run out (KDIST_AUDIT_SAMPLES, for the tests
+    of how samples are dealt out to processes)."""
+
+    class Audited:
+        def __init__(self, epoch):
+            self.epoch, self.batches = epoch, epoch_batches(epoch)
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            indices = []
+            for batch in self.batches:
+                indices.append(batch[2])
+                yield batch
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"{name}-epoch{self.epoch}-rank{rank}.npy", torch.cat(indices).numpy())
+
+    return Audited

@@ -43,11 +43,12 @@ from .checkpoints import (
     write_history,
 )
 from .config import StageConfig
-from .data import augment, derive_seed, mix_batch, photo_augment, photo_draws
+from .data import audited, augment, derive_seed, mix_batch, photo_augment, photo_draws
 from .models import save_weights
 from .objectives import Supervised, gather_batch
 from .processes import describe_batch
 from .scoring import gathered_logits
+from .tracking import epoch_bar
 
 SYNC_EVERY = 25  # on GPUs: steps between host syncs (stop requests, non-finite losses)
 MAX_SKIPPED_IN_A_ROW = 50  # fp16: optimizer steps in a row skipped for overflow before the run stops
@@ -80,7 +81,7 @@ def fit(
     folder: Path,
     seed: int,
     resume: bool = False,
-    progress_bar: bool = True,
+    progress: bool = True,
     sync_batchnorm: bool = True,
     val_teacher_logits: torch.Tensor | None = None,
     augment: str = "dihedral",
@@ -168,7 +169,7 @@ def fit(
         seed=seed,
         state=state,
         epoch_batches=epoch_batches,
-        progress_bar=progress_bar,
+        progress=progress,
         val_teacher_logits=val_teacher_logits,
         photo_draws=(lambda epoch: photo_draws(len(train_labels), seed, epoch)) if augment == "photo" else None,
     )
@@ -180,21 +181,6 @@ def fit(
     accelerator.free_memory()
     load_kept_weights(accelerator, model, checkpoints / "best.safetensors")
     return model.cpu().eval(), time.perf_counter() - start
-
-
-def audited(epoch_batches, folder: Path, name: str, rank: int):
-    """`epoch_batches` that also write the dataset indices each epoch yielded to
-    <folder>/<name>-epoch<E>-rank<R>.npy once the epoch's batches run out (KDIST_AUDIT_SAMPLES)."""
-
-    def batches(epoch):
-        indices = []
-        for batch in epoch_batches(epoch):
-            indices.append(batch[2])
-            yield batch
-        folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / f"{name}-epoch{epoch}-rank{rank}.npy", torch.cat(indices).numpy())
-
-    return batches
 
 
 @dataclass
@@ -215,7 +201,7 @@ class TrainLoop:
     seed: int
     state: TrainState
     epoch_batches: Callable  # epoch -> this process's train batches (raw, labels, indices, views, shifts)
-    progress_bar: bool
+    progress: bool  # a line per epoch, and a bar within it on a terminal
     val_teacher_logits: torch.Tensor | None = None  # (N_val, C): agreement and KL with the teacher on val
     photo_draws: Callable | None = None  # epoch -> data.photo_draws per train position; None: no photo recipe
 
@@ -236,18 +222,19 @@ class TrainLoop:
         skip = self.state.step_in_epoch  # > 0: this epoch was stopped part-way and resumes after that step
         if not skip:
             # Every epoch depends only on (seed, epoch) and the weights, so a resumed run repeats an uninterrupted
-            # one: batch order, views and shifts come from the sampler's (seed, epoch) generator, dropout from the
-            # global RNG seeded here alike on every process (models.BatchDropout draws the global batch's mask, so
-            # a sample's mask does not depend on the process count). Part-way through an epoch, load_state has
-            # restored the RNG as it was at the stop instead.
+            # one: batch order and augmentation come from (seed, epoch) draws, dropout from the global RNG seeded
+            # here alike on every process (models.BatchDropout draws the global batch's mask). Part-way through
+            # an epoch, load_state has restored the RNG as it was at the stop instead.
             torch.manual_seed(derive_seed(self.seed, epoch))
         self.model.train()
-        self.photo = self.photo_draws(epoch).to(self.accelerator.device) if self.photo_draws else None
         device = self.accelerator.device
+        self.photo = self.photo_draws(epoch).to(device) if self.photo_draws else None
         saved = dict(self.state.epoch_sums) if skip else {}
         sums = {key: torch.tensor(float(saved.pop(key, 0.0)), device=device) for key in ("loss", "correct", "seen")}
         sums.update({key: torch.tensor(value, device=device) for key, value in saved.items()})
-        for step, batch in enumerate(self.epoch_batches(epoch)):
+        batches = self.epoch_batches(epoch)
+        bar = epoch_bar(self.progress and self.accelerator.is_main_process, len(batches), f"{self.folder.name} {epoch}")
+        for step, batch in enumerate(bar(batches)):
             if step < skip:
                 continue
             # On a GPU the host waits for the device only every SYNC_EVERY steps: to see a stop request or a
@@ -392,7 +379,7 @@ class TrainLoop:
             write_history(self.folder / "metrics.csv", state.history)
         accelerator.log({key: value for key, value in row.items() if key != "epoch"}, step=epoch)  # main process only
         save_last(accelerator, self.checkpoints, state, self.ema)
-        if self.progress_bar:
+        if self.progress:
             accelerator.print(
                 f"{self.folder.name} epoch {epoch + 1}/{self.stage.epochs}  train loss "
                 f"{row['train/loss']:.4f} acc {row['train/acc']:.4f}  val loss {row['val/loss']:.4f} "

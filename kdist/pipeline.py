@@ -253,7 +253,7 @@ def fit_stage(
         study.out / name,
         study.cfg.seed,
         resume=study.resume,
-        progress_bar=study.cfg.trainer.progress,
+        progress=study.cfg.trainer.progress,
         sync_batchnorm=study.cfg.trainer.sync_batchnorm,
         val_teacher_logits=val_teacher_logits,
         augment=study.cfg.data.augment,

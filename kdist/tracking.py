@@ -256,3 +256,21 @@ def log_results(study, name: str, entry: dict, probs: dict, labels: dict, teache
 
         grid = prediction_grid(images, labels["test"][indices], sample_probs, name, study.out / "predictions", classes)
         run.log({"qualitative/test_samples": table, "qualitative/test_grid": wandb.Image(str(grid))})
+
+
+def epoch_bar(enabled: bool, total: int, description: str, console=None):
+    """`bar(batches)`: the batches, drawn as a progress bar on a terminal (rich, on stderr, cleared at the end of
+    the epoch, whose line stays); as they are when not `enabled` (--no-progress, other processes) or not a
+    terminal (logs, Slurm output files)."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        return lambda batches: batches
+
+    def bar(batches):
+        from rich.progress import track
+
+        yield from track(batches, description=description, total=total, console=console, transient=True)
+
+    return bar

@@ -62,7 +62,7 @@ def test_teacher_and_student_receive_the_identical_mixed_batch(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one teacher call per batch (with more threads, one per chunk: test_cache.py)
     try:
-        fit(accelerator, student, objective, stage, splits, tmp_path / "distilled", seed=0, progress_bar=False)
+        fit(accelerator, student, objective, stage, splits, tmp_path / "distilled", seed=0, progress=False)
     finally:
         torch.set_num_threads(threads)
     # teacher calls: 4 training batches, then none (no val teacher logits given)

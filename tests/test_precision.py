@@ -58,7 +58,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_leave_the_schedule(tmp_path
         small_splits(),
         tmp_path / "s",
         seed=0,
-        progress_bar=False,
+        progress=False,
     )
     row = next(csv.DictReader(open(tmp_path / "s" / "metrics.csv")))
     assert float(row["train/skipped_steps"]) == 2
@@ -78,7 +78,7 @@ def test_fp16_stops_after_many_skipped_steps_in_a_row(tmp_path, monkeypatch):
             small_splits(),
             tmp_path / "s",
             seed=0,
-            progress_bar=False,
+            progress=False,
         )
 
 
@@ -94,7 +94,7 @@ def test_without_a_scaler_a_non_finite_loss_stops_the_run(tmp_path):
             small_splits(),
             tmp_path / "s",
             seed=0,
-            progress_bar=False,
+            progress=False,
         )
 
 
@@ -178,7 +178,7 @@ def test_fp16_on_cuda_skips_overflow_steps_with_accelerates_scaler(tmp_path):
     accelerator = make_accelerator(TrainerConfig(mixed_precision="fp16", progress=False))
     assert accelerator.device.type == "cuda" and accelerator.scaler is not None
     fit(accelerator, create_model("student"), Overflowing(stage, {2}), stage, small_splits(), tmp_path / "s", seed=0,
-        progress_bar=False)  # fmt: skip
+        progress=False)  # fmt: skip
     row = next(csv.DictReader(open(tmp_path / "s" / "metrics.csv")))
     assert float(row["train/skipped_steps"]) >= 1  # the NaN step, and any the scaler's first scale overflowed
 

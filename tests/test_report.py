@@ -144,3 +144,20 @@ def test_html_renders_in_headless_chromium(tmp_path):
     )
     assert f'data-images="{len(FIGURES)}"' in result.stdout, result.stderr[-2000:]
     assert 'data-broken="0"' in result.stdout
+
+
+def test_epoch_bar_draws_on_a_terminal_only():
+    """Within an epoch a progress bar on a terminal (main process, --no-progress off); the batches pass through
+    unchanged and nothing is drawn in a log file or when disabled."""
+    import io
+
+    from rich.console import Console
+
+    from kdist.tracking import epoch_bar
+
+    terminal, log = io.StringIO(), io.StringIO()
+    assert list(epoch_bar(True, 3, "student 0", Console(file=terminal, force_terminal=True))(range(3))) == [0, 1, 2]
+    assert "student 0" in terminal.getvalue()
+    assert list(epoch_bar(True, 3, "student 0", Console(file=log, force_terminal=False))(range(3))) == [0, 1, 2]
+    assert list(epoch_bar(False, 3, "student 0", Console(file=terminal, force_terminal=True))(range(3))) == [0, 1, 2]
+    assert log.getvalue() == ""
