@@ -45,7 +45,7 @@ from .checkpoints import (
 from .config import StageConfig
 from .data import audited, augment, derive_seed, mix_batch, photo_augment, photo_draws
 from .models import save_weights
-from .objectives import Supervised, gather_batch
+from .objectives import Objective, gather_batch
 from .processes import describe_batch
 from .scoring import gathered_logits
 from .tracking import epoch_bar
@@ -75,7 +75,7 @@ def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
 def fit(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    objective: Supervised,
+    objective: Objective,
     stage: StageConfig,
     splits: dict,
     folder: Path,
@@ -194,7 +194,7 @@ class TrainLoop:
     ema: torch.optim.swa_utils.AveragedModel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    objective: Supervised
+    objective: Objective
     stage: StageConfig
     val: tuple  # (uint8 images, labels)
     folder: Path

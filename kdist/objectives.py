@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,17 @@ from .processes import cpu_has_bf16, warn_if_bf16_is_emulated
 def single_thread_pool(workers: int) -> ThreadPoolExecutor:
     """`workers` threads, each running torch ops on one intra-op thread; one pool per size for the process."""
     return ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+
+class Objective(Protocol):
+    """What the training loop asks of an objective (Supervised, Distillation): each process computes the
+    `targets` of its own samples (a teacher's logits, or None); `loss` sees the batch gathered from every process."""
+
+    def to(self, device) -> "Objective": ...
+
+    def targets(self, images, indices, views) -> torch.Tensor | None: ...
+
+    def loss(self, logits, labels, targets=None, mix=None) -> tuple[torch.Tensor, dict]: ...
 
 
 class Supervised:
@@ -59,10 +71,6 @@ class Supervised:
     def loss(self, logits, labels, targets=None, mix=None) -> tuple[torch.Tensor, dict]:
         """The loss of a batch (under several processes: the global batch, gathered) and its parts."""
         return self.cross_entropy(logits, labels, mix), {}
-
-    def __call__(self, logits, images, labels, indices, views, mix=None) -> tuple[torch.Tensor, dict]:
-        """One process's batch: targets, then loss."""
-        return self.loss(logits, labels, self.targets(images, indices, views), mix)
 
 
 class Distillation(Supervised):

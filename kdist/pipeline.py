@@ -34,7 +34,7 @@ from .datasets import DatasetSpec, default_spec
 from .engine import fit
 from .files import atomic_output, atomic_write_text
 from .models import DermClassifier, create_model, load_model, load_state, save_weights
-from .objectives import Distillation, Supervised
+from .objectives import Distillation, Objective, Supervised
 from .processes import describe_batch, make_accelerator, per_process_batch
 from .ranks import check_shared_folder, main_first
 from .results import MODELS, record_model, recorded
@@ -240,7 +240,7 @@ def git_commit() -> str | None:
 
 
 def fit_stage(
-    study: Study, name: str, model: DermClassifier, objective: Supervised, stage, val_teacher_logits=None
+    study: Study, name: str, model: DermClassifier, objective: Objective, stage, val_teacher_logits=None
 ) -> tuple[DermClassifier, float]:
     """Train `model` with the engine into <out>/<name>/; record the config it ran with. Returns the kept model and
     the training loop's seconds."""

@@ -42,7 +42,9 @@ def test_cached_and_online_distillation_give_the_same_loss():
     )
     student.eval()  # same student forward for both (no dropout randomness)
     logits = student(batch[0])
-    (cached_loss, cached_parts), (online_loss, _) = cached(logits, *batch), online(logits, *batch)
+    images, batch_labels = batch[0], batch[1]
+    cached_loss, cached_parts = cached.loss(logits, batch_labels, cached.targets(images, indices, views))
+    online_loss, _ = online.loss(logits, batch_labels, online.targets(images, indices, views))
     torch.testing.assert_close(cached_loss, online_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached_loss, 0.8 * cached_parts["kd"] + 0.2 * cached_parts["ce"])
 

@@ -143,7 +143,7 @@ def test_supervised_objective_uses_the_class_weights():
 
     logits, labels = torch.randn(6, 7), torch.tensor([0, 1, 2, 0, 0, 3])
     weights = torch.linspace(0.5, 2.0, 7)
-    loss, parts = Supervised(StageConfig(), class_weights=weights)(logits, None, labels, None, None)
+    loss, parts = Supervised(StageConfig(), class_weights=weights).loss(logits, labels)
     expected = torch.nn.functional.cross_entropy(logits, labels, weight=weights)
     torch.testing.assert_close(loss, expected)
     assert parts == {}

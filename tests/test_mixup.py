@@ -39,7 +39,7 @@ def test_cutmix_pastes_one_box_and_reports_its_area():
 def test_mixed_cross_entropy_weights_both_labels():
     logits, labels = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
     perm = torch.tensor([1, 0, 3, 2])
-    loss, _ = Supervised(StageConfig())(logits, None, labels, None, None, mix=(0.3, perm))
+    loss, _ = Supervised(StageConfig()).loss(logits, labels, mix=(0.3, perm))
     torch.testing.assert_close(
         loss, 0.3 * F.cross_entropy(logits, labels) + 0.7 * F.cross_entropy(logits, labels[perm])
     )
@@ -77,14 +77,8 @@ def test_mixup_with_the_cached_teacher_is_refused():
     cache = torch.zeros(8, 8, 7)
     objective = Distillation(StageConfig(mixup_alpha=0.4), KDConfig(), teacher_logits_cache=cache)
     with pytest.raises(KdistError, match="teacher_mode: online"):
-        objective(
-            torch.randn(2, 7),
-            torch.rand(2, 3, 8, 8),
-            torch.tensor([0, 1]),
-            torch.tensor([0, 1]),
-            torch.tensor([0, 0]),
-            mix=(0.5, torch.tensor([1, 0])),
-        )
+        targets = objective.targets(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([0, 0]))
+        objective.loss(torch.randn(2, 7), torch.tensor([0, 1]), targets, mix=(0.5, torch.tensor([1, 0])))
 
 
 @pytest.mark.processes
