@@ -166,11 +166,11 @@ def test_images(weights: Path, data_root=None, shards=None, count: int = 512) ->
     """The first `count` test images of the data the weights were trained on (uint8 NCHW): from `shards` (a
     folder from `kdist shards`) when given, else from the weights' MedMNIST file in the data root."""
     from .datasets import load_medmnist, medmnist_info
-    from .shard_data import evaluation_samples, read_manifest
+    from .shard_data import read_manifest, read_split
 
     size = data_size(weights)
     if shards:
-        images = evaluation_samples(Path(shards), "test", size, manifest=read_manifest(Path(shards)))[0]
+        images = read_split(Path(shards), "test", size, manifest=read_manifest(Path(shards)))[0]
     else:
         name = load_model(weights).dataset.name
         try:

@@ -11,7 +11,7 @@ reading only the shards it touches. Each sample is used at most once per epoch a
 global batch are used; the order within a range comes from a shuffle buffer, so streaming is not the
 in-memory order. Views and shifts are drawn per sample from (seed, epoch); augmentation runs on the device.
 
-Val and test (`evaluation_samples`) are read whole, every sample once, in index order, and then scored like
+Val and test (`read_split`) are read whole, every sample once, in index order, and then scored like
 in-memory data (each process its part, joined by gather_for_metrics).
 
 Shard locations: the folder holding manifest.json, or, for shards elsewhere, `data.shard_url`, a template
@@ -254,7 +254,7 @@ class StreamedBatches(IterableDataset):
             yield _collate(batch)
 
 
-def evaluation_samples(
+def read_split(
     folder: Path, split: str, size: int, url_template: str | None = None, manifest: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split, every sample once, in index order: (uint8 NCHW images, labels); for val and test, and
@@ -328,7 +328,7 @@ class ShardImages:
 
     def load(self) -> torch.Tensor:
         """Every kept image, uint8 NCHW, in index order."""
-        images, _ = evaluation_samples(self.folder, self.split, self.size, self.url_template, self.manifest)
+        images, _ = read_split(self.folder, self.split, self.size, self.url_template, self.manifest)
         return images[torch.from_numpy(self.keep)]
 
     def loader(

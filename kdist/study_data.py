@@ -21,8 +21,8 @@ from .ranks import main_first
 from .shard_data import (
     MANIFEST,
     ShardImages,
-    evaluation_samples,
     read_manifest,
+    read_split,
     sha256,
     verify,
 )
@@ -107,9 +107,7 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
                 f"{folder / MANIFEST} has no {split} split; write train, val and test shards (kdist shards --images "
                 f"... --split {split})"
             )
-    splits = {
-        split: evaluation_samples(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")
-    }
+    splits = {split: read_split(folder, split, data.size, data.shard_url, manifest) for split in ("val", "test")}
     train_labels = torch.tensor(manifest["splits"]["train"]["labels"])
     if "channel_mean" not in manifest:
         raise KdistError(f"{folder / MANIFEST} lacks channel statistics; rewrite the shards with `kdist shards`")
@@ -117,7 +115,7 @@ def open_shard_splits(data, accelerator) -> tuple[dict, list[float], list[float]
     if len(train_labels) * 3 * data.size**2 <= data.memory_mb * 2**20:
         # Decoded once and kept: then trained on exactly as the npz in memory (the same global sample order and
         # the same normalisation, computed from the decoded images).
-        images, labels = evaluation_samples(folder, "train", data.size, data.shard_url, manifest)
+        images, labels = read_split(folder, "train", data.size, data.shard_url, manifest)
         splits["train"] = (MemoryImages(images, labels), labels)
         mean, std = channel_stats(images)
     else:  # streamed every epoch (ShardImages.loader)
@@ -166,7 +164,7 @@ def open_data(data, accelerator, names: tuple = ("train", "val", "test")) -> Dat
             return DataInfo({name: splits[name] for name in names}, mean, std, folder, spec)
         with main_first("shards", accelerator.is_main_process):
             folder, manifest = locate_shards(data, check=accelerator.is_main_process)
-        splits = {name: evaluation_samples(folder, name, data.size, data.shard_url, manifest) for name in names}
+        splits = {name: read_split(folder, name, data.size, data.shard_url, manifest) for name in names}
         return DataInfo(splits, None, None, folder, manifest_spec(manifest, folder))
     with main_first("data file", accelerator.is_main_process):  # a download, if any, happens once
         full = load_medmnist(data.root, data.flag, data.size, data.download)

@@ -18,7 +18,7 @@ from PIL import Image
 from kdist import KdistError
 from kdist.cli import main
 from kdist.datasets import load_medmnist
-from kdist.shard_data import ShardImages, evaluation_samples, read_manifest, stream, verify
+from kdist.shard_data import ShardImages, read_manifest, read_split, stream, verify
 from kdist.shard_writer import write_images
 
 
@@ -80,7 +80,7 @@ def test_shards_are_plain_ustar_and_rewritten_byte_for_byte(shards, synthetic_ro
 
 
 def test_evaluation_reads_every_sample_once_losslessly(shards, synthetic_root):
-    images, labels = evaluation_samples(shards, "test", 28)
+    images, labels = read_split(shards, "test", 28)
     npz = load_medmnist(synthetic_root, "dermamnist")["test"]
     assert torch.equal(images, npz[0].contiguous()) and torch.equal(labels, npz[1])
 
@@ -270,8 +270,8 @@ def test_shards_that_fit_in_memory_are_the_npz_in_memory(shards, synthetic_root)
 
 
 def test_pipe_urls_read_the_same_samples_as_local_paths(shards):
-    local = evaluation_samples(shards, "val", 28)
-    piped = evaluation_samples(shards, "val", 28, url_template=f"pipe:cat {shards}/{{name}}")
+    local = read_split(shards, "val", 28)
+    piped = read_split(shards, "val", 28, url_template=f"pipe:cat {shards}/{{name}}")
     assert torch.equal(local[0], piped[0]) and torch.equal(local[1], piped[1])
 
 
@@ -311,12 +311,12 @@ def test_a_label_out_of_range_or_a_lost_sample_is_named(shards, tmp_path):
     rewrite_val_shard(broken, lambda sample: {**sample, "cls": b"9"} if sample["__key__"] == "val-0000005" else sample)
     verify(broken)  # the checksums agree: only decoding can tell
     with pytest.raises(KdistError, match=r"val-000000.tar: sample val-0000005: label 9 outside 0..6"):
-        evaluation_samples(broken, "val", 28)
+        read_split(broken, "val", 28)
     short = tmp_path / "short"
     shutil.copytree(shards, short)
     rewrite_val_shard(short, lambda sample: None if sample["__key__"] == "val-0000005" else sample)
     with pytest.raises(KdistError, match=r"val-000000.tar holds 999 samples, manifest.json says 1000"):
-        evaluation_samples(short, "val", 28)
+        read_split(short, "val", 28)
 
 
 def test_writing_over_existing_shards_is_refused(shards, synthetic_root):
@@ -352,7 +352,7 @@ def test_corrupted_shards_end_in_one_named_error_or_valid_samples(shards, tmp_pa
     )
     (folder / "S" / "manifest.json").write_text(json.dumps(manifest))  # the manifest now agrees: only reading can tell
     try:
-        images, labels = evaluation_samples(folder / "S", "val", 28)
+        images, labels = read_split(folder / "S", "val", 28)
     except KdistError as exc:
         assert "val" in str(exc) or "shard" in str(exc) or "sample" in str(exc)
     else:
@@ -377,7 +377,7 @@ def test_any_medmnist_flag_is_written_with_its_classes_and_counts(tmp_path):
         labels = arrays[f"{split}_labels"].ravel()
         assert manifest["splits"][split]["count"] == n
         assert manifest["splits"][split]["class_histogram"] == {str(c): int((labels == c).sum()) for c in (0, 1)}
-    images, labels = evaluation_samples(tmp_path / "P", "val", 28)
+    images, labels = read_split(tmp_path / "P", "val", 28)
     assert torch.equal(images, torch.from_numpy(arrays["val_images"])[:, None].expand(-1, 3, -1, -1))
     assert labels.tolist() == arrays["val_labels"].ravel().tolist()
     assert main(["shards", "--data-root", str(tmp_path), "--flag", "nosuchmnist", "--out", str(tmp_path / "Q")]) == 2
@@ -393,7 +393,7 @@ def test_image_folder_shards_keep_the_original_bytes_and_resize_on_read(tmp_path
     manifest = write_images(tmp_path / "photos", tmp_path / "S", split="train", maxcount=4)
     assert manifest["classes"] == ["benign", "malignant"] and manifest["splits"]["train"]["count"] == 6
     assert len(manifest["splits"]["train"]["shards"]) == 2
-    images, labels = evaluation_samples(tmp_path / "S", "train", 16)
+    images, labels = read_split(tmp_path / "S", "train", 16)
     assert images.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "photos" / "benign" / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(KdistError, match="bad.jpg"):
