@@ -100,7 +100,7 @@ class KDConfig:
     mixed_ce: bool = False
     # Online only: torch.compile the frozen teacher (inductor, weights frozen as constants): the same float32
     # logits to ~1e-5 after 10-50 s of compiling per batch shape. On 2 CPU cores it did not repay that: the
-    # BatchNorm-folded eager teacher was faster (EfficientNet-B0 at batch 128: 147 vs 165 ms, issue 51).
+    # BatchNorm-folded eager teacher was faster (EfficientNet-B0 at batch 128: 147 vs 165 ms).
     compile_teacher: bool = False
     # Online only: the frozen teacher's precision. same: the student's (trainer.mixed_precision); bf16: bfloat16
     # autocast for the teacher alone (logits within ~0.1 of float32's), for hardware that computes bf16 (GPUs,

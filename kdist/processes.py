@@ -76,7 +76,7 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # CPU runs (and resumes) repeat bit for bit
         # ...without deterministic mode's NaN-filling of every new tensor, which no kernel reads: it took 20% of
-        # an online distillation step (benchmarks/results: the profile of issue 51).
+        # an online distillation step (profiled).
         torch.utils.deterministic.fill_uninitialized_memory = False
         keep_freed_memory()  # ...nor the page faults of memory handed back to the kernel after every step
         warn_if_bf16_is_emulated(accelerator.mixed_precision)
@@ -128,7 +128,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every large buffer afresh and hands the heap's free top back to the kernel, so each step
     page-faults its activations in again: 0.84M minor faults and 1.6 s of system time per cached-distillation
-    epoch here, a tenth of the epoch, 1.3M per online one (issue 51; jemalloc and tcmalloc avoid it the same way).
+    epoch here, a tenth of the epoch, 1.3M per online one (jemalloc and tcmalloc avoid it the same way).
     Now no buffer is mapped on its own and the heap keeps up to 1 GiB free: the process stays at its largest
     step's memory instead of giving it back between steps."""
     try:
