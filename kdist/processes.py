@@ -46,9 +46,8 @@ def make_accelerator(trainer: TrainerConfig) -> Accelerator:
         if launched_for_gpus():
             raise KdistError(
                 f"this launch asks for GPUs but torch sees no CUDA device (torch {torch.__version__}, built for CUDA "
-                f"{torch.version.cuda}); fix the driver or the torch build (README: Installing on a cluster), or run "
-                "on "
-                "CPUs with --config_file launch/cpu.yaml, ACCELERATE_USE_CPU=true or --cpu"
+                f"{torch.version.cuda}); fix the driver or the torch build (README: the cluster's Install), or "
+                "run on CPUs with --config_file launch/cpu.yaml, ACCELERATE_USE_CPU=true or --cpu"
             )
         use_cpu = True  # a plain command (no launcher) on a machine without CUDA: one CPU process
     if not torch.distributed.is_initialized():  # a second command in one Python process (tests) starts afresh
