@@ -35,7 +35,7 @@ from .processes import cpu_has_bf16, make_accelerator
 from .study_data import open_data, planned_dataset
 
 
-def _train_step(model, optimizer, images, labels):
+def train_step(model, optimizer, images, labels):
     loss = F.cross_entropy(model(images), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -75,7 +75,7 @@ def throughput(cfg: Config, splits, mean, std, steps: int, shard_images=None) ->
             else:
                 raw, labels, _, views, _ = next(batches)
                 images = to_float(apply_views(raw, views))
-            _train_step(model, optimizer, images, labels)
+            train_step(model, optimizer, images, labels)
             done += len(labels)
         results[source] = done / (time.perf_counter() - start)
     out = {

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import KdistError
+from .bench import train_step
 from .data import PHOTO_JITTER, PHOTO_RATIO, PHOTO_SCALE, epoch_draws, photo_augment, photo_draws
 from .models import create_model
 from .shard_data import stream, verify
@@ -85,12 +86,10 @@ def student_step_images_per_s(arch: str, size: int, batch: int = 32, steps: int 
     model = create_model(arch).train()
     optimizer = torch.optim.AdamW(model.parameters())
     images, labels = torch.rand(batch, 3, size, size), torch.randint(0, model.num_classes, (batch,))
-    for step in range(steps + 1):
-        if step == 1:  # the first step warms up
-            start = time.perf_counter()
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
+    train_step(model, optimizer, images, labels)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, images, labels)
     return steps * batch / (time.perf_counter() - start)
 
 
