@@ -13,7 +13,7 @@ from . import KdistError
 from .cache import logits_for_all_views
 from .data import to_float
 from .files import atomic_output
-from .models import data_size_of, load_model, read_metadata
+from .models import data_size_of, dataset_of, load_model, read_metadata
 from .preprocess import collect_images, load_image, to_batch
 
 VIEWS = ("one", "mean")
@@ -172,7 +172,7 @@ def test_images(weights: Path, data_root=None, shards=None, count: int = 512) ->
     if shards:
         images = read_split(Path(shards), "test", size, manifest=read_manifest(Path(shards)))[0]
     else:
-        name = load_model(weights).dataset.name
+        name = dataset_of(read_metadata(weights)).name  # the header alone, no weights loaded
         try:
             medmnist_info(name)
         except KdistError:
